@@ -7,6 +7,19 @@
 //!
 //! - [`domain`]: ids, input events and the lifecycle state machine; pure.
 //! - [`wire`]: protobuf and JSON decoding into domain events, and encoding.
+//! - [`store`]: MySQL event log, read model, dead letters, offsets; Redis keys.
+//! - [`ingest`]: the Kafka consumer loop, the batch pipeline, dead-letter
+//!   publishing, the Redis follower.
+//! - [`kafka`]: client settings and topic administration.
+//! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
+//! - [`config`]: typed settings; [`telemetry`]: logs.
 
+pub mod cli;
+pub mod config;
 pub mod domain;
+pub mod ingest;
+pub mod kafka;
+pub mod simulate;
+pub mod store;
+pub mod telemetry;
 pub mod wire;

@@ -1,1 +1,54 @@
-fn main() {}
+//! The `order-lifecycle` binary: parse the command line, set up logs,
+//! dispatch. Everything else lives in the library.
+
+use anyhow::Context;
+use clap::Parser;
+use order_lifecycle::cli::{Cli, Command};
+use order_lifecycle::{ingest, simulate, store, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Run(config) => ingest::run(*config, shutdown_signal()).await,
+        Command::Migrate(db) => {
+            let store = store::Store::connect(&db.url, 1)
+                .await
+                .with_context(|| format!("connecting to {}", db.url))?;
+            store.migrate().await.context("applying migrations")?;
+            tracing::info!(database = %db.url, "migrations applied");
+            Ok(())
+        }
+        Command::Simulate(config) => simulate::run(*config).await,
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("signal received; finishing the batch in flight");
+}

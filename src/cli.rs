@@ -1,0 +1,45 @@
+//! The command line: one subcommand per job.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{DatabaseConfig, RunConfig};
+use crate::simulate::SimulateConfig;
+use crate::telemetry::LogFormat;
+
+/// Keeps every id an order was ever given resolvable to its order.
+#[derive(Debug, Parser)]
+#[command(name = "order-lifecycle", version, about)]
+pub struct Cli {
+    /// Log format: text for terminals, json for log shippers.
+    #[arg(
+        long,
+        env = "OL_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The jobs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume order events into the event log, MySQL and Redis.
+    Run(Box<RunConfig>),
+    /// Apply database migrations and exit.
+    Migrate(DatabaseConfig),
+    /// Send a realistic stream of order lifecycles to the topics.
+    Simulate(Box<SimulateConfig>),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

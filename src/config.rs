@@ -1,0 +1,299 @@
+//! Typed configuration: defaults, then environment variables, then flags
+//! (clap does the layering), checked before anything connects.
+//!
+//! Every setting has a flag and an `OL_*` environment variable; the README
+//! has the table. Secrets (database and Redis URLs with passwords) live in
+//! [`SecretUrl`], which never prints the password.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// A connection URL that may carry a password. `Display` and `Debug` mask
+/// the password, so it cannot reach a log line by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> SecretUrl {
+        SecretUrl(url.into())
+    }
+
+    /// The URL with its password, for the client library only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with the password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+/// Masks the password of `scheme://user:password@host/...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SecretUrl, String> {
+        if s.contains("://") {
+            Ok(SecretUrl::new(s))
+        } else {
+            Err("expected a URL like scheme://user:password@host:port/path".into())
+        }
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m` or a bare number of milliseconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s or 2m"))?;
+    match unit {
+        "" | "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{raw:?} has an unknown unit; use ms, s or m")),
+    }
+}
+
+/// One `key=value` librdkafka setting passed through unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaOption {
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for KafkaOption {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KafkaOption, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok(KafkaOption {
+                key: k.trim().to_owned(),
+                value: v.trim().to_owned(),
+            }),
+            _ => Err(format!("{s:?} is not key=value")),
+        }
+    }
+}
+
+/// Where Kafka is and how to talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated host:port.
+    #[arg(
+        long = "brokers",
+        env = "OL_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+    /// Extra librdkafka settings (`key=value`), e.g. `security.protocol=SASL_SSL`;
+    /// repeat the flag, or separate with commas in the variable. They override
+    /// this service's defaults.
+    #[arg(
+        id = "kafka_options",
+        long = "kafka-option",
+        env = "OL_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub options: Vec<KafkaOption>,
+}
+
+/// Where the MySQL/MariaDB database is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// MySQL/MariaDB URL; the database is created if missing.
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        env = "OL_DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3306/order_lifecycle"
+    )]
+    pub url: SecretUrl,
+    /// Connection pool size.
+    #[arg(
+        id = "database_max_connections",
+        long = "database-max-connections",
+        env = "OL_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 8
+    )]
+    pub max_connections: u32,
+}
+
+/// Where Redis is and which key names to use.
+#[derive(Debug, Clone, Args)]
+pub struct RedisConfig {
+    /// Redis URL.
+    #[arg(
+        id = "redis_url",
+        long = "redis-url",
+        env = "OL_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    pub url: SecretUrl,
+    /// Prefix for every key written (empty: the legacy names exactly).
+    #[arg(
+        id = "redis_key_prefix",
+        long = "redis-key-prefix",
+        env = "OL_REDIS_KEY_PREFIX",
+        default_value = ""
+    )]
+    pub key_prefix: String,
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone, Args)]
+pub struct RunConfig {
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    /// Topics to consume, comma-separated. Any event kind may arrive on any of them.
+    #[arg(
+        long = "topics",
+        env = "OL_TOPICS",
+        value_delimiter = ',',
+        default_value = "order-events,provider-confirmations"
+    )]
+    pub topics: Vec<String>,
+    /// Consumer group.
+    #[arg(
+        long = "group-id",
+        env = "OL_GROUP_ID",
+        default_value = "order-lifecycle"
+    )]
+    pub group_id: String,
+    /// Topic for rejected messages (rule R10).
+    #[arg(
+        long = "dead-letter-topic",
+        env = "OL_DEAD_LETTER_TOPIC",
+        default_value = "order-lifecycle-dead-letters"
+    )]
+    pub dead_letter_topic: String,
+    /// Most messages per batch (one database transaction).
+    #[arg(long = "batch-size", env = "OL_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// How long to wait for a batch to fill once its first message arrived.
+    #[arg(long = "batch-linger", env = "OL_BATCH_LINGER", default_value = "50ms", value_parser = parse_duration)]
+    pub batch_linger: Duration,
+    /// Kafka consumer session timeout; a dead instance's partitions move after it.
+    #[arg(long = "session-timeout", env = "OL_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub session_timeout: Duration,
+    /// Longest a graceful shutdown may take to finish its batch.
+    #[arg(long = "shutdown-timeout", env = "OL_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// How long an event waits for an id not issued yet (a confirmation that
+    /// overtook its request) before it is dead-lettered as `unknown_lifecycle_id`.
+    #[arg(long = "park-timeout", env = "OL_PARK_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub park_timeout: Duration,
+    /// Create the consumed and dead-letter topics when missing (development;
+    /// production topics are usually managed elsewhere).
+    #[arg(long = "create-topics", env = "OL_CREATE_TOPICS")]
+    pub create_topics: bool,
+    /// Partitions for topics created by `--create-topics`.
+    #[arg(
+        long = "topic-partitions",
+        env = "OL_TOPIC_PARTITIONS",
+        default_value_t = 4
+    )]
+    pub topic_partitions: i32,
+}
+
+/// A setting that cannot work, found before anything connects.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RunConfig {
+    /// Cross-field checks.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.topics.iter().all(|t| t.trim().is_empty()) {
+            return bad("--topics names no topic");
+        }
+        if self.topics.iter().any(|t| t == &self.dead_letter_topic) {
+            return bad("--dead-letter-topic must not be one of --topics");
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return bad("--batch-size must be between 1 and 10000");
+        }
+        if self.shutdown_timeout >= self.session_timeout {
+            return bad("--shutdown-timeout must be shorter than --session-timeout, or a stopping instance would lose its partitions mid-batch");
+        }
+        if self.park_timeout.is_zero() {
+            return bad("--park-timeout must be positive");
+        }
+        if self.group_id.trim().is_empty() {
+            return bad("--group-id is empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_print() {
+        let url = SecretUrl::new("mysql://app:s3cret@db:3306/ol?ssl-mode=required");
+        assert_eq!(
+            url.to_string(),
+            "mysql://app:***@db:3306/ol?ssl-mode=required"
+        );
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,427 @@
+//! One batch of messages, start to finish, in one database transaction:
+//! decode, drop events the log already has (rule R9), load the orders the
+//! batch touches and the parked events it can release, run the state
+//! machine, append the log, update the `order_lifecycle_ids` rows, park what
+//! waits for an id not issued yet (rule R7), record dead letters and the
+//! partitions' next offsets, commit. Either all of it is durable or none of
+//! it is.
+//!
+//! The consumer loop and the tests call [`process_batch`]; nothing here
+//! knows about Kafka clients.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use sqlx::MySqlConnection;
+
+use crate::domain::{
+    EventId, IdRecord, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection, Transition,
+};
+use crate::store::dead_letters::{self, DeadLetter};
+use crate::store::event_log::{self, NewEntry, Source};
+use crate::store::offsets::{self, PartitionOffset};
+use crate::store::parked::{self, NewParked, ParkedRow};
+use crate::store::{id_projection, Store, StoreError};
+use crate::wire;
+
+/// A message as read from Kafka, owned so that the consumer can go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// The `content-type` header, if any.
+    pub content_type: Option<Vec<u8>>,
+}
+
+impl InboundMessage {
+    fn source(&self) -> Source {
+        Source {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+
+    /// A dead-letter record for this message.
+    pub fn dead_letter(
+        &self,
+        reason: &'static str,
+        error: String,
+        event: Option<&OrderEvent>,
+    ) -> DeadLetter {
+        DeadLetter {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            content_type: self
+                .content_type
+                .as_ref()
+                .map(|c| String::from_utf8_lossy(c).chars().take(255).collect()),
+            reason,
+            error,
+            event_id: event.map(|e| e.event_id.clone()),
+            order_id: event.and_then(|e| e.order_id.clone()),
+        }
+    }
+}
+
+/// Settings of the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Consumer group whose offsets are stored with the data.
+    pub group_id: String,
+    /// How long an event may wait for an id before it is dead-lettered.
+    pub park_timeout: Duration,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Messages in the batch.
+    pub consumed: usize,
+    /// Log entries appended, by outcome.
+    pub recorded: BTreeMap<&'static str, usize>,
+    /// Events skipped because the log (or the parking lot) already had their
+    /// `event_id`.
+    pub duplicates: usize,
+    /// Events newly parked to wait for an id.
+    pub parked: usize,
+    /// Parked events (from earlier batches) applied or rejected now.
+    pub unparked: usize,
+    /// Rows of `order_lifecycle_ids` written.
+    pub rows_written: usize,
+    /// Rejected messages; already in the `dead_letters` table, still to be
+    /// published to the dead-letter topic.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Next offset per partition, as committed with the batch.
+    pub offsets: Vec<PartitionOffset>,
+}
+
+impl BatchReport {
+    /// Log entries appended, whatever their outcome.
+    pub fn recorded_total(&self) -> usize {
+        self.recorded.values().sum()
+    }
+}
+
+/// An event to apply: from this batch, or released from the parking lot.
+struct Work<'a> {
+    message: &'a InboundMessage,
+    event: OrderEvent,
+    /// The `parked_events` row it came from.
+    parked_row: Option<i64>,
+    /// The id its row waits for, when parked.
+    awaited: Option<LifecycleId>,
+}
+
+/// Processes one batch in one transaction.
+///
+/// # Errors
+/// [`StoreError`]; nothing of the batch is committed then. Transient errors
+/// ([`StoreError::is_transient`]) are worth retrying with the same batch.
+pub async fn process_batch(
+    store: &Store,
+    config: &PipelineConfig,
+    messages: &[InboundMessage],
+) -> Result<BatchReport, StoreError> {
+    let mut report = BatchReport {
+        consumed: messages.len(),
+        offsets: next_offsets(messages),
+        ..BatchReport::default()
+    };
+
+    // Decode; undecodable input is dead-lettered.
+    let mut works: Vec<Work<'_>> = Vec::with_capacity(messages.len());
+    for m in messages {
+        let payload = m.payload.as_deref().unwrap_or_default();
+        match wire::decode(payload, m.content_type.as_deref()) {
+            Ok(event) => works.push(Work {
+                message: m,
+                event,
+                parked_row: None,
+                awaited: None,
+            }),
+            Err(e) => report
+                .dead_letters
+                .push(m.dead_letter(e.reason(), e.to_string(), None)),
+        }
+    }
+
+    let mut tx = store.pool().begin().await?;
+
+    // Rule R9: an event_id already logged or parked, or seen earlier in this
+    // batch, changes nothing.
+    let event_ids: Vec<EventId> = works.iter().map(|w| w.event.event_id.clone()).collect();
+    let mut seen = event_log::existing_event_ids(&mut tx, &event_ids).await?;
+    seen.extend(parked::existing_event_ids(&mut tx, &event_ids).await?);
+    works.retain(|w| {
+        let fresh = seen.insert(w.event.event_id.clone());
+        if !fresh {
+            report.duplicates += 1;
+        }
+        fresh
+    });
+
+    // Parked events this batch may release, and their original messages.
+    let parked_rows = load_releasable(&mut tx, &works).await?;
+    let mut released: Vec<(ParkedRow, OrderEvent)> = Vec::with_capacity(parked_rows.len());
+    for row in parked_rows {
+        let event =
+            wire::json::decode(row.event_json.as_bytes()).map_err(|e| StoreError::Corrupt {
+                table: "parked_events",
+                detail: format!("row {}: {e}", row.row_id),
+            })?;
+        released.push((row, event));
+    }
+
+    // Load every order the batch can touch.
+    let all_events = works
+        .iter()
+        .map(|w| &w.event)
+        .chain(released.iter().map(|(_, e)| e));
+    let mut book = load_book(&mut tx, all_events).await?;
+
+    // Run the state machine in arrival order; an event that issues an id
+    // releases the events waiting for it right after itself.
+    let mut waiting: HashMap<LifecycleId, VecDeque<Work<'_>>> = HashMap::new();
+    for (row, event) in &released {
+        waiting
+            .entry(row.awaited.clone())
+            .or_default()
+            .push_back(Work {
+                message: &row.message,
+                event: event.clone(),
+                parked_row: Some(row.row_id),
+                awaited: Some(row.awaited.clone()),
+            });
+    }
+    let mut entries: Vec<NewEntry> = Vec::with_capacity(works.len());
+    let mut touched: Vec<(OrderId, LifecycleId)> = Vec::new();
+    let mut done_rows: Vec<i64> = Vec::new();
+    for work in works {
+        let mut queue = VecDeque::from([work]);
+        while let Some(w) = queue.pop_front() {
+            match book.process(&w.event) {
+                Ok(rec) => {
+                    done_rows.extend(w.parked_row);
+                    *report.recorded.entry(rec.outcome.as_str()).or_default() += 1;
+                    for t in &rec.transitions {
+                        touched.push((rec.order_id.clone(), t.lifecycle_id().clone()));
+                        if let Transition::Issued { lifecycle_id, .. } = t {
+                            queue.extend(waiting.remove(lifecycle_id).into_iter().flatten());
+                        }
+                    }
+                    entries.push(NewEntry {
+                        order_id: rec.order_id,
+                        seq: rec.seq,
+                        event_id: w.event.event_id.clone(),
+                        kind: w.event.kind.name(),
+                        outcome: rec.outcome,
+                        transitions: rec.transitions,
+                        payload: wire::json::encode(&w.event),
+                        occurred_at_ms: w.event.occurred_at_ms,
+                        source: Some(w.message.source()),
+                    });
+                }
+                Err(Rejection::UnknownLifecycleId { lifecycle_id, .. }) => {
+                    waiting.entry(lifecycle_id).or_default().push_back(w);
+                }
+                Err(rejection) => {
+                    done_rows.extend(w.parked_row);
+                    report.dead_letters.push(w.message.dead_letter(
+                        rejection.reason(),
+                        rejection.to_string(),
+                        Some(&w.event),
+                    ));
+                }
+            }
+        }
+    }
+    report.unparked = done_rows.len();
+
+    // What still waits: new events are parked; parked rows stay, re-pointed
+    // if they now wait for another id.
+    let mut to_park: Vec<NewParked<'_>> = Vec::new();
+    let mut repoint: Vec<(i64, &LifecycleId)> = Vec::new();
+    let still_waiting: Vec<(&LifecycleId, &Work<'_>)> = waiting
+        .iter()
+        .flat_map(|(id, ws)| ws.iter().map(move |w| (id, w)))
+        .collect();
+    for (id, w) in still_waiting {
+        match (w.parked_row, &w.awaited) {
+            (Some(_), Some(before)) if before == id => {}
+            (Some(row), _) => repoint.push((row, id)),
+            (None, _) => to_park.push(NewParked {
+                awaited: id,
+                event_id: &w.event.event_id,
+                event_json: wire::json::encode(&w.event),
+                message: w.message,
+            }),
+        }
+    }
+    to_park.sort_by_key(|p| {
+        (
+            p.message.topic.clone(),
+            p.message.partition,
+            p.message.offset,
+        )
+    });
+    report.parked = to_park.len();
+
+    // The rows as they stand after the whole batch, each written once.
+    let touched = unique(touched);
+    let rows: Vec<(&OrderId, &IdRecord)> = touched
+        .iter()
+        .filter_map(|(order, id)| {
+            book.order(order)
+                .and_then(|o| o.get(id))
+                .map(|r| (order, r))
+        })
+        .collect();
+    report.rows_written = rows.len();
+
+    event_log::append(&mut tx, &entries).await?;
+    id_projection::upsert(&mut tx, &rows).await?;
+    parked::delete(&mut tx, &done_rows).await?;
+    for (row, id) in repoint {
+        parked::set_awaited(&mut tx, row, id).await?;
+    }
+    parked::insert(&mut tx, &to_park, config.park_timeout).await?;
+    dead_letters::insert(&mut tx, &report.dead_letters).await?;
+    offsets::save(&mut tx, &config.group_id, &report.offsets).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Parked rows waiting for an id the batch issues, and, transitively, for
+/// ids those parked events issue (a parked cancel issues its cancel id, for
+/// which a confirmation may be parked too).
+async fn load_releasable(
+    conn: &mut MySqlConnection,
+    works: &[Work<'_>],
+) -> Result<Vec<ParkedRow>, StoreError> {
+    let mut asked: HashSet<LifecycleId> = HashSet::new();
+    let mut next: Vec<LifecycleId> = works
+        .iter()
+        .flat_map(|w| w.event.issued_ids().into_iter().map(|(id, _)| id))
+        .collect();
+    let mut rows = Vec::new();
+    while !next.is_empty() {
+        next.retain(|id| asked.insert(id.clone()));
+        let found = parked::awaiting(conn, &next).await?;
+        next = Vec::new();
+        for row in found {
+            if let Ok(event) = wire::json::decode(row.event_json.as_bytes()) {
+                next.extend(event.issued_ids().into_iter().map(|(id, _)| id));
+            }
+            rows.push(row);
+        }
+    }
+    rows.sort_by_key(|r| r.row_id);
+    Ok(rows)
+}
+
+/// Loads, locked, every order the events can touch: their own orders and
+/// the owners of every id they issue or name.
+async fn load_book<'e>(
+    conn: &mut MySqlConnection,
+    events: impl Iterator<Item = &'e OrderEvent> + Clone,
+) -> Result<LifecycleBook, StoreError> {
+    let ids: Vec<LifecycleId> = unique(
+        events
+            .clone()
+            .flat_map(|e| {
+                e.issued_ids()
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .chain(e.referenced_ids())
+            })
+            .collect(),
+    );
+    let owners = id_projection::owners_of(conn, &ids).await?;
+    let orders: Vec<OrderId> = unique(
+        events
+            .filter_map(|e| e.order_id.clone())
+            .chain(owners.into_values())
+            .collect(),
+    );
+    let mut book = LifecycleBook::new();
+    for order in id_projection::load_orders(conn, &orders, true).await? {
+        book.insert(order);
+    }
+    Ok(book)
+}
+
+/// Dead-letters parked events whose time is up (rule R7), up to `limit`, in
+/// one transaction. Returns the letters, for the dead-letter topic.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn expire_parked(
+    store: &Store,
+    park_timeout: Duration,
+    limit: u32,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let rows = parked::expired(&mut tx, limit).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let letters: Vec<DeadLetter> = rows
+        .iter()
+        .map(|row| {
+            let event = wire::json::decode(row.event_json.as_bytes()).ok();
+            let what = event
+                .as_ref()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "a parked event".to_owned());
+            row.message.dead_letter(
+                "unknown_lifecycle_id",
+                format!(
+                    "{what} waited {}s for {}, which no event issued (rule R7)",
+                    park_timeout.as_secs(),
+                    row.awaited
+                ),
+                event.as_ref(),
+            )
+        })
+        .collect();
+    let ids: Vec<i64> = rows.iter().map(|r| r.row_id).collect();
+    parked::delete(&mut tx, &ids).await?;
+    dead_letters::insert(&mut tx, &letters).await?;
+    tx.commit().await?;
+    Ok(letters)
+}
+
+/// The next offset to read for each partition in the batch.
+fn next_offsets(messages: &[InboundMessage]) -> Vec<PartitionOffset> {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in messages {
+        let slot = next.entry((m.topic.as_str(), m.partition)).or_insert(0);
+        *slot = (*slot).max(m.offset + 1);
+    }
+    let mut offsets: Vec<PartitionOffset> = next
+        .into_iter()
+        .map(|((topic, partition), next_offset)| PartitionOffset {
+            topic: topic.to_owned(),
+            partition,
+            next_offset,
+        })
+        .collect();
+    offsets.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    offsets
+}
+
+/// Removes repeats, keeping first occurrences in order.
+fn unique<T: Clone + Eq + std::hash::Hash>(items: Vec<T>) -> Vec<T> {
+    let mut seen = HashSet::new();
+    items
+        .into_iter()
+        .filter(|x| seen.insert(x.clone()))
+        .collect()
+}

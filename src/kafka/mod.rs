@@ -1,0 +1,144 @@
+//! Kafka client settings and topic administration, shared by the consumer,
+//! the dead-letter publisher and the simulator. Everything broker-specific is
+//! configuration, so Apache Kafka and other Kafka-protocol brokers work
+//! unchanged.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+
+/// Base settings: brokers, then the pass-through options.
+fn base(kafka: &KafkaConfig, defaults: &[(&str, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (k, v) in defaults {
+        config.set(*k, v);
+    }
+    // Operators' settings win over this service's defaults.
+    for o in &kafka.options {
+        config.set(&o.key, &o.value);
+    }
+    config
+}
+
+/// Settings for the ingesting consumer. Offsets are never committed
+/// automatically: the consumer commits after the data is durable.
+pub fn consumer_config(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    session_timeout: Duration,
+) -> ClientConfig {
+    let session_ms = session_timeout.as_millis().max(1000);
+    base(
+        kafka,
+        &[
+            ("group.id", group_id.to_owned()),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("auto.offset.reset", "earliest".into()),
+            ("enable.partition.eof", "false".into()),
+            ("session.timeout.ms", session_ms.to_string()),
+            (
+                "heartbeat.interval.ms",
+                (session_ms / 6).max(500).to_string(),
+            ),
+            ("partition.assignment.strategy", "range,roundrobin".into()),
+        ],
+    )
+}
+
+/// Settings for producers (dead letters, simulator): idempotent, acks from
+/// all replicas, lz4.
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    base(
+        kafka,
+        &[
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            ("compression.type", "lz4".into()),
+            ("linger.ms", "5".into()),
+            ("message.timeout.ms", "30000".into()),
+        ],
+    )
+}
+
+/// Creates the topics that do not exist yet; existing ones are left alone.
+///
+/// # Errors
+/// [`KafkaError`] when the broker cannot be reached or refuses a topic.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base(kafka, &[]).create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, ?code, "could not create topic");
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The value of a header, if the message has it.
+pub fn header<'a, M: Message>(message: &'a M, name: &str) -> Option<&'a [u8]> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case(name))
+        .and_then(|h| h.value)
+}
+
+/// Hands a record to the producer's queue, waiting while the queue is full,
+/// and returns the future of its delivery (which borrows nothing).
+///
+/// # Errors
+/// [`KafkaError`] when the record cannot be queued (too large, bad topic).
+pub async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Waits for every delivery.
+///
+/// # Errors
+/// The first failed delivery's [`KafkaError`].
+pub async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<(), KafkaError> {
+    for result in futures_util::future::join_all(deliveries).await {
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e),
+            Err(_canceled) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(())
+}

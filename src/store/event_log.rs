@@ -1,0 +1,160 @@
+//! The append-only event log (`lifecycle_events`).
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
+
+use super::{push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
+use crate::domain::{EventId, OrderId, Outcome, Transition};
+
+const TABLE: &str = "lifecycle_events";
+
+/// Where an input event was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One row to append.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub order_id: OrderId,
+    pub seq: u64,
+    pub event_id: EventId,
+    pub kind: &'static str,
+    pub outcome: Outcome,
+    pub transitions: Vec<Transition>,
+    /// The input event in contract JSON.
+    pub payload: String,
+    pub occurred_at_ms: i64,
+    pub source: Option<Source>,
+}
+
+/// The event ids among `ids` that the log already holds (rule R9).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn existing_event_ids(
+    conn: &mut MySqlConnection,
+    ids: &[EventId],
+) -> Result<HashSet<EventId>, StoreError> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new("SELECT event_id FROM lifecycle_events WHERE ");
+        push_in(&mut qb, "event_id", chunk);
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            let raw = text(&row, 0, TABLE)?;
+            found.insert(EventId::parse(raw).map_err(|e| StoreError::Corrupt {
+                table: "lifecycle_events",
+                detail: format!("event_id: {e}"),
+            })?);
+        }
+    }
+    Ok(found)
+}
+
+/// The last sequence number of each order that has log entries.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn last_seqs(
+    conn: &mut MySqlConnection,
+    orders: &[OrderId],
+) -> Result<HashMap<OrderId, u64>, StoreError> {
+    let mut seqs = HashMap::new();
+    for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb =
+            QueryBuilder::<MySql>::new("SELECT order_id, MAX(seq) FROM lifecycle_events WHERE ");
+        push_in(&mut qb, "order_id", chunk);
+        qb.push(" GROUP BY order_id");
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            let order = text(&row, 0, TABLE)?;
+            let seq: i64 = row.try_get(1)?;
+            let order = OrderId::parse(order).map_err(|e| StoreError::Corrupt {
+                table: "lifecycle_events",
+                detail: format!("order_id: {e}"),
+            })?;
+            seqs.insert(order, u64::try_from(seq).unwrap_or(0));
+        }
+    }
+    Ok(seqs)
+}
+
+/// Appends entries with multi-row inserts.
+///
+/// # Errors
+/// [`StoreError`] from the database; a duplicate `event_id` or
+/// `(order_id, seq)` means another writer got there first, and the caller's
+/// transaction must be rolled back.
+pub async fn append(conn: &mut MySqlConnection, entries: &[NewEntry]) -> Result<(), StoreError> {
+    for chunk in entries.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new(
+            "INSERT INTO lifecycle_events (order_id, seq, event_id, kind, outcome, transitions, \
+             payload, occurred_at_ms, source_topic, source_partition, source_offset) ",
+        );
+        qb.push_values(chunk, |mut row, e| {
+            let transitions =
+                serde_json::to_string(&e.transitions).unwrap_or_else(|_| "[]".to_owned());
+            row.push_bind(e.order_id.as_str())
+                .push_bind(e.seq as i64)
+                .push_bind(e.event_id.as_str())
+                .push_bind(e.kind)
+                .push_bind(e.outcome.as_str())
+                .push_bind(transitions)
+                .push_bind(e.payload.as_str())
+                .push_bind(e.occurred_at_ms)
+                .push_bind(e.source.as_ref().map(|s| s.topic.as_str()))
+                .push_bind(e.source.as_ref().map(|s| s.partition))
+                .push_bind(e.source.as_ref().map(|s| s.offset));
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// A log entry as a follower projection reads it.
+#[derive(Debug, Clone)]
+pub struct LoggedEntry {
+    pub position: i64,
+    pub order_id: OrderId,
+    pub seq: u64,
+    pub transitions: Vec<Transition>,
+}
+
+/// Up to `limit` entries after `position`, in log order.
+///
+/// # Errors
+/// [`StoreError`] from the database, or a row this version cannot read.
+pub async fn read_after(
+    pool: &sqlx::MySqlPool,
+    position: i64,
+    limit: u32,
+) -> Result<Vec<LoggedEntry>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT position, order_id, seq, transitions FROM lifecycle_events \
+         WHERE position > ? ORDER BY position LIMIT ?",
+    )
+    .bind(position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let corrupt = |detail: String| StoreError::Corrupt {
+        table: "lifecycle_events",
+        detail,
+    };
+    rows.iter()
+        .map(|row| {
+            let order = text(row, 1, TABLE)?;
+            let transitions = text(row, 3, TABLE)?;
+            Ok(LoggedEntry {
+                position: row.try_get(0)?,
+                order_id: OrderId::parse(order).map_err(|e| corrupt(format!("order_id: {e}")))?,
+                seq: u64::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
+                transitions: serde_json::from_str(transitions)
+                    .map_err(|e| corrupt(format!("transitions: {e}")))?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,171 @@
+//! MySQL/MariaDB storage: the event log, the `order_lifecycle_ids` read model,
+//! dead letters, consumer offsets and projection checkpoints; and the Redis
+//! read model. Thin adapters: SQL with bound parameters only, no rules.
+
+pub mod checkpoints;
+pub mod dead_letters;
+pub mod event_log;
+pub mod id_projection;
+pub mod offsets;
+pub mod parked;
+pub mod redis_projection;
+
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::mysql::MySqlRow;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
+
+use crate::config::SecretUrl;
+
+/// Most rows in one multi-row statement; keeps every statement far below
+/// MySQL's 65,535 placeholders and `max_allowed_packet`.
+pub const MAX_ROWS_PER_STATEMENT: usize = 500;
+
+/// A storage failure, split by what the caller does about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable, restarting, or aborted the transaction
+    /// (deadlock, lock wait): retry the whole batch; nothing was committed.
+    #[error("database temporarily unavailable: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// Anything else: a bug, a schema mismatch, a permission problem.
+    #[error("database error: {0}")]
+    Fatal(#[source] sqlx::Error),
+    /// A stored row that this version cannot read.
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    /// Migrations could not be applied.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Whether retrying the same work may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        let transient = match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(db) => is_transient_mysql_code(db.as_ref()),
+            _ => false,
+        };
+        if transient {
+            StoreError::Transient(e)
+        } else {
+            StoreError::Fatal(e)
+        }
+    }
+}
+
+/// Deadlock (1213), lock wait timeout (1205), server shutting down (1053),
+/// connection lost or killed (2006, 2013, 1927, 4031), read-only during a
+/// fail-over (1290, 1836).
+fn is_transient_mysql_code(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let number = db
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(|e| e.number());
+    matches!(
+        number,
+        Some(1205 | 1213 | 1053 | 2006 | 2013 | 1290 | 1927 | 1836 | 4031)
+    )
+}
+
+/// The connection pool and the embedded migrations.
+#[derive(Clone)]
+pub struct Store {
+    pool: MySqlPool,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+impl Store {
+    /// Connects, creating the database when it does not exist yet.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the server cannot be reached or refuses.
+    pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<Store, StoreError> {
+        if !MySql::database_exists(url.expose()).await? {
+            MySql::create_database(url.expose()).await?;
+        }
+        let options: MySqlConnectOptions = url.expose().parse()?;
+        // Session time zone UTC: event times are stored as UTC DATETIMEs.
+        let options = options.timezone(Some("+00:00".to_owned()));
+        let pool = MySqlPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    /// Applies pending migrations; a no-op when the schema is current.
+    ///
+    /// # Errors
+    /// [`StoreError::Migrate`] when a migration fails or was changed after
+    /// being applied.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool, for adapters and tests.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+}
+
+/// Appends `col IN (?, ?, ...)` to a query; `values` must not be empty.
+pub(crate) fn push_in<'a, T>(qb: &mut QueryBuilder<'a, MySql>, column: &str, values: &'a [T])
+where
+    T: AsRef<str> + 'a,
+{
+    qb.push(column);
+    qb.push(" IN (");
+    let mut list = qb.separated(", ");
+    for v in values {
+        list.push_bind(v.as_ref());
+    }
+    list.push_unseparated(")");
+}
+
+/// Reads a text column. Columns with a binary collation (`utf8mb4_bin`, used
+/// for ids so that `SL1` and `sl1` stay distinct) carry MySQL's BINARY flag,
+/// so they are read as bytes and checked to be UTF-8.
+pub(crate) fn text<'r>(
+    row: &'r MySqlRow,
+    index: usize,
+    table: &'static str,
+) -> Result<&'r str, StoreError> {
+    let bytes: &[u8] = row.try_get(index)?;
+    std::str::from_utf8(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: format!("column {index} is not UTF-8: {e}"),
+    })
+}
+
+/// [`text`] for a nullable column.
+pub(crate) fn opt_text<'r>(
+    row: &'r MySqlRow,
+    index: usize,
+    table: &'static str,
+) -> Result<Option<&'r str>, StoreError> {
+    let bytes: Option<&[u8]> = row.try_get(index)?;
+    bytes
+        .map(|b| {
+            std::str::from_utf8(b).map_err(|e| StoreError::Corrupt {
+                table,
+                detail: format!("column {index} is not UTF-8: {e}"),
+            })
+        })
+        .transpose()
+}

@@ -1,0 +1,191 @@
+//! The `parked_events` table: events waiting for an id not issued yet
+//! (rule R7). Durable, so that parked events survive restarts.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
+
+use super::{opt_text, push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
+use crate::domain::{EventId, LifecycleId};
+use crate::ingest::InboundMessage;
+
+const TABLE: &str = "parked_events";
+
+/// A parked event as stored.
+#[derive(Debug, Clone)]
+pub struct ParkedRow {
+    pub row_id: i64,
+    pub awaited: LifecycleId,
+    /// The decoded event, contract JSON.
+    pub event_json: String,
+    /// The original message.
+    pub message: InboundMessage,
+}
+
+/// An event to park.
+#[derive(Debug, Clone)]
+pub struct NewParked<'a> {
+    pub awaited: &'a LifecycleId,
+    pub event_id: &'a EventId,
+    pub event_json: String,
+    pub message: &'a InboundMessage,
+}
+
+fn corrupt(detail: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        table: TABLE,
+        detail: detail.to_string(),
+    }
+}
+
+const COLUMNS: &str = "id, awaited_id, event, source_topic, source_partition, source_offset, \
+                       message_key, payload, content_type";
+
+fn from_row(row: &MySqlRow) -> Result<ParkedRow, StoreError> {
+    Ok(ParkedRow {
+        row_id: row.try_get(0)?,
+        awaited: LifecycleId::parse(text(row, 1, TABLE)?).map_err(corrupt)?,
+        event_json: text(row, 2, TABLE)?.to_owned(),
+        message: InboundMessage {
+            topic: text(row, 3, TABLE)?.to_owned(),
+            partition: row.try_get(4)?,
+            offset: row.try_get(5)?,
+            key: row.try_get(6)?,
+            payload: row.try_get(7)?,
+            content_type: opt_text(row, 8, TABLE)?.map(|c| c.as_bytes().to_vec()),
+        },
+    })
+}
+
+/// The event ids among `ids` that are parked.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn existing_event_ids(
+    conn: &mut MySqlConnection,
+    ids: &[EventId],
+) -> Result<HashSet<EventId>, StoreError> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new("SELECT event_id FROM parked_events WHERE ");
+        push_in(&mut qb, "event_id", chunk);
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            found.insert(EventId::parse(text(&row, 0, TABLE)?).map_err(corrupt)?);
+        }
+    }
+    Ok(found)
+}
+
+/// Parked events waiting for any of `ids`, oldest first, locked until the
+/// transaction ends.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn awaiting(
+    conn: &mut MySqlConnection,
+    ids: &[LifecycleId],
+) -> Result<Vec<ParkedRow>, StoreError> {
+    let mut rows = Vec::new();
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb =
+            QueryBuilder::<MySql>::new(format!("SELECT {COLUMNS} FROM parked_events WHERE "));
+        push_in(&mut qb, "awaited_id", chunk);
+        qb.push(" ORDER BY id FOR UPDATE");
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            rows.push(from_row(&row)?);
+        }
+    }
+    rows.sort_by_key(|r| r.row_id);
+    Ok(rows)
+}
+
+/// Parks events until `timeout` from now.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn insert(
+    conn: &mut MySqlConnection,
+    rows: &[NewParked<'_>],
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new(
+            "INSERT INTO parked_events (awaited_id, event_id, event, source_topic, \
+             source_partition, source_offset, message_key, payload, content_type, expires_at) ",
+        );
+        qb.push_values(chunk, |mut row, p| {
+            let m = p.message;
+            row.push_bind(p.awaited.as_str())
+                .push_bind(p.event_id.as_str())
+                .push_bind(p.event_json.as_str())
+                .push_bind(m.topic.as_str())
+                .push_bind(m.partition)
+                .push_bind(m.offset)
+                .push_bind(m.key.as_deref())
+                .push_bind(m.payload.as_deref())
+                .push_bind(m.content_type.as_ref().map(|c| {
+                    String::from_utf8_lossy(c)
+                        .chars()
+                        .take(255)
+                        .collect::<String>()
+                }))
+                .push_unseparated(", NOW(3) + INTERVAL ")
+                .push_bind_unseparated(timeout_ms)
+                .push_unseparated(" * 1000 MICROSECOND");
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Removes parked rows (applied, or dead-lettered).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn delete(conn: &mut MySqlConnection, row_ids: &[i64]) -> Result<(), StoreError> {
+    for chunk in row_ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new("DELETE FROM parked_events WHERE id IN (");
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        list.push_unseparated(")");
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Points a parked row at another awaited id (it was applied far enough to
+/// find that it needs a second id).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn set_awaited(
+    conn: &mut MySqlConnection,
+    row_id: i64,
+    awaited: &LifecycleId,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE parked_events SET awaited_id = ? WHERE id = ?")
+        .bind(awaited.as_str())
+        .bind(row_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Up to `limit` rows whose time is up, oldest first, locked.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn expired(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<ParkedRow>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM parked_events WHERE expires_at <= NOW(3) ORDER BY id LIMIT ? FOR UPDATE"
+    ))
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}

@@ -1,0 +1,122 @@
+//! The Redis read model the platform already reads:
+//!
+//! - `global_order_lookup:{lifecycle_id}` (string) -> `order_id`, for every id
+//!   ever issued; the Python dispatcher resolves provider confirmations with it.
+//! - `order_lifecycle_active:{order_id}` (hash) -> `id_type` -> the active
+//!   `lifecycle_id` of that type; absent when the order has no active id.
+//!
+//! Every key is prefixed with the configured key prefix (empty in
+//! production, so the names are exactly the legacy ones).
+
+use redis::aio::ConnectionManager;
+
+use crate::domain::{IdType, LifecycleId, OrderId};
+
+/// A Redis failure; always transient for the caller (retry later), since the
+/// projection can be rebuilt from the log at any time.
+pub type RedisError = redis::RedisError;
+
+/// Writes the Redis keys.
+#[derive(Clone)]
+pub struct RedisProjection {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+/// The key names, in one place.
+#[derive(Debug, Clone)]
+pub struct RedisKeys {
+    prefix: String,
+}
+
+impl RedisKeys {
+    /// Keys under `prefix` (empty for the legacy names).
+    pub fn new(prefix: &str) -> RedisKeys {
+        RedisKeys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// `global_order_lookup:{id}`.
+    pub fn lookup(&self, id: &LifecycleId) -> String {
+        format!("{}global_order_lookup:{id}", self.prefix)
+    }
+
+    /// `order_lifecycle_active:{order_id}`.
+    pub fn active(&self, order: &OrderId) -> String {
+        format!("{}order_lifecycle_active:{order}", self.prefix)
+    }
+}
+
+/// The active ids of one order, as the hash holds them.
+pub type ActiveIds = Vec<(IdType, LifecycleId)>;
+
+impl RedisProjection {
+    /// Connects with a connection manager that reconnects by itself.
+    ///
+    /// # Errors
+    /// [`RedisError`] when the URL is invalid or the server unreachable.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisProjection, RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(RedisProjection {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The key names this projection writes.
+    pub fn keys(&self) -> RedisKeys {
+        RedisKeys::new(&self.prefix)
+    }
+
+    /// Sets lookups and replaces the active-id hashes of `orders`, in one
+    /// MULTI/EXEC so that a reader never sees a hash half rewritten.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable; nothing is assumed written.
+    pub async fn write(
+        &self,
+        lookups: &[(LifecycleId, OrderId)],
+        orders: &[(OrderId, ActiveIds)],
+    ) -> Result<(), RedisError> {
+        if lookups.is_empty() && orders.is_empty() {
+            return Ok(());
+        }
+        let keys = self.keys();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (id, order) in lookups {
+            pipe.set(keys.lookup(id), order.as_str()).ignore();
+        }
+        for (order, active) in orders {
+            let key = keys.active(order);
+            pipe.del(&key).ignore();
+            if !active.is_empty() {
+                let fields: Vec<(&str, &str)> = active
+                    .iter()
+                    .map(|(t, id)| (t.as_str(), id.as_str()))
+                    .collect();
+                pipe.hset_multiple(&key, &fields).ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await
+    }
+
+    /// Answers PING; for readiness checks.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis does not answer.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+    }
+}
