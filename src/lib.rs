@@ -12,7 +12,8 @@
 //!   publishing, the Redis follower.
 //! - [`kafka`]: client settings and topic administration.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
-//! - [`config`]: typed settings; [`telemetry`]: logs.
+//! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands.
+//! - [`testing`]: builders of valid events for tests and examples.
 
 pub mod cli;
 pub mod config;
@@ -22,4 +23,5 @@ pub mod kafka;
 pub mod simulate;
 pub mod store;
 pub mod telemetry;
+pub mod testing;
 pub mod wire;

@@ -1,11 +1,12 @@
 //! Table-driven tests per rule, the worked example of `domain.md`, and a
 //! property test over random event sequences.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::testing::EventScript as Script;
 
 fn lid(s: &str) -> LifecycleId {
     LifecycleId::parse(s).unwrap()
@@ -13,103 +14,6 @@ fn lid(s: &str) -> LifecycleId {
 
 fn oid(s: &str) -> OrderId {
     OrderId::parse(s).unwrap()
-}
-
-/// Builds events for one order with increasing event ids and times.
-struct Script {
-    order: OrderId,
-    n: u32,
-}
-
-impl Script {
-    fn new(order: &str) -> Script {
-        Script {
-            order: oid(order),
-            n: 0,
-        }
-    }
-
-    fn event(&mut self, order: Option<OrderId>, kind: EventKind) -> OrderEvent {
-        self.n += 1;
-        OrderEvent {
-            event_id: EventId::parse(&format!("{}-e{}", self.order, self.n)).unwrap(),
-            order_id: order,
-            occurred_at_ms: 1_764_300_000_000 + i64::from(self.n),
-            user_id: Some(UserId::parse("7").unwrap()),
-            user_type: Some(UserType::Live),
-            kind,
-        }
-    }
-
-    fn on_order(&mut self, kind: EventKind) -> OrderEvent {
-        let order = Some(self.order.clone());
-        self.event(order, kind)
-    }
-
-    fn place(&mut self) -> OrderEvent {
-        self.on_order(EventKind::OrderPlaced(OrderPlaced {
-            symbol: "EURUSD".into(),
-            order_type: "BUY".into(),
-            price: None,
-            quantity: None,
-        }))
-    }
-    fn sl(&mut self, id: &str) -> OrderEvent {
-        self.on_order(EventKind::StopLossAdded(StopLossAdded {
-            stoploss_id: lid(id),
-            price: None,
-        }))
-    }
-    fn tp(&mut self, id: &str) -> OrderEvent {
-        self.on_order(EventKind::TakeProfitAdded(TakeProfitAdded {
-            takeprofit_id: lid(id),
-            price: None,
-        }))
-    }
-    fn cancel_sl(&mut self, cancel: &str, named: Option<&str>) -> OrderEvent {
-        self.on_order(EventKind::StopLossCancelled(StopLossCancelled {
-            stoploss_cancel_id: lid(cancel),
-            stoploss_id: named.map(lid),
-        }))
-    }
-    fn cancel_tp(&mut self, cancel: &str, named: Option<&str>) -> OrderEvent {
-        self.on_order(EventKind::TakeProfitCancelled(TakeProfitCancelled {
-            takeprofit_cancel_id: lid(cancel),
-            takeprofit_id: named.map(lid),
-        }))
-    }
-    fn close(&mut self, close: &str, slc: Option<&str>, tpc: Option<&str>) -> OrderEvent {
-        self.on_order(EventKind::CloseRequested(CloseRequested {
-            close_id: lid(close),
-            stoploss_cancel_id: slc.map(lid),
-            takeprofit_cancel_id: tpc.map(lid),
-            price: None,
-        }))
-    }
-    fn pending_cancel(&mut self, id: &str) -> OrderEvent {
-        self.on_order(EventKind::PendingCancelled(PendingCancelled {
-            cancel_id: lid(id),
-        }))
-    }
-    fn modify(&mut self, id: &str) -> OrderEvent {
-        self.on_order(EventKind::PendingModified(PendingModified {
-            modify_id: lid(id),
-            price: None,
-        }))
-    }
-    fn confirm(&mut self, id: &str, status: &str) -> OrderEvent {
-        self.event(
-            None,
-            EventKind::ProviderConfirmation(ProviderConfirmation {
-                lifecycle_id: lid(id),
-                ord_status: status.into(),
-                exec_id: None,
-                price: None,
-                quantity: None,
-                raw: BTreeMap::new(),
-            }),
-        )
-    }
 }
 
 fn status(book: &LifecycleBook, id: &str) -> (IdType, IdStatus, Option<String>) {

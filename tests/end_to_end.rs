@@ -1,0 +1,408 @@
+//! End to end through the real broker: events produced to Kafka, the
+//! consumer started as `run` starts it, outcomes read from MariaDB, Redis and
+//! the dead-letter topic.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{wait_until, Env};
+use order_lifecycle::domain::LifecycleBook;
+use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
+use order_lifecycle::testing::EventScript;
+use order_lifecycle::wire::Encoding;
+
+type Row = (String, String, String, Option<String>);
+
+fn row(order: &str, id_type: &str, status: &str, by: Option<&str>) -> Row {
+    (
+        order.into(),
+        id_type.into(),
+        status.into(),
+        by.map(String::from),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_basic_storage_order_id_is_stored_active() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut s = EventScript::new("123456789");
+    env.send(&[s.place()], Encoding::Protobuf).await;
+    env.wait_for_log(1, 0).await;
+    let rows = env.db.rows().await;
+    assert_eq!(
+        rows["123456789"],
+        row("123456789", "order_id", "active", None)
+    );
+    env.wait_for_redis().await;
+    assert_eq!(
+        env.redis
+            .get("global_order_lookup:123456789")
+            .await
+            .as_deref(),
+        Some("123456789")
+    );
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_replacement_second_stop_loss_replaces_the_first_json() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut s = EventScript::new("555");
+    env.send(&[s.place(), s.sl("SL-A"), s.sl("SL-B")], Encoding::Json)
+        .await;
+    env.wait_for_log(3, 0).await;
+    let rows = env.db.rows().await;
+    assert_eq!(
+        rows["SL-A"],
+        row("555", "stoploss_id", "replaced", Some("SL-B"))
+    );
+    assert_eq!(rows["SL-B"], row("555", "stoploss_id", "active", None));
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_status_update_provider_execution_marks_stop_loss_executed() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut s = EventScript::new("777");
+    env.send(
+        &[s.place(), s.sl("SL1"), s.confirm("SL1", "EXECUTED")],
+        Encoding::Protobuf,
+    )
+    .await;
+    env.wait_for_log(3, 0).await;
+    assert_eq!(env.db.rows().await["SL1"].2, "executed");
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_resolution_every_id_resolves_in_mysql_and_redis() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut s = EventScript::new("42");
+    let events = vec![
+        s.place(),
+        s.sl("SL1"),
+        s.tp("TP1"),
+        s.sl("SL2"),
+        s.cancel_tp("TPC1", None),
+        s.close("CL1", Some("SLC1"), None),
+    ];
+    env.send(&events, Encoding::Protobuf).await;
+    env.wait_for_log(6, 0).await;
+    env.wait_for_redis().await;
+    let rows = env.db.rows().await;
+    let ids = ["42", "SL1", "TP1", "SL2", "TPC1", "CL1", "SLC1"];
+    assert_eq!(rows.len(), ids.len());
+    for id in ids {
+        assert_eq!(rows[id].0, "42", "{id} in MySQL");
+        assert_eq!(
+            env.redis
+                .get(&format!("global_order_lookup:{id}"))
+                .await
+                .as_deref(),
+            Some("42"),
+            "{id} in Redis"
+        );
+    }
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_complete_lifecycle_has_six_ids_and_the_right_ones_active() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut s = EventScript::new("9001");
+    let events = vec![
+        s.place(),
+        s.sl("SL1"),
+        s.cancel_sl("SLC1", None),
+        s.sl("SL2"),
+        s.tp("TP1"),
+        s.close("CL1", None, None),
+    ];
+    env.send(&events, Encoding::Protobuf).await;
+    env.wait_for_log(6, 0).await;
+    let rows = env.db.rows().await;
+    let expected = [
+        ("9001", row("9001", "order_id", "active", None)),
+        ("SL1", row("9001", "stoploss_id", "cancelled", None)),
+        ("SLC1", row("9001", "stoploss_cancel_id", "active", None)),
+        ("SL2", row("9001", "stoploss_id", "active", None)),
+        ("TP1", row("9001", "takeprofit_id", "active", None)),
+        ("CL1", row("9001", "close_id", "active", None)),
+    ];
+    assert_eq!(rows.len(), 6);
+    for (id, r) in expected {
+        assert_eq!(rows[id], r, "{id}");
+    }
+    env.wait_for_redis().await;
+    let redis = env.redis.snapshot().await;
+    assert_eq!(
+        redis["order_lifecycle_active:9001"],
+        "close_id=CL1,order_id=9001,stoploss_cancel_id=SLC1,stoploss_id=SL2,takeprofit_id=TP1"
+    );
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_many_orders_all_applied_and_consistent() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let plan = scenario::plan(&PlanOptions {
+        orders: 120,
+        orders_per_second: 1000.0,
+        seed: 7,
+        json_ratio: 0.3,
+        bad_ratio: 0.0,
+        run_id: "77".into(),
+        start_ms: 1_764_300_000_000,
+    });
+    let mut events = Vec::new();
+    for p in &plan {
+        if let Payload::Event(e, enc) = &p.payload {
+            env.send(std::slice::from_ref(e), *enc).await;
+            events.push((**e).clone());
+        }
+    }
+    // Requests and confirmations travel on different topics and partitions,
+    // so confirmations overtake their requests here: they are parked and
+    // applied once the id is issued (rule R7).
+    env.wait_for_log(events.len() as i64, 0).await;
+    assert_eq!(env.db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    env.db.assert_sequences_gap_free().await;
+    env.db.assert_one_active_per_type().await;
+
+    let mut book = LifecycleBook::new();
+    for e in &events {
+        book.process(e).expect("the plan is valid in order");
+    }
+    let rows = env.db.rows().await;
+    let expected: BTreeSet<(String, String)> = book
+        .orders()
+        .flat_map(|o| {
+            o.ids()
+                .iter()
+                .map(|r| (r.lifecycle_id.to_string(), o.order_id().to_string()))
+        })
+        .collect();
+    let actual: BTreeSet<(String, String)> = rows
+        .iter()
+        .map(|(id, r)| (id.clone(), r.0.clone()))
+        .collect();
+    assert_eq!(actual, expected, "every issued id bound to its order");
+
+    env.wait_for_redis().await;
+    let redis = env.redis.snapshot().await;
+    for (id, order) in &expected {
+        assert_eq!(
+            redis.get(&format!("global_order_lookup:{id}")),
+            Some(order),
+            "{id}"
+        );
+    }
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_example_row_by_row() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut s = EventScript::new("123456789");
+    let steps = vec![
+        (s.place(), vec![("123456789", "order_id", "active", None)]),
+        (
+            s.sl("SL111"),
+            vec![("SL111", "stoploss_id", "active", None)],
+        ),
+        (
+            s.cancel_sl("SLC444", None),
+            vec![
+                ("SLC444", "stoploss_cancel_id", "active", None),
+                ("SL111", "stoploss_id", "cancelled", None),
+            ],
+        ),
+        (
+            s.sl("SL777"),
+            vec![("SL777", "stoploss_id", "active", None)],
+        ),
+        (
+            s.sl("SL888"),
+            vec![
+                ("SL777", "stoploss_id", "replaced", Some("SL888")),
+                ("SL888", "stoploss_id", "active", None),
+            ],
+        ),
+        (
+            s.confirm("SL777", "EXECUTED"),
+            vec![("SL777", "stoploss_id", "executed", Some("SL888"))],
+        ),
+        (
+            s.confirm("SLC444", "CANCELLED"),
+            vec![("SLC444", "stoploss_cancel_id", "executed", None)],
+        ),
+    ];
+    for (i, (event, expected)) in steps.into_iter().enumerate() {
+        env.send(&[event], Encoding::Protobuf).await;
+        env.wait_for_log(i as i64 + 1, 0).await;
+        let rows = env.db.rows().await;
+        for (id, t, st, by) in expected {
+            assert_eq!(rows[id], row("123456789", t, st, by), "step {i}: {id}");
+        }
+    }
+    env.wait_for_redis().await;
+    for id in ["123456789", "SL111", "SLC444", "SL777", "SL888"] {
+        assert_eq!(
+            env.redis
+                .get(&format!("global_order_lookup:{id}"))
+                .await
+                .as_deref(),
+            Some("123456789")
+        );
+    }
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_breakers_and_bad_bytes_are_dead_lettered_and_consumption_goes_on() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut a = EventScript::new("A1");
+    let mut b = EventScript::new("B1");
+    env.send(
+        &[a.place(), a.sl("SL-SHARED"), b.place()],
+        Encoding::Protobuf,
+    )
+    .await;
+    // R1: B1 tries to bind A1's stop-loss.
+    env.send(&[b.sl("SL-SHARED")], Encoding::Json).await;
+    // R10: garbage bytes, a JSON event with no kind, an 80-character id.
+    let orders = env.topics.orders.clone();
+    env.send_raw(&orders, "B1", &[0xff, 0xff, 0xff, 0x01], None)
+        .await;
+    env.send_raw(
+        &orders,
+        "B1",
+        br#"{"event_id":"nokind","order_id":"B1","occurred_at_ms":1764300000000}"#,
+        Some("application/json"),
+    )
+    .await;
+    let long = "L".repeat(80);
+    let long_json = format!(
+        r#"{{"event_id":"longid","order_id":"B1","occurred_at_ms":1764300000000,"stop_loss_added":{{"stoploss_id":"{long}"}}}}"#
+    );
+    env.send_raw(&orders, "B1", long_json.as_bytes(), None)
+        .await;
+    // Still applied afterwards.
+    env.send(&[b.sl("SL-B")], Encoding::Protobuf).await;
+
+    env.wait_for_log(4, 4).await;
+    let rows = env.db.rows().await;
+    assert_eq!(rows["SL-SHARED"].0, "A1", "the binding did not move");
+    assert_eq!(rows["SL-B"], row("B1", "stoploss_id", "active", None));
+    assert!(!rows.contains_key(long.as_str()));
+
+    let letters = env.db.dead_letters().await;
+    let reasons: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "id_bound_to_other_order",
+            "undecodable_protobuf",
+            "missing_kind",
+            "invalid_field"
+        ]
+    );
+    assert!(
+        letters[0].2.contains("SL-SHARED") && letters[0].2.contains("A1"),
+        "{}",
+        letters[0].2
+    );
+    assert!(
+        letters[3].2.contains("stop_loss_added.stoploss_id"),
+        "{}",
+        letters[3].2
+    );
+
+    let topic = env.read_dead_letter_topic(4);
+    assert_eq!(topic.len(), 4, "four messages on the dead-letter topic");
+    let mut topic_reasons: Vec<&str> = topic
+        .iter()
+        .map(|m| m["dead-letter-reason"].as_str())
+        .collect();
+    topic_reasons.sort();
+    assert_eq!(
+        topic_reasons,
+        vec![
+            "id_bound_to_other_order",
+            "invalid_field",
+            "missing_kind",
+            "undecodable_protobuf"
+        ]
+    );
+    for m in &topic {
+        assert_eq!(m["source-topic"], env.topics.orders);
+        assert!(m["source-offset"].parse::<i64>().is_ok());
+        assert!(m["source-partition"].parse::<i32>().is_ok());
+        assert!(!m["dead-letter-error"].is_empty());
+    }
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_events_delivered_twice_change_nothing() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let mut events = Vec::new();
+    for o in 0..5 {
+        let mut s = EventScript::new(&format!("R{o}"));
+        events.extend([
+            s.place(),
+            s.sl(&format!("SL{o}a")),
+            s.sl(&format!("SL{o}b")),
+            s.confirm(&format!("SL{o}a"), "EXECUTED"),
+            s.close(&format!("CL{o}"), Some(&format!("SLC{o}")), None),
+        ]);
+    }
+    env.send(&events, Encoding::Protobuf).await;
+    env.wait_for_log(25, 0).await;
+    env.wait_for_redis().await;
+    let rows_before = env.db.full_rows().await;
+    let redis_before = env.redis.snapshot().await;
+
+    // A second producer run with the same event ids, half of them as JSON.
+    env.send(&events[..12], Encoding::Json).await;
+    env.send(&events[12..], Encoding::Protobuf).await;
+    wait_until(
+        "the redelivered messages to be consumed",
+        std::time::Duration::from_secs(60),
+        || async {
+            env.db
+                .count("SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM consumer_offsets")
+                .await
+                >= 50
+        },
+    )
+    .await;
+    env.wait_for_redis().await;
+    assert_eq!(
+        env.db.count("SELECT COUNT(*) FROM lifecycle_events").await,
+        25
+    );
+    assert_eq!(env.db.full_rows().await, rows_before);
+    assert_eq!(env.redis.snapshot().await, redis_before);
+    assert_eq!(env.db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    consumer.stop().await;
+    env.cleanup().await;
+}
