@@ -1,0 +1,214 @@
+//! The batch pipeline and the Redis follower against a fresh MariaDB
+//! database and Redis key prefix per test, without Kafka: parking (R7),
+//! idempotence (R9), the append-only log (R8), hostile input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestDb, TestRedis};
+use order_lifecycle::domain::OrderEvent;
+use order_lifecycle::ingest::redis_follower;
+use order_lifecycle::ingest::{expire_parked, process_batch, InboundMessage, PipelineConfig};
+use order_lifecycle::store::redis_projection::RedisProjection;
+use order_lifecycle::store::Store;
+use order_lifecycle::testing::EventScript;
+use order_lifecycle::wire::{self, Encoding};
+
+fn config(park_timeout: Duration) -> PipelineConfig {
+    PipelineConfig {
+        group_id: "store-tests".into(),
+        park_timeout,
+    }
+}
+
+/// Messages at consecutive offsets of one partition, starting at `first`.
+fn messages(topic: &str, first: i64, events: &[OrderEvent]) -> Vec<InboundMessage> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| InboundMessage {
+            topic: topic.into(),
+            partition: 0,
+            offset: first + i as i64,
+            key: None,
+            payload: Some(wire::encode(e, Encoding::Protobuf)),
+            content_type: None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn early_confirmations_are_parked_durably_and_applied_in_arrival_order() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("P1");
+    let place = s.place();
+    let ack = s.confirm("SL1", "NEW");
+    let exec = s.confirm("SL1", "EXECUTED");
+    let cancel = s.cancel_sl("SLC1", Some("SL9"));
+    let sl = s.sl("SL1");
+
+    let report = process_batch(&db.store, &cfg, &messages("c", 0, &[ack, exec, cancel]))
+        .await
+        .unwrap();
+    assert_eq!((report.parked, report.recorded_total()), (3, 0));
+    assert!(report.dead_letters.is_empty());
+
+    // A new connection pool, as after a restart: the parked events are there.
+    let store = Store::connect(&db.url, 2).await.unwrap();
+    let report = process_batch(&store, &cfg, &messages("o", 0, &[place, sl]))
+        .await
+        .unwrap();
+    assert_eq!(report.unparked, 2, "the two confirmations of SL1");
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 1);
+    let rows = db.rows().await;
+    assert_eq!(rows["SL1"].2, "executed");
+    // In arrival order: the acknowledgement first, then the execution.
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(outcome AS CHAR) FROM lifecycle_events WHERE order_id = 'P1' ORDER BY seq",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(kinds, ["applied", "applied", "acknowledged", "applied"]);
+    db.assert_sequences_gap_free().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_parked_event_whose_id_never_comes_is_dead_lettered_after_its_time() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_millis(300));
+    let mut s = EventScript::new("P2");
+    let orphan = s.confirm("NEVER", "EXECUTED");
+    process_batch(&db.store, &cfg, &messages("c", 7, &[orphan]))
+        .await
+        .unwrap();
+    assert!(expire_parked(&db.store, cfg.park_timeout, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let letters = expire_parked(&db.store, cfg.park_timeout, 100)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "unknown_lifecycle_id");
+    assert_eq!((letters[0].topic.as_str(), letters[0].offset), ("c", 7));
+    assert!(letters[0].error.contains("NEVER"));
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    let stored = db.dead_letters().await;
+    assert_eq!(stored[0].0, "unknown_lifecycle_id");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_batch_processed_twice_changes_nothing_the_second_time() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("D1");
+    let batch = messages(
+        "o",
+        0,
+        &[s.place(), s.sl("A"), s.sl("B"), s.confirm("A", "FILLED")],
+    );
+    let first = process_batch(&db.store, &cfg, &batch).await.unwrap();
+    assert_eq!(first.recorded_total(), 4);
+    let rows = db.full_rows().await;
+    let second = process_batch(&db.store, &cfg, &batch).await.unwrap();
+    assert_eq!((second.recorded_total(), second.duplicates), (0, 4));
+    assert_eq!(db.full_rows().await, rows);
+    assert_eq!(db.count("SELECT COUNT(*) FROM lifecycle_events").await, 4);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn the_event_log_refuses_updates_and_deletes() {
+    let db = TestDb::new().await;
+    let mut s = EventScript::new("L1");
+    process_batch(
+        &db.store,
+        &config(Duration::from_secs(60)),
+        &messages("o", 0, &[s.place()]),
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "UPDATE lifecycle_events SET kind = 'x'",
+        "DELETE FROM lifecycle_events",
+    ] {
+        let err = sqlx::query(sql).execute(db.store.pool()).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn hostile_but_valid_ids_are_stored_verbatim_and_case_sensitively() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let hostile = "x');DROP-TABLE-order_lifecycle_ids;--";
+    let mut s = EventScript::new("ордер-1");
+    let batch = messages(
+        "o",
+        0,
+        &[s.place(), s.sl(hostile), s.sl("sl1"), s.sl("SL1")],
+    );
+    let report = process_batch(&db.store, &cfg, &batch).await.unwrap();
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+    let rows = db.rows().await;
+    assert_eq!(rows[hostile].0, "ордер-1");
+    assert_eq!(rows["sl1"].2, "replaced");
+    assert_eq!(rows["SL1"].2, "active");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("F1");
+    let batch = messages(
+        "o",
+        0,
+        &[
+            s.place(),
+            s.sl("SL1"),
+            s.tp("TP1"),
+            s.sl("SL2"),
+            s.confirm("TP1", "EXECUTED"),
+        ],
+    );
+    process_batch(&db.store, &cfg, &batch).await.unwrap();
+    let projection = RedisProjection::connect(&common::redis_url(), &redis.prefix)
+        .await
+        .expect("Redis");
+    assert_eq!(
+        redis_follower::catch_up(&db.store, &projection)
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        redis_follower::catch_up(&db.store, &projection)
+            .await
+            .unwrap(),
+        0
+    );
+    let keys = redis.snapshot().await;
+    let expected: Vec<(String, String)> = vec![
+        ("global_order_lookup:F1".into(), "F1".into()),
+        ("global_order_lookup:SL1".into(), "F1".into()),
+        ("global_order_lookup:SL2".into(), "F1".into()),
+        ("global_order_lookup:TP1".into(), "F1".into()),
+        (
+            "order_lifecycle_active:F1".into(),
+            "order_id=F1,stoploss_id=SL2".into(),
+        ),
+    ];
+    assert_eq!(keys.into_iter().collect::<Vec<_>>(), expected);
+    redis.cleanup().await;
+    db.drop().await;
+}
