@@ -1,7 +1,19 @@
 //! The consumer loop. It only moves data: receive a batch, hand it to
 //! [`process_batch`], publish its dead letters, commit its offsets, wake the
-//! Redis follower. Shutdown is an input: when `shutdown` completes, the batch
-//! in flight is finished and committed, the group is left, and `run` returns.
+//! Redis follower.
+//!
+//! Shutdown is an input: once `shutdown` completes, the batch in flight is
+//! finished and committed (or, if the database is unreachable, abandoned
+//! uncommitted after `--shutdown-timeout`, to be read again by the next
+//! owner), the group is left, and `run` returns `Ok`.
+//!
+//! Failures, by what they need:
+//! - transient (database, broker or Redis unreachable, deadlock, a concurrent
+//!   writer's conflict): retried with backoff, nothing committed meanwhile;
+//! - a batch the database refuses for another reason: processed again one
+//!   message at a time, and the message it refuses is dead-lettered as
+//!   `storage_rejected`, so that one message never blocks a partition;
+//! - the database refusing even that: fatal, `run` returns the error.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,12 +28,19 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use super::dead_letter::DeadLetterPublisher;
-use super::pipeline::{expire_parked, process_batch, BatchReport, InboundMessage, PipelineConfig};
+use super::pipeline::{
+    expire_parked, process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
+};
 use super::redis_follower::{self, Backoff};
 use crate::config::RunConfig;
 use crate::kafka;
-use crate::store::Store;
+use crate::store::dead_letters::DeadLetter;
+use crate::store::{Store, StoreError};
 use crate::wire::CONTENT_TYPE_HEADER;
+
+/// Retries of a batch that hits another writer's committed keys before it
+/// is treated as refused.
+const MAX_CONFLICT_RETRIES: usize = 5;
 
 /// Runs the ingesting consumer until `shutdown` completes.
 ///
@@ -61,169 +80,230 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyho
         .subscribe(&topics)
         .context("subscribing to the topics")?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (follower_stop, follower_stop_rx) = watch::channel(false);
     let wake = Arc::new(Notify::new());
     let follower = tokio::spawn(redis_follower::run(
         store.clone(),
         config.redis.clone(),
         wake.clone(),
-        stop_rx.clone(),
+        follower_stop_rx,
     ));
 
-    let result = consume(
-        &config,
-        &store,
-        &consumer,
-        &dead_letters,
-        &wake,
-        stop_rx,
-        shutdown,
-    )
-    .await;
+    // The shutdown input, as a flag every wait can watch.
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(true);
+        std::future::pending::<()>().await;
+    };
+    let ingest = Ingest {
+        config: &config,
+        pipeline: PipelineConfig {
+            group_id: config.group_id.clone(),
+            park_timeout: config.park_timeout,
+        },
+        store: &store,
+        consumer: &consumer,
+        dead_letters: &dead_letters,
+        wake: &wake,
+    };
+    let result = tokio::select! {
+        r = ingest.consume(shutdown_rx) => r,
+        // `signal` never completes; this arm only keeps it polled.
+        _ = signal => Ok(()),
+    };
 
-    // Leave the group now, so that the partitions move at once.
+    // Leave the group now, so that the partitions move at once; the follower
+    // projects what was committed, then stops.
     consumer.unsubscribe();
-    let _ = stop_tx.send(true);
+    wake.notify_one();
+    let _ = follower_stop.send(true);
     if tokio::time::timeout(config.shutdown_timeout, follower)
         .await
         .is_err()
     {
         tracing::warn!("redis follower did not stop in time; it resumes from its checkpoint");
     }
-    tracing::info!("order-lifecycle consumer stopped");
+    match &result {
+        Ok(()) => tracing::info!("order-lifecycle consumer stopped"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "order-lifecycle consumer failed"),
+    }
     result
 }
 
-async fn consume(
-    config: &RunConfig,
-    store: &Store,
-    consumer: &StreamConsumer,
-    dead_letters: &DeadLetterPublisher,
-    wake: &Notify,
-    mut stop: watch::Receiver<bool>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    tokio::pin!(shutdown);
-    let mut backoff = Backoff::new();
-    let pipeline = PipelineConfig {
-        group_id: config.group_id.clone(),
-        park_timeout: config.park_timeout,
-    };
-    let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
-    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = &mut shutdown => {
+/// What the loop works with.
+struct Ingest<'a> {
+    config: &'a RunConfig,
+    pipeline: PipelineConfig,
+    store: &'a Store,
+    consumer: &'a StreamConsumer,
+    dead_letters: &'a DeadLetterPublisher,
+    wake: &'a Notify,
+}
+
+/// How a batch ended.
+enum Handled {
+    Committed,
+    /// Shutdown came while the database was unreachable: nothing committed.
+    Abandoned,
+}
+
+impl Ingest<'_> {
+    async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new();
+        let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
                 tracing::info!("shutdown requested; no batch in flight");
                 return Ok(());
             }
-            _ = expiry.tick() => {
-                expire(config, store, dead_letters, &mut stop).await?;
-                continue;
-            }
-            m = consumer.recv() => m,
-        };
-        let mut batch = match first {
-            Ok(m) => vec![inbound(&m)],
-            Err(e) => {
-                tracing::warn!(error = %e, "kafka receive failed; retrying");
-                backoff.wait(&mut stop).await;
-                continue;
-            }
-        };
-        backoff.reset();
-        let deadline = tokio::time::Instant::now() + config.batch_linger;
-        while batch.len() < config.batch_size {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(inbound(&m)),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka receive failed mid-batch");
-                    break;
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.changed() => continue,
+                _ = expiry.tick() => {
+                    self.expire(&mut shutdown).await?;
+                    continue;
                 }
-                Err(_) => break,
+                m = self.consumer.recv() => m,
+            };
+            let mut batch = match first {
+                Ok(m) => vec![inbound(&m)],
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka receive failed; retrying");
+                    backoff.wait(&mut shutdown).await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            let deadline = tokio::time::Instant::now() + self.config.batch_linger;
+            while batch.len() < self.config.batch_size {
+                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(inbound(&m)),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka receive failed mid-batch");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let span =
+                tracing::info_span!("batch", size = batch.len(), partitions = %describe(&batch));
+            match self.handle(&batch, &mut shutdown).instrument(span).await? {
+                Handled::Committed => self.wake.notify_one(),
+                Handled::Abandoned => {
+                    tracing::warn!(
+                        "shutdown while the database is unreachable; batch left uncommitted"
+                    );
+                    return Ok(());
+                }
             }
         }
-        handle_batch(&pipeline, store, consumer, dead_letters, &batch, &mut stop).await?;
-        wake.notify_one();
     }
-}
 
-/// Processes, publishes dead letters, commits; retries transient failures.
-/// A shutdown during retries abandons the batch uncommitted: the next owner
-/// of its partitions reads it again and the log ignores what it already has.
-async fn handle_batch(
-    config: &PipelineConfig,
-    store: &Store,
-    consumer: &StreamConsumer,
-    dead_letters: &DeadLetterPublisher,
-    batch: &[InboundMessage],
-    stop: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let span = tracing::info_span!("batch", size = batch.len(), partitions = %describe(batch));
-    handle_batch_in_span(config, store, consumer, dead_letters, batch, stop)
-        .instrument(span)
-        .await
-}
-
-async fn handle_batch_in_span(
-    config: &PipelineConfig,
-    store: &Store,
-    consumer: &StreamConsumer,
-    dead_letters: &DeadLetterPublisher,
-    batch: &[InboundMessage],
-    stop: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut backoff = Backoff::new();
-    let report = loop {
-        match process_batch(store, config, batch).await {
-            Ok(report) => break report,
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "database unavailable; retrying the batch");
-                backoff.wait(stop).await;
+    /// Processes, publishes dead letters, commits.
+    async fn handle(
+        &self,
+        batch: &[InboundMessage],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Handled> {
+        let started = Instant::now();
+        let report = match self.process(batch, shutdown).await {
+            Ok(Some(report)) => report,
+            Ok(None) => return Ok(Handled::Abandoned),
+            Err(e) if !e.is_transient() || e.is_conflict() => {
+                tracing::error!(error = %e, "the database refused the batch; processing its messages one at a time");
+                let mut merged = BatchReport::default();
+                for m in batch {
+                    match self.process(std::slice::from_ref(m), shutdown).await {
+                        Ok(Some(r)) => merged.merge(r),
+                        Ok(None) => return Ok(Handled::Abandoned),
+                        Err(e) => {
+                            tracing::error!(error = %e, topic = %m.topic, partition = m.partition, offset = m.offset, "the database refused a message; dead-lettering it");
+                            merged.merge(
+                                record_poison(self.store, &self.pipeline, m, &e)
+                                    .await
+                                    .context("recording a message the database refused")?,
+                            );
+                        }
+                    }
+                }
+                merged
             }
             Err(e) => return Err(e).context("processing a batch"),
-        }
-    };
-    while let Err(e) = dead_letters.publish(&report.dead_letters).await {
-        tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
-        backoff.wait(stop).await;
+        };
+        self.publish(&report.dead_letters, shutdown).await;
+        commit(self.consumer, &report);
+        record(&report, started.elapsed().as_secs_f64());
+        Ok(Handled::Committed)
     }
-    commit(consumer, &report);
-    record(&report, started.elapsed().as_secs_f64());
-    Ok(())
-}
 
-/// Dead-letters parked events whose time is up.
-async fn expire(
-    config: &RunConfig,
-    store: &Store,
-    dead_letters: &DeadLetterPublisher,
-    stop: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let letters = match expire_parked(store, config.park_timeout, 500).await {
-        Ok(letters) => letters,
-        Err(e) if e.is_transient() => {
-            tracing::warn!(error = %e, "database unavailable; parked events expire later");
+    /// [`process_batch`], retrying transient failures until it succeeds or
+    /// shutdown has waited `--shutdown-timeout` (then `Ok(None)`).
+    async fn process(
+        &self,
+        batch: &[InboundMessage],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<BatchReport>, StoreError> {
+        let mut backoff = Backoff::new();
+        let mut shutdown_since: Option<Instant> = None;
+        let mut conflicts = 0;
+        loop {
+            match process_batch(self.store, &self.pipeline, batch).await {
+                Ok(report) => return Ok(Some(report)),
+                // A conflict that keeps coming back is not a race: give up.
+                Err(e) if e.is_conflict() && conflicts >= MAX_CONFLICT_RETRIES => return Err(e),
+                Err(e) if e.is_transient() => {
+                    conflicts += usize::from(e.is_conflict());
+                    tracing::warn!(error = %e, "database unavailable or busy; retrying the batch");
+                    if *shutdown.borrow() {
+                        let since = *shutdown_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.config.shutdown_timeout {
+                            return Ok(None);
+                        }
+                    }
+                    backoff.wait(shutdown).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Publishes dead letters, retrying until the broker takes them. They are
+    /// already in the database, so a shutdown may cut this short.
+    async fn publish(&self, letters: &[DeadLetter], shutdown: &mut watch::Receiver<bool>) {
+        let mut backoff = Backoff::new();
+        while let Err(e) = self.dead_letters.publish(letters).await {
+            tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
+            if *shutdown.borrow() {
+                tracing::warn!("shutdown: dead letters stay in the dead_letters table only");
+                return;
+            }
+            backoff.wait(shutdown).await;
+        }
+    }
+
+    /// Dead-letters parked events whose time is up.
+    async fn expire(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let letters = match expire_parked(self.store, self.config.park_timeout, 500).await {
+            Ok(letters) => letters,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "database unavailable; parked events expire later");
+                return Ok(());
+            }
+            Err(e) => return Err(e).context("expiring parked events"),
+        };
+        if letters.is_empty() {
             return Ok(());
         }
-        Err(e) => return Err(e).context("expiring parked events"),
-    };
-    if letters.is_empty() {
-        return Ok(());
+        self.publish(&letters, shutdown).await;
+        metrics::counter!("order_lifecycle_parked_expired_total").increment(letters.len() as u64);
+        log_dead_letters(&letters);
+        Ok(())
     }
-    let mut backoff = Backoff::new();
-    while let Err(e) = dead_letters.publish(&letters).await {
-        tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
-        backoff.wait(stop).await;
-    }
-    metrics::counter!("order_lifecycle_parked_expired_total").increment(letters.len() as u64);
-    log_dead_letters(&letters);
-    Ok(())
 }
 
-fn log_dead_letters(letters: &[crate::store::dead_letters::DeadLetter]) {
+fn log_dead_letters(letters: &[DeadLetter]) {
     for d in letters {
         metrics::counter!("order_lifecycle_dead_letters_total", "reason" => d.reason).increment(1);
         tracing::warn!(
@@ -250,7 +330,7 @@ fn inbound(m: &BorrowedMessage<'_>) -> InboundMessage {
 
 /// Commits the batch's offsets to Kafka, asynchronously: the offsets that
 /// count are already in MySQL with the data; Kafka's copy serves lag
-/// monitoring and the start position of a new consumer.
+/// monitoring and the start position of the next owner of a partition.
 fn commit(consumer: &StreamConsumer, report: &BatchReport) {
     let mut tpl = TopicPartitionList::new();
     for o in &report.offsets {

@@ -7,4 +7,6 @@ pub mod pipeline;
 pub mod redis_follower;
 
 pub use consumer::run;
-pub use pipeline::{expire_parked, process_batch, BatchReport, InboundMessage, PipelineConfig};
+pub use pipeline::{
+    expire_parked, process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
+};

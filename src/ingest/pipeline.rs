@@ -107,6 +107,30 @@ impl BatchReport {
     pub fn recorded_total(&self) -> usize {
         self.recorded.values().sum()
     }
+
+    /// Adds another report of the same messages' processing (a batch split
+    /// into single messages).
+    pub fn merge(&mut self, other: BatchReport) {
+        self.consumed += other.consumed;
+        for (k, v) in other.recorded {
+            *self.recorded.entry(k).or_default() += v;
+        }
+        self.duplicates += other.duplicates;
+        self.parked += other.parked;
+        self.unparked += other.unparked;
+        self.rows_written += other.rows_written;
+        self.dead_letters.extend(other.dead_letters);
+        for o in other.offsets {
+            match self
+                .offsets
+                .iter_mut()
+                .find(|x| x.topic == o.topic && x.partition == o.partition)
+            {
+                Some(x) => x.next_offset = x.next_offset.max(o.next_offset),
+                None => self.offsets.push(o),
+            }
+        }
+    }
 }
 
 /// An event to apply: from this batch, or released from the parking lot.
@@ -292,6 +316,39 @@ pub async fn process_batch(
         parked::set_awaited(&mut tx, row, id).await?;
     }
     parked::insert(&mut tx, &to_park, config.park_timeout).await?;
+    dead_letters::insert(&mut tx, &report.dead_letters).await?;
+    offsets::save(&mut tx, &config.group_id, &report.offsets).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Dead-letters one message the database refused to store (reason
+/// `storage_rejected`) and moves its partition past it, in one transaction.
+///
+/// # Errors
+/// [`StoreError`] when even that is refused: the database itself is broken.
+pub async fn record_poison(
+    store: &Store,
+    config: &PipelineConfig,
+    message: &InboundMessage,
+    error: &StoreError,
+) -> Result<BatchReport, StoreError> {
+    let event = message
+        .payload
+        .as_deref()
+        .and_then(|p| wire::decode(p, message.content_type.as_deref()).ok());
+    let letter = message.dead_letter(
+        "storage_rejected",
+        format!("the database refused this event: {error}"),
+        event.as_ref(),
+    );
+    let report = BatchReport {
+        consumed: 1,
+        offsets: next_offsets(std::slice::from_ref(message)),
+        dead_letters: vec![letter],
+        ..BatchReport::default()
+    };
+    let mut tx = store.pool().begin().await?;
     dead_letters::insert(&mut tx, &report.dead_letters).await?;
     offsets::save(&mut tx, &config.group_id, &report.offsets).await?;
     tx.commit().await?;

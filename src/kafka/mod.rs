@@ -9,7 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -141,4 +141,16 @@ pub async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<(), Kaf
         }
     }
     Ok(())
+}
+
+/// Headers carrying `content-type` when there is one.
+pub fn content_type_headers(content_type: Option<&str>) -> OwnedHeaders {
+    let headers = OwnedHeaders::new();
+    match content_type {
+        Some(ct) => headers.insert(Header {
+            key: crate::wire::CONTENT_TYPE_HEADER,
+            value: Some(ct),
+        }),
+        None => headers,
+    }
 }

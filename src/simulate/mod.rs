@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
 use crate::kafka;
-use crate::wire::{self, CONTENT_TYPE_HEADER};
+use crate::wire;
 use scenario::{Payload, PlanOptions, Stream};
 
 /// Options of `simulate`.
@@ -104,13 +103,7 @@ pub async fn run(config: SimulateConfig) -> anyhow::Result<()> {
             Payload::Event(e, enc) => (wire::encode(e, *enc), Some(enc.content_type())),
             Payload::Garbage(b) => (b.clone(), None),
         };
-        let mut headers = OwnedHeaders::new();
-        if let Some(ct) = content_type {
-            headers = headers.insert(Header {
-                key: CONTENT_TYPE_HEADER,
-                value: Some(ct),
-            });
-        }
+        let headers = kafka::content_type_headers(content_type);
         let record = FutureRecord::to(topic)
             .key(p.key.as_bytes())
             .payload(bytes.as_slice())

@@ -40,19 +40,7 @@ pub async fn existing_event_ids(
     conn: &mut MySqlConnection,
     ids: &[EventId],
 ) -> Result<HashSet<EventId>, StoreError> {
-    let mut found = HashSet::new();
-    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new("SELECT event_id FROM lifecycle_events WHERE ");
-        push_in(&mut qb, "event_id", chunk);
-        for row in qb.build().fetch_all(&mut *conn).await? {
-            let raw = text(&row, 0, TABLE)?;
-            found.insert(EventId::parse(raw).map_err(|e| StoreError::Corrupt {
-                table: "lifecycle_events",
-                detail: format!("event_id: {e}"),
-            })?);
-        }
-    }
-    Ok(found)
+    super::existing_event_ids(conn, TABLE, ids).await
 }
 
 /// The last sequence number of each order that has log entries.

@@ -30,6 +30,10 @@ pub enum StoreError {
     /// (deadlock, lock wait): retry the whole batch; nothing was committed.
     #[error("database temporarily unavailable: {0}")]
     Transient(#[source] sqlx::Error),
+    /// Another writer committed the same key first (duplicate key): retry
+    /// the batch, which will then see that writer's rows.
+    #[error("concurrent write conflict: {0}")]
+    Conflict(#[source] sqlx::Error),
     /// Anything else: a bug, a schema mismatch, a permission problem.
     #[error("database error: {0}")]
     Fatal(#[source] sqlx::Error),
@@ -44,12 +48,20 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying the same work may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
+        matches!(self, StoreError::Transient(_) | StoreError::Conflict(_))
+    }
+
+    /// Whether this is a write conflict with another writer.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
     }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> StoreError {
+        if mysql_error_number(&e) == Some(1062) {
+            return StoreError::Conflict(e);
+        }
         let transient = match &e {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
@@ -64,6 +76,15 @@ impl From<sqlx::Error> for StoreError {
         } else {
             StoreError::Fatal(e)
         }
+    }
+}
+
+fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(|e| e.number()),
+        _ => None,
     }
 }
 
@@ -168,4 +189,28 @@ pub(crate) fn opt_text<'r>(
             })
         })
         .transpose()
+}
+
+/// The event ids among `ids` that `table` (`lifecycle_events` or
+/// `parked_events`) holds: the idempotency check of rule R9.
+pub(crate) async fn existing_event_ids(
+    conn: &mut sqlx::MySqlConnection,
+    table: &'static str,
+    ids: &[crate::domain::EventId],
+) -> Result<std::collections::HashSet<crate::domain::EventId>, StoreError> {
+    let mut found = std::collections::HashSet::new();
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new(format!("SELECT event_id FROM {table} WHERE "));
+        push_in(&mut qb, "event_id", chunk);
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            let raw = text(&row, 0, table)?;
+            found.insert(
+                crate::domain::EventId::parse(raw).map_err(|e| StoreError::Corrupt {
+                    table,
+                    detail: format!("event_id: {e}"),
+                })?,
+            );
+        }
+    }
+    Ok(found)
 }

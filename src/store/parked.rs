@@ -67,15 +67,7 @@ pub async fn existing_event_ids(
     conn: &mut MySqlConnection,
     ids: &[EventId],
 ) -> Result<HashSet<EventId>, StoreError> {
-    let mut found = HashSet::new();
-    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new("SELECT event_id FROM parked_events WHERE ");
-        push_in(&mut qb, "event_id", chunk);
-        for row in qb.build().fetch_all(&mut *conn).await? {
-            found.insert(EventId::parse(text(&row, 0, TABLE)?).map_err(corrupt)?);
-        }
-    }
-    Ok(found)
+    super::existing_event_ids(conn, TABLE, ids).await
 }
 
 /// Parked events waiting for any of `ids`, oldest first, locked until the

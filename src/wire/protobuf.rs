@@ -19,6 +19,10 @@ pub mod proto {
 
 use proto::order_event::Kind;
 
+/// Latest event time accepted: 2100-01-01T00:00:00Z. Far enough for any real
+/// event, and inside what every MySQL and MariaDB `DATETIME` function handles.
+pub const MAX_OCCURRED_AT_MS: i64 = 4_102_444_800_000;
+
 /// Longest label (symbol, order type, provider status) accepted.
 const MAX_LABEL_CHARS: usize = 32;
 /// Limits on the provider's raw field map.
@@ -135,10 +139,10 @@ impl TryFrom<proto::OrderEvent> for OrderEvent {
     fn try_from(m: proto::OrderEvent) -> Result<OrderEvent, DecodeError> {
         let event_id = required_id("event_id", &m.event_id, EventId::parse)?;
         let order_id = optional_id("order_id", &m.order_id, OrderId::parse)?;
-        if m.occurred_at_ms <= 0 {
+        if !(1..=MAX_OCCURRED_AT_MS).contains(&m.occurred_at_ms) {
             return Err(DecodeError::invalid(
                 "occurred_at_ms",
-                "must be a positive Unix time in milliseconds",
+                "must be a Unix time in milliseconds between 1970 and 2100",
             ));
         }
         let user_id = optional_id("user_id", &m.user_id, UserId::parse)?;

@@ -87,6 +87,11 @@ fn bad_input_gets_a_clear_typed_error() {
             "invalid_field",
         ),
         (
+            br#"{"event_id":"e1","order_id":"1","occurred_at_ms":9223372036854775807,"order_placed":{}}"#.to_vec(),
+            None,
+            "invalid_field",
+        ),
+        (
             br#"{"event_id":"e1","order_id":"1","occurred_at_ms":1,"user_type":"gold","order_placed":{}}"#.to_vec(),
             None,
             "invalid_field",

@@ -14,9 +14,9 @@ use order_lifecycle::config::{
 use order_lifecycle::domain::{EventKind, OrderEvent};
 use order_lifecycle::kafka;
 use order_lifecycle::store::Store;
-use order_lifecycle::wire::{self, Encoding, CONTENT_TYPE_HEADER};
+use order_lifecycle::wire::{self, Encoding};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::Row;
@@ -413,13 +413,7 @@ impl Env {
         payload: &[u8],
         content_type: Option<&str>,
     ) {
-        let mut headers = OwnedHeaders::new();
-        if let Some(ct) = content_type {
-            headers = headers.insert(Header {
-                key: CONTENT_TYPE_HEADER,
-                value: Some(ct),
-            });
-        }
+        let headers = kafka::content_type_headers(content_type);
         let record = FutureRecord::to(topic)
             .key(key.as_bytes())
             .payload(payload)
