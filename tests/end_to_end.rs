@@ -406,3 +406,82 @@ async fn the_same_events_delivered_twice_change_nothing() {
     consumer.stop().await;
     env.cleanup().await;
 }
+
+/// The binary as users run it: `migrate` creates the schema, `run` consumes
+/// and stops cleanly on SIGTERM with exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_migrates_runs_and_stops_cleanly_on_sigterm() {
+    let env = Env::new().await;
+    let bin = env!("CARGO_BIN_EXE_order-lifecycle");
+    let fresh = format!("{}_cli", env.db.name);
+    let status = std::process::Command::new(bin)
+        .args([
+            "migrate",
+            "--database-url",
+            &format!("{}/{fresh}", common::MYSQL_ROOT),
+        ])
+        .status()
+        .expect("run migrate");
+    assert!(status.success());
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = ? \
+         AND table_name IN ('lifecycle_events', 'order_lifecycle_ids', 'dead_letters', 'parked_events')",
+    )
+    .bind(&fresh)
+    .fetch_one(env.db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(tables, 4);
+    sqlx::query(&format!("DROP DATABASE `{fresh}`"))
+        .execute(env.db.store.pool())
+        .await
+        .unwrap();
+
+    let config = env.run_config();
+    let log = std::env::temp_dir().join(format!("{}.log", env.group_id));
+    let mut child = std::process::Command::new(bin)
+        .arg("run")
+        .env("OL_KAFKA_BROKERS", &config.kafka.brokers)
+        .env("OL_TOPICS", config.topics.join(","))
+        .env("OL_GROUP_ID", &config.group_id)
+        .env("OL_DEAD_LETTER_TOPIC", &config.dead_letter_topic)
+        .env("OL_DATABASE_URL", config.database.url.expose())
+        .env("OL_REDIS_KEY_PREFIX", &env.redis.prefix)
+        .env("OL_SESSION_TIMEOUT", "6s")
+        .env("OL_SHUTDOWN_TIMEOUT", "3s")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start run");
+    let mut s = EventScript::new("BIN1");
+    env.send(
+        &[s.place(), s.sl("SL1"), s.confirm("SL1", "EXECUTED")],
+        Encoding::Json,
+    )
+    .await;
+    env.wait_for_log(3, 0).await;
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "run did not stop on SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(
+        output.contains("order-lifecycle consumer stopped"),
+        "{output}"
+    );
+    assert_eq!(env.db.rows().await["SL1"].2, "executed");
+    let _ = std::fs::remove_file(log);
+    env.cleanup().await;
+}
