@@ -1,7 +1,19 @@
-//! The Redis projection follows the event log with its own checkpoint
-//! (`projection_checkpoints`, name `redis`), so ingestion never waits on
-//! Redis: while Redis is down the follower falls behind and retries; when it
-//! returns, the follower catches up from its checkpoint.
+//! The Redis projection follows the event log with its own checkpoint, so
+//! ingestion never waits on Redis: while Redis is down the follower falls
+//! behind and retries; when it returns, the follower catches up.
+//!
+//! The checkpoint is kept in Redis itself, written atomically with the keys
+//! (`order_lifecycle:projected_position`), so a flushed Redis, or one restored
+//! from an old snapshot, is repaired from the log without anyone noticing. A
+//! copy goes to `projection_checkpoints` (name `redis`) for monitoring.
+//!
+//! Log positions come from an auto-increment column, and concurrent writers
+//! (several instances) may commit them out of order. The follower therefore
+//! only moves over a gap in positions once the entry after the gap is older
+//! than [`GAP_GRACE_SECONDS`]: by then the writer that took the missing
+//! position has committed (and the entry is visible) or rolled back (and the
+//! gap is permanent). Batch transactions last milliseconds and lock waits are
+//! capped at 10 s per session.
 //!
 //! Lookup keys are written from the log's `issued` transitions (bindings
 //! never change, rule R1). Active-id hashes are written from the MySQL read
@@ -24,6 +36,10 @@ pub const CHECKPOINT: &str = "redis";
 /// Log entries projected per round.
 const ROUND: u32 = 1000;
 
+/// How long a gap in log positions is waited for before it is taken as a
+/// rolled-back transaction.
+pub const GAP_GRACE_SECONDS: f64 = 15.0;
+
 /// Why a round failed; both are retried.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -40,8 +56,28 @@ pub enum FollowError {
 /// [`FollowError`]; the checkpoint is then unchanged, so the round is
 /// repeated in full next time (writes are idempotent).
 pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, FollowError> {
-    let from = checkpoints::get(store.pool(), CHECKPOINT).await?;
-    let entries = event_log::read_after(store.pool(), from, ROUND).await?;
+    let mut from = redis.position().await?.unwrap_or(0);
+    let mut entries = event_log::read_after(store.pool(), from, ROUND).await?;
+    if entries.is_empty() && from > 0 && event_log::head(store.pool()).await? < from {
+        // Redis reflects a log this database no longer has (it was
+        // recreated or replayed): project everything again.
+        tracing::warn!(
+            redis_position = from,
+            "redis is ahead of the log; re-projecting from the start"
+        );
+        from = 0;
+        entries = event_log::read_after(store.pool(), from, ROUND).await?;
+    }
+    let mut next = from + 1;
+    let contiguous = entries
+        .iter()
+        .take_while(|e| {
+            let ok = e.position == next || e.age_seconds >= GAP_GRACE_SECONDS;
+            next = e.position + 1;
+            ok
+        })
+        .count();
+    entries.truncate(contiguous);
     let Some(last) = entries.last().map(|e| e.position) else {
         return Ok(0);
     };
@@ -68,8 +104,10 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
             (o, ids)
         })
         .collect();
-    redis.write(&lookups, &hashes).await?;
-    checkpoints::set(store.pool(), CHECKPOINT, last).await?;
+    redis.write(&lookups, &hashes, last).await?;
+    if let Err(e) = checkpoints::set(store.pool(), CHECKPOINT, last).await {
+        tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL");
+    }
     Ok(entries.len())
 }
 

@@ -109,6 +109,8 @@ pub struct LoggedEntry {
     pub order_id: OrderId,
     pub seq: u64,
     pub transitions: Vec<Transition>,
+    /// Seconds since the row was inserted, by the database's clock.
+    pub age_seconds: f64,
 }
 
 /// Up to `limit` entries after `position`, in log order.
@@ -121,8 +123,9 @@ pub async fn read_after(
     limit: u32,
 ) -> Result<Vec<LoggedEntry>, StoreError> {
     let rows = sqlx::query(
-        "SELECT position, order_id, seq, transitions FROM lifecycle_events \
-         WHERE position > ? ORDER BY position LIMIT ?",
+        "SELECT position, order_id, seq, transitions, \
+         CAST(TIMESTAMPDIFF(MICROSECOND, recorded_at, NOW(6)) AS DOUBLE) / 1e6 \
+         FROM lifecycle_events WHERE position > ? ORDER BY position LIMIT ?",
     )
     .bind(position)
     .bind(limit)
@@ -142,7 +145,19 @@ pub async fn read_after(
                 seq: u64::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
                 transitions: serde_json::from_str(transitions)
                     .map_err(|e| corrupt(format!("transitions: {e}")))?,
+                age_seconds: row.try_get(4)?,
             })
         })
         .collect()
+}
+
+/// The highest log position (0 for an empty log).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn head(pool: &sqlx::MySqlPool) -> Result<i64, StoreError> {
+    let head: Option<i64> = sqlx::query_scalar("SELECT MAX(position) FROM lifecycle_events")
+        .fetch_one(pool)
+        .await?;
+    Ok(head.unwrap_or(0))
 }

@@ -124,6 +124,16 @@ impl Store {
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // A batch that waits this long for another writer's locks gives
+            // up and is retried, instead of holding its own locks for the
+            // server default of 50 s.
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, "SET SESSION innodb_lock_wait_timeout = 10")
+                        .await
+                        .map(|_| ())
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Store { pool })

@@ -5,6 +5,11 @@
 //! - `order_lifecycle_active:{order_id}` (hash) -> `id_type` -> the active
 //!   `lifecycle_id` of that type; absent when the order has no active id.
 //!
+//! - `order_lifecycle:projected_position` (string): the log position the keys
+//!   reflect, written in the same MULTI/EXEC as the keys. The projection's
+//!   checkpoint lives with its data: a flushed or replaced Redis has no (or an
+//!   older) position, and the follower re-projects from there.
+//!
 //! Every key is prefixed with the configured key prefix (empty in
 //! production, so the names are exactly the legacy ones).
 
@@ -46,6 +51,11 @@ impl RedisKeys {
     pub fn active(&self, order: &OrderId) -> String {
         format!("{}order_lifecycle_active:{order}", self.prefix)
     }
+
+    /// `order_lifecycle:projected_position`.
+    pub fn position(&self) -> String {
+        format!("{}order_lifecycle:projected_position", self.prefix)
+    }
 }
 
 /// The active ids of one order, as the hash holds them.
@@ -74,8 +84,22 @@ impl RedisProjection {
         RedisKeys::new(&self.prefix)
     }
 
-    /// Sets lookups and replaces the active-id hashes of `orders`, in one
-    /// MULTI/EXEC so that a reader never sees a hash half rewritten.
+    /// The log position the keys reflect; `None` when Redis has none (new
+    /// or flushed).
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn position(&self) -> Result<Option<i64>, RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(self.keys().position())
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Sets lookups, replaces the active-id hashes of `orders` and records
+    /// `position`, in one MULTI/EXEC: a reader never sees a hash half
+    /// rewritten, and the position never claims more than was written.
     ///
     /// # Errors
     /// [`RedisError`] when Redis is unreachable; nothing is assumed written.
@@ -83,13 +107,12 @@ impl RedisProjection {
         &self,
         lookups: &[(LifecycleId, OrderId)],
         orders: &[(OrderId, ActiveIds)],
+        position: i64,
     ) -> Result<(), RedisError> {
-        if lookups.is_empty() && orders.is_empty() {
-            return Ok(());
-        }
         let keys = self.keys();
         let mut pipe = redis::pipe();
         pipe.atomic();
+        pipe.set(keys.position(), position).ignore();
         for (id, order) in lookups {
             pipe.set(keys.lookup(id), order.as_str()).ignore();
         }
