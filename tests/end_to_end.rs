@@ -485,3 +485,108 @@ async fn the_binary_migrates_runs_and_stops_cleanly_on_sigterm() {
     let _ = std::fs::remove_file(log);
     env.cleanup().await;
 }
+
+fn inbound(topic: &str, offset: i64, payload: Vec<u8>) -> order_lifecycle::ingest::InboundMessage {
+    order_lifecycle::ingest::InboundMessage {
+        topic: topic.into(),
+        partition: 0,
+        offset,
+        key: None,
+        payload: Some(payload),
+        content_type: None,
+    }
+}
+
+/// A crash between the database commit and the Kafka commit: the consumer
+/// starts from the offsets stored with the data, not Kafka's, so nothing
+/// already stored is processed (or dead-lettered) again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_stored_with_the_data_win_over_kafkas() {
+    let env = Env::with_partitions(1).await;
+    let orders = env.topics.orders.clone();
+    let mut s = EventScript::new("OFF1");
+    let early = [s.place(), s.sl("SL1")];
+    let late = [s.sl("SL2"), s.sl("SL3")];
+    let garbage = vec![0xff, 0xfe, 0xfd];
+    // Offsets 0..=2 (an event, garbage, an event), then 3..=5.
+    env.send(&early[..1], Encoding::Protobuf).await;
+    env.send_raw(&orders, "OFF1", &garbage, None).await;
+    env.send(&early[1..], Encoding::Protobuf).await;
+    env.send_raw(&orders, "OFF1", &garbage, None).await;
+    env.send(&late, Encoding::Protobuf).await;
+
+    // A previous instance stored offsets 0..=2 and died before committing
+    // to Kafka or publishing its dead letter.
+    let pb = |e: &order_lifecycle::domain::OrderEvent| {
+        order_lifecycle::wire::encode(e, Encoding::Protobuf)
+    };
+    let stored = vec![
+        inbound(&orders, 0, pb(&early[0])),
+        inbound(&orders, 1, garbage.clone()),
+        inbound(&orders, 2, pb(&early[1])),
+    ];
+    let pipeline = order_lifecycle::ingest::PipelineConfig {
+        group_id: env.group_id.clone(),
+        park_timeout: std::time::Duration::from_secs(60),
+    };
+    order_lifecycle::ingest::process_batch(&env.db.store, &pipeline, &stored)
+        .await
+        .unwrap();
+
+    let consumer = env.start(env.run_config());
+    env.wait_for_log(4, 2).await;
+    // The first letter on the topic is the new one, at offset 3: offset 1
+    // was not processed again.
+    let letters = env.read_dead_letter_topic(1);
+    assert_eq!(letters[0]["source-offset"], "3");
+    assert_eq!(env.db.rows().await["SL3"].2, "active");
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// A database restored from an older backup: its stored offsets are behind
+/// Kafka's committed ones, and the consumer re-reads from the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
+    let env = Env::with_partitions(1).await;
+    let mut s = EventScript::new("BK1");
+    let events = [s.place(), s.sl("SL1"), s.sl("SL2"), s.tp("TP1")];
+    env.send(&events, Encoding::Protobuf).await;
+    let consumer = env.start(env.run_config());
+    env.wait_for_log(4, 0).await;
+    consumer.stop().await;
+
+    // The "restored" database: knows offset 0 of each topic, nothing else.
+    let restored = common::TestDb::new().await;
+    for topic in [&env.topics.orders, &env.topics.confirmations] {
+        sqlx::query("INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) VALUES (?, ?, 0, 0)")
+            .bind(&env.group_id)
+            .bind(topic)
+            .execute(restored.store.pool())
+            .await
+            .unwrap();
+    }
+    let mut config = env.run_config();
+    config.database.url = restored.url.clone();
+    let consumer = env.start(config);
+    // Kafka's committed offset is 4; something must arrive for the gate to act.
+    env.send(&[s.sl("SL3")], Encoding::Protobuf).await;
+    common::wait_until(
+        "the restored database to be refilled",
+        std::time::Duration::from_secs(60),
+        || async {
+            restored
+                .count("SELECT COUNT(*) FROM lifecycle_events")
+                .await
+                >= 5
+        },
+    )
+    .await;
+    let rows = restored.rows().await;
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows["SL2"].2, "replaced");
+    assert_eq!(rows["SL3"].2, "active");
+    consumer.stop().await;
+    restored.drop().await;
+    env.cleanup().await;
+}

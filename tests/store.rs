@@ -220,7 +220,12 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
     // A flushed Redis (its keys and its position gone) is repaired from the
     // log on the next round.
     redis.cleanup().await;
-    assert_eq!(redis_follower::catch_up(&db.store, &projection).await.unwrap(), 5);
+    assert_eq!(
+        redis_follower::catch_up(&db.store, &projection)
+            .await
+            .unwrap(),
+        5
+    );
     assert_eq!(redis.snapshot().await, keys);
     redis.cleanup().await;
     db.drop().await;

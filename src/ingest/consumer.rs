@@ -27,6 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
+use super::assignment::{AssignmentContext, OffsetGate};
 use super::dead_letter::DeadLetterPublisher;
 use super::pipeline::{
     expire_parked, process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
@@ -72,9 +73,9 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyho
     }
     let dead_letters = DeadLetterPublisher::new(&config.kafka, &config.dead_letter_topic)
         .context("creating the dead-letter producer")?;
-    let consumer: StreamConsumer =
+    let consumer: StreamConsumer<AssignmentContext> =
         kafka::consumer_config(&config.kafka, &config.group_id, config.session_timeout)
-            .create()
+            .create_with_context(AssignmentContext::default())
             .context("creating the Kafka consumer")?;
     consumer
         .subscribe(&topics)
@@ -136,7 +137,7 @@ struct Ingest<'a> {
     config: &'a RunConfig,
     pipeline: PipelineConfig,
     store: &'a Store,
-    consumer: &'a StreamConsumer,
+    consumer: &'a StreamConsumer<AssignmentContext>,
     dead_letters: &'a DeadLetterPublisher,
     wake: &'a Notify,
 }
@@ -151,6 +152,7 @@ enum Handled {
 impl Ingest<'_> {
     async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
+        let mut gate = OffsetGate::new(&self.config.group_id);
         let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -167,8 +169,9 @@ impl Ingest<'_> {
                 }
                 m = self.consumer.recv() => m,
             };
-            let mut batch = match first {
-                Ok(m) => vec![inbound(&m)],
+            let mut batch = Vec::new();
+            match first {
+                Ok(m) => self.gather(&mut gate, &mut batch, inbound(&m)).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka receive failed; retrying");
                     backoff.wait(&mut shutdown).await;
@@ -179,13 +182,17 @@ impl Ingest<'_> {
             let deadline = tokio::time::Instant::now() + self.config.batch_linger;
             while batch.len() < self.config.batch_size {
                 match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(inbound(&m)),
+                    Ok(Ok(m)) => self.gather(&mut gate, &mut batch, inbound(&m)).await,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "kafka receive failed mid-batch");
                         break;
                     }
                     Err(_) => break,
                 }
+            }
+            gate.observe(self.consumer.context(), &mut batch);
+            if batch.is_empty() {
+                continue;
             }
             let span =
                 tracing::info_span!("batch", size = batch.len(), partitions = %describe(&batch));
@@ -198,6 +205,19 @@ impl Ingest<'_> {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Adds a received message to the batch if the offset gate admits it.
+    async fn gather(
+        &self,
+        gate: &mut OffsetGate,
+        batch: &mut Vec<InboundMessage>,
+        m: InboundMessage,
+    ) {
+        gate.observe(self.consumer.context(), batch);
+        if gate.admit(self.store, self.consumer, &m).await {
+            batch.push(m);
         }
     }
 
@@ -331,7 +351,7 @@ fn inbound(m: &BorrowedMessage<'_>) -> InboundMessage {
 /// Commits the batch's offsets to Kafka, asynchronously: the offsets that
 /// count are already in MySQL with the data; Kafka's copy serves lag
 /// monitoring and the start position of the next owner of a partition.
-fn commit(consumer: &StreamConsumer, report: &BatchReport) {
+fn commit(consumer: &StreamConsumer<AssignmentContext>, report: &BatchReport) {
     let mut tpl = TopicPartitionList::new();
     for o in &report.offsets {
         if let Err(e) =

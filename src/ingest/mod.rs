@@ -1,6 +1,7 @@
 //! Ingestion: the Kafka consumer loop, the batch pipeline it hands messages
 //! to, dead-letter publishing, and the Redis follower that projects the log.
 
+pub mod assignment;
 pub mod consumer;
 pub mod dead_letter;
 pub mod pipeline;

@@ -39,3 +39,24 @@ pub async fn save(
     }
     Ok(())
 }
+
+/// The stored next offset of one partition for a consumer group.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn load(
+    pool: &sqlx::MySqlPool,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT next_offset FROM consumer_offsets \
+         WHERE group_id = ? AND topic = ? AND kafka_partition = ?",
+    )
+    .bind(group_id)
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?)
+}

@@ -329,8 +329,12 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Env {
+        Env::with_partitions(2).await
+    }
+
+    pub async fn with_partitions(partitions: i32) -> Env {
         let db = TestDb::new().await;
-        let topics = TestTopics::new(2).await;
+        let topics = TestTopics::new(partitions).await;
         let producer = kafka::producer_config(&kafka_config())
             .create()
             .expect("producer");

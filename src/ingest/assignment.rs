@@ -1,0 +1,195 @@
+//! Partition assignment, and starting each assigned partition where the
+//! database says, not where Kafka says.
+//!
+//! The offsets that count are the ones stored in MySQL with the data
+//! (`consumer_offsets`); Kafka's committed offsets trail them (they are
+//! committed after the database) and serve lag monitoring. When a partition
+//! is assigned, the first message read from it is compared with the stored
+//! offset:
+//!
+//! - equal, or nothing stored (a partition never seen: Kafka's committed
+//!   offset, then `auto.offset.reset`, decide): go on;
+//! - the database is ahead (a crash between the database commit and the
+//!   Kafka commit): skip up to the stored offset and seek there;
+//! - the database is behind (it was restored from a backup): seek back to
+//!   the stored offset and drop what was prefetched from later on.
+//!
+//! Messages of a partition revoked while a batch was being collected are
+//! dropped from that batch: the next owner reads them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientContext, Offset};
+
+use super::pipeline::InboundMessage;
+use crate::store::{offsets, Store};
+
+type Partition = (String, i32);
+
+/// Records rebalances for the consumer loop. The rebalance callback runs
+/// inside `recv`, so it only records; the loop acts on the records.
+#[derive(Default)]
+pub struct AssignmentContext {
+    /// A `std` mutex: held only to push or take, never across an `.await`.
+    events: Mutex<Changes>,
+}
+
+#[derive(Default)]
+struct Changes {
+    assigned: Vec<Partition>,
+    revoked: Vec<Partition>,
+}
+
+impl ClientContext for AssignmentContext {}
+
+impl ConsumerContext for AssignmentContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let list = |tpl: &rdkafka::TopicPartitionList| -> Vec<Partition> {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        };
+        let mut changes = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = list(tpl);
+                tracing::info!(partitions = ?parts, "partitions assigned");
+                metrics::gauge!("order_lifecycle_assigned_partitions")
+                    .increment(parts.len() as f64);
+                changes.assigned.extend(parts);
+            }
+            Rebalance::Revoke(tpl) => {
+                let parts = list(tpl);
+                tracing::info!(partitions = ?parts, "partitions revoked");
+                metrics::gauge!("order_lifecycle_assigned_partitions")
+                    .decrement(parts.len() as f64);
+                changes.revoked.extend(parts);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+impl AssignmentContext {
+    fn take(&self) -> Changes {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// How long to wait, after seeking back, for the first message of the
+/// re-read range before assuming retention removed it.
+const SEEK_BACK_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Decides, message by message, what the batch keeps.
+pub struct OffsetGate {
+    group_id: String,
+    /// Assigned partitions whose first message has not been checked yet.
+    fresh: HashSet<Partition>,
+    /// Skip messages below this offset (the database is ahead).
+    floor: HashMap<Partition, i64>,
+    /// After a seek back: drop messages at or after this offset, prefetched
+    /// from the old position, until the re-read begins.
+    barrier: HashMap<Partition, (i64, Instant)>,
+}
+
+impl OffsetGate {
+    /// A gate for the consumer group whose offsets are stored.
+    pub fn new(group_id: &str) -> OffsetGate {
+        OffsetGate {
+            group_id: group_id.to_owned(),
+            fresh: HashSet::new(),
+            floor: HashMap::new(),
+            barrier: HashMap::new(),
+        }
+    }
+
+    /// Applies the rebalances recorded since the last call; drops messages
+    /// of revoked partitions from `batch`.
+    pub fn observe(&mut self, context: &AssignmentContext, batch: &mut Vec<InboundMessage>) {
+        let changes = context.take();
+        for p in &changes.revoked {
+            self.fresh.remove(p);
+            self.floor.remove(p);
+            self.barrier.remove(p);
+        }
+        if !changes.revoked.is_empty() {
+            let before = batch.len();
+            batch.retain(|m| !changes.revoked.contains(&(m.topic.clone(), m.partition)));
+            if batch.len() < before {
+                tracing::info!(
+                    dropped = before - batch.len(),
+                    "dropped messages of revoked partitions from the batch"
+                );
+            }
+        }
+        for p in changes.assigned {
+            self.floor.remove(&p);
+            self.barrier.remove(&p);
+            self.fresh.insert(p);
+        }
+    }
+
+    /// Whether `m` belongs in the batch. When the stored offset cannot be
+    /// read (database down), the message is kept and the partition checked
+    /// again with its next message: keeping is always safe, since the log
+    /// ignores events it already has.
+    pub async fn admit(
+        &mut self,
+        store: &Store,
+        consumer: &StreamConsumer<AssignmentContext>,
+        m: &InboundMessage,
+    ) -> bool {
+        let p: Partition = (m.topic.clone(), m.partition);
+        if self.fresh.contains(&p) {
+            let stored = match offsets::load(store.pool(), &self.group_id, &m.topic, m.partition)
+                .await
+            {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read stored offsets; checking again later");
+                    return true;
+                }
+            };
+            self.fresh.remove(&p);
+            match stored {
+                Some(stored) if stored > m.offset => {
+                    tracing::info!(topic = %m.topic, partition = m.partition, from = m.offset, to = stored, "skipping what the database already has");
+                    self.floor.insert(p.clone(), stored);
+                    seek(consumer, &p, stored);
+                }
+                Some(stored) if stored < m.offset => {
+                    tracing::warn!(topic = %m.topic, partition = m.partition, kafka = m.offset, database = stored, "the database is behind Kafka's committed offset; re-reading from the database's offset");
+                    self.barrier.insert(p.clone(), (m.offset, Instant::now()));
+                    seek(consumer, &p, stored);
+                    return false;
+                }
+                _ => {}
+            }
+        }
+        if let Some(&floor) = self.floor.get(&p) {
+            if m.offset < floor {
+                return false;
+            }
+            self.floor.remove(&p);
+        }
+        if let Some(&(stale_from, since)) = self.barrier.get(&p) {
+            if m.offset >= stale_from && since.elapsed() < SEEK_BACK_PATIENCE {
+                return false;
+            }
+            self.barrier.remove(&p);
+        }
+        true
+    }
+}
+
+/// Seeks without waiting; a failed seek is harmless where the floor filters
+/// anyway, and logged.
+fn seek(consumer: &StreamConsumer<AssignmentContext>, p: &Partition, offset: i64) {
+    if let Err(e) = consumer.seek(&p.0, p.1, Offset::Offset(offset), Duration::ZERO) {
+        tracing::warn!(topic = %p.0, partition = p.1, offset, error = %e, "seek failed");
+    }
+}
