@@ -499,7 +499,7 @@ fn inbound(topic: &str, offset: i64, payload: Vec<u8>) -> order_lifecycle::inges
 
 /// A crash between the database commit and the Kafka commit: the consumer
 /// starts from the offsets stored with the data, not Kafka's, so nothing
-/// already stored is processed (or dead-lettered) again.
+/// already stored is read again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_stored_with_the_data_win_over_kafkas() {
     let env = Env::with_partitions(1).await;
@@ -508,21 +508,24 @@ async fn offsets_stored_with_the_data_win_over_kafkas() {
     let early = [s.place(), s.sl("SL1")];
     let late = [s.sl("SL2"), s.sl("SL3")];
     let garbage = vec![0xff, 0xfe, 0xfd];
-    // Offsets 0..=2 (an event, garbage, an event), then 3..=5.
+    // Kafka holds: 0 event, 1 garbage, 2 event, 3 garbage, 4 and 5 events.
     env.send(&early[..1], Encoding::Protobuf).await;
     env.send_raw(&orders, "OFF1", &garbage, None).await;
     env.send(&early[1..], Encoding::Protobuf).await;
     env.send_raw(&orders, "OFF1", &garbage, None).await;
     env.send(&late, Encoding::Protobuf).await;
 
-    // A previous instance stored offsets 0..=2 and died before committing
-    // to Kafka or publishing its dead letter.
+    // The database says offsets 0..=2 are done (as a previous instance that
+    // died before its Kafka commit would leave it). For offset 1 it holds a
+    // valid event, so reading Kafka's garbage at offset 1 again would show
+    // as a dead letter at offset 1.
     let pb = |e: &order_lifecycle::domain::OrderEvent| {
         order_lifecycle::wire::encode(e, Encoding::Protobuf)
     };
+    let other = EventScript::new("OTHER").place();
     let stored = vec![
         inbound(&orders, 0, pb(&early[0])),
-        inbound(&orders, 1, garbage.clone()),
+        inbound(&orders, 1, pb(&other)),
         inbound(&orders, 2, pb(&early[1])),
     ];
     let pipeline = order_lifecycle::ingest::PipelineConfig {
@@ -534,12 +537,52 @@ async fn offsets_stored_with_the_data_win_over_kafkas() {
         .unwrap();
 
     let consumer = env.start(env.run_config());
-    env.wait_for_log(4, 2).await;
-    // The first letter on the topic is the new one, at offset 3: offset 1
-    // was not processed again.
+    env.wait_for_log(5, 1).await;
+    let offsets: Vec<i64> = sqlx::query_scalar("SELECT source_offset FROM dead_letters")
+        .fetch_all(env.db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(offsets, vec![3], "offset 1 was not read again");
     let letters = env.read_dead_letter_topic(1);
     assert_eq!(letters[0]["source-offset"], "3");
     assert_eq!(env.db.rows().await["SL3"].2, "active");
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// The dead-letter table is the topic's outbox: a letter recorded by an
+/// instance that died before publishing it is published by the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_recorded_before_a_crash_are_still_published() {
+    let env = Env::with_partitions(1).await;
+    let orders = env.topics.orders.clone();
+    let pipeline = order_lifecycle::ingest::PipelineConfig {
+        group_id: env.group_id.clone(),
+        park_timeout: std::time::Duration::from_secs(60),
+    };
+    order_lifecycle::ingest::process_batch(
+        &env.db.store,
+        &pipeline,
+        &[inbound(&orders, 0, vec![0xff, 0xff])],
+    )
+    .await
+    .unwrap();
+    let consumer = env.start(env.run_config());
+    let letters = env.read_dead_letter_topic(1);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["dead-letter-reason"], "undecodable_protobuf");
+    assert_eq!(letters[0]["source-offset"], "0");
+    common::wait_until(
+        "the letter to be marked published",
+        std::time::Duration::from_secs(10),
+        || async {
+            env.db
+                .count("SELECT COUNT(*) FROM dead_letters WHERE published_at IS NOT NULL")
+                .await
+                == 1
+        },
+    )
+    .await;
     consumer.stop().await;
     env.cleanup().await;
 }

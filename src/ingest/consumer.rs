@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use super::assignment::{AssignmentContext, OffsetGate};
-use super::dead_letter::DeadLetterPublisher;
+use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::pipeline::{
     expire_parked, process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
 };
@@ -153,8 +153,8 @@ impl Ingest<'_> {
     async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
         let mut gate = OffsetGate::new(&self.config.group_id);
-        let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
-        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut periodic_round = tokio::time::interval(std::time::Duration::from_secs(1));
+        periodic_round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *shutdown.borrow() {
                 tracing::info!("shutdown requested; no batch in flight");
@@ -163,8 +163,8 @@ impl Ingest<'_> {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
-                _ = expiry.tick() => {
-                    self.expire(&mut shutdown).await?;
+                _ = periodic_round.tick() => {
+                    self.periodic().await?;
                     continue;
                 }
                 m = self.consumer.recv() => m,
@@ -252,8 +252,10 @@ impl Ingest<'_> {
             }
             Err(e) => return Err(e).context("processing a batch"),
         };
-        self.publish(&report.dead_letters, shutdown).await;
         commit(self.consumer, &report);
+        if !report.dead_letters.is_empty() {
+            self.publish_outbox(shutdown).await;
+        }
         record(&report, started.elapsed().as_secs_f64());
         Ok(Handled::Committed)
     }
@@ -289,22 +291,27 @@ impl Ingest<'_> {
         }
     }
 
-    /// Publishes dead letters, retrying until the broker takes them. They are
-    /// already in the database, so a shutdown may cut this short.
-    async fn publish(&self, letters: &[DeadLetter], shutdown: &mut watch::Receiver<bool>) {
+    /// Publishes the outbox of dead letters, retrying a few times; what is
+    /// left is published by a later call (after the next batch, or within a
+    /// second by the periodic round).
+    async fn publish_outbox(&self, shutdown: &mut watch::Receiver<bool>) {
         let mut backoff = Backoff::new();
-        while let Err(e) = self.dead_letters.publish(letters).await {
-            tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
-            if *shutdown.borrow() {
-                tracing::warn!("shutdown: dead letters stay in the dead_letters table only");
-                return;
+        for _ in 0..3 {
+            match publish_pending(self.store, self.dead_letters).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead letters not published yet; they wait in the dead_letters table");
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    backoff.wait(shutdown).await;
+                }
             }
-            backoff.wait(shutdown).await;
         }
     }
 
-    /// Dead-letters parked events whose time is up.
-    async fn expire(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    /// The periodic round: expire parked events, publish the outbox.
+    async fn periodic(&self) -> anyhow::Result<()> {
         let letters = match expire_parked(self.store, self.config.park_timeout, 500).await {
             Ok(letters) => letters,
             Err(e) if e.is_transient() => {
@@ -313,21 +320,24 @@ impl Ingest<'_> {
             }
             Err(e) => return Err(e).context("expiring parked events"),
         };
-        if letters.is_empty() {
-            return Ok(());
+        if !letters.is_empty() {
+            metrics::counter!("order_lifecycle_parked_expired_total")
+                .increment(letters.len() as u64);
+            log_dead_letters(&letters);
         }
-        self.publish(&letters, shutdown).await;
-        metrics::counter!("order_lifecycle_parked_expired_total").increment(letters.len() as u64);
-        log_dead_letters(&letters);
+        if let Err(e) = publish_pending(self.store, self.dead_letters).await {
+            tracing::warn!(error = %e, "dead letters not published yet; they wait in the dead_letters table");
+        }
         Ok(())
     }
 }
 
 fn log_dead_letters(letters: &[DeadLetter]) {
     for d in letters {
-        metrics::counter!("order_lifecycle_dead_letters_total", "reason" => d.reason).increment(1);
+        metrics::counter!("order_lifecycle_dead_letters_total", "reason" => d.reason.clone())
+            .increment(1);
         tracing::warn!(
-            reason = d.reason,
+            reason = %d.reason,
             topic = %d.topic,
             partition = d.partition,
             offset = d.offset,

@@ -1,5 +1,9 @@
 //! Publishing rejected messages to the dead-letter topic (rule R10): the
-//! original key and bytes, with the reason and origin in headers.
+//! original key and bytes, with the reason and origin in headers. Letters
+//! are published from the `dead_letters` table (the outbox), so a crash
+//! between the batch's commit and the publication only delays it; after such
+//! a crash a letter may be published twice (its `source-*` headers identify
+//! the message).
 //!
 //! Headers: `dead-letter-reason` (stable code), `dead-letter-error` (text),
 //! `source-topic`, `source-partition`, `source-offset`, and the original
@@ -46,7 +50,7 @@ impl DeadLetterPublisher {
             let mut headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "dead-letter-reason",
-                    value: Some(d.reason),
+                    value: Some(d.reason.as_ref()),
                 })
                 .insert(Header {
                     key: "dead-letter-error",
@@ -82,4 +86,36 @@ impl DeadLetterPublisher {
         }
         kafka::await_deliveries(deliveries).await
     }
+}
+
+/// Publishes every letter of the outbox not yet on the topic, oldest first,
+/// and marks them published. Returns how many it published.
+///
+/// # Errors
+/// The first Kafka or database error; what was not marked is published
+/// again next time.
+pub async fn publish_pending(
+    store: &crate::store::Store,
+    publisher: &DeadLetterPublisher,
+) -> Result<usize, PublishError> {
+    let mut total = 0;
+    loop {
+        let pending = crate::store::dead_letters::unpublished(store.pool(), 500).await?;
+        if pending.is_empty() {
+            return Ok(total);
+        }
+        let (ids, letters): (Vec<i64>, Vec<DeadLetter>) = pending.into_iter().unzip();
+        publisher.publish(&letters).await?;
+        crate::store::dead_letters::mark_published(store.pool(), &ids).await?;
+        total += ids.len();
+    }
+}
+
+/// Why the outbox could not be emptied; both are retried later.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("reading or marking the outbox: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("publishing to the dead-letter topic: {0}")]
+    Kafka(#[from] KafkaError),
 }

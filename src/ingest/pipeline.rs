@@ -62,7 +62,7 @@ impl InboundMessage {
                 .content_type
                 .as_ref()
                 .map(|c| String::from_utf8_lossy(c).chars().take(255).collect()),
-            reason,
+            reason: reason.into(),
             error,
             event_id: event.map(|e| e.event_id.clone()),
             order_id: event.and_then(|e| e.order_id.clone()),

@@ -1,8 +1,12 @@
-//! The `dead_letters` table: rejected input, kept whole with its reason.
+//! The `dead_letters` table: rejected input, kept whole with its reason, and
+//! the outbox of the dead-letter topic (`published_at` is set once the broker
+//! has the letter).
 
-use sqlx::{MySql, MySqlConnection, QueryBuilder};
+use std::borrow::Cow;
 
-use super::{StoreError, MAX_ROWS_PER_STATEMENT};
+use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
+
+use super::{opt_text, text, StoreError, MAX_ROWS_PER_STATEMENT};
 use crate::domain::{EventId, OrderId};
 
 /// Longest error text stored; reasons are short, but a message quoting
@@ -19,7 +23,7 @@ pub struct DeadLetter {
     pub payload: Option<Vec<u8>>,
     pub content_type: Option<String>,
     /// Stable machine-readable reason (`undecodable_json`, `id_bound_to_other_order`, ...).
-    pub reason: &'static str,
+    pub reason: Cow<'static, str>,
     /// Human-readable explanation.
     pub error: String,
     pub event_id: Option<EventId>,
@@ -44,12 +48,74 @@ pub async fn insert(conn: &mut MySqlConnection, letters: &[DeadLetter]) -> Resul
                 .push_bind(d.key.as_deref())
                 .push_bind(d.payload.as_deref())
                 .push_bind(d.content_type.as_deref())
-                .push_bind(d.reason)
+                .push_bind(d.reason.as_ref())
                 .push_bind(error)
                 .push_bind(d.event_id.as_ref().map(|e| e.as_str()))
                 .push_bind(d.order_id.as_ref().map(|o| o.as_str()));
         });
         qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+const TABLE: &str = "dead_letters";
+
+/// Up to `limit` letters not yet on the dead-letter topic, oldest first,
+/// with their row ids.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn unpublished(
+    pool: &MySqlPool,
+    limit: u32,
+) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, source_topic, source_partition, source_offset, message_key, payload, \
+         content_type, reason, error, event_id, order_id FROM dead_letters \
+         WHERE published_at IS NULL ORDER BY id LIMIT ?",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let id = |i| -> Result<Option<String>, StoreError> {
+                Ok(opt_text(row, i, TABLE)?.map(str::to_owned))
+            };
+            Ok((
+                row.try_get(0)?,
+                DeadLetter {
+                    topic: text(row, 1, TABLE)?.to_owned(),
+                    partition: row.try_get(2)?,
+                    offset: row.try_get(3)?,
+                    key: row.try_get(4)?,
+                    payload: row.try_get(5)?,
+                    content_type: id(6)?,
+                    reason: Cow::Owned(text(row, 7, TABLE)?.to_owned()),
+                    error: text(row, 8, TABLE)?.to_owned(),
+                    event_id: id(9)?.and_then(|e| EventId::parse(&e).ok()),
+                    order_id: id(10)?.and_then(|o| OrderId::parse(&o).ok()),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Records that the letters with these row ids are on the topic.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn mark_published(pool: &MySqlPool, ids: &[i64]) -> Result<(), StoreError> {
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new(
+            "UPDATE dead_letters SET published_at = NOW(3) WHERE id IN (",
+        );
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        list.push_unseparated(")");
+        qb.build().execute(pool).await?;
     }
     Ok(())
 }
