@@ -284,6 +284,8 @@ async fn rule_breakers_and_bad_bytes_are_dead_lettered_and_consumption_goes_on()
         Encoding::Protobuf,
     )
     .await;
+    // A1 and B1 may sit on different partitions: let A1 bind its id first.
+    env.wait_for_log(3, 0).await;
     // R1: B1 tries to bind A1's stop-loss.
     env.send(&[b.sl("SL-SHARED")], Encoding::Json).await;
     // R10: garbage bytes, a JSON event with no kind, an 80-character id.

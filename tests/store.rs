@@ -230,3 +230,48 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
     redis.cleanup().await;
     db.drop().await;
 }
+
+#[tokio::test]
+async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_round() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("S1");
+    process_batch(
+        &db.store,
+        &cfg,
+        &messages("o", 0, &[s.place(), s.sl("SL1")]),
+    )
+    .await
+    .unwrap();
+    // Another instance, not yet seeing SL1, parked its confirmation just
+    // after the batch above had looked for parked events.
+    let confirm = s.confirm("SL1", "EXECUTED");
+    let message = &messages("c", 0, std::slice::from_ref(&confirm))[0];
+    let awaited = order_lifecycle::domain::LifecycleId::parse("SL1").unwrap();
+    let mut conn = db.store.pool().acquire().await.unwrap();
+    order_lifecycle::store::parked::insert(
+        &mut conn,
+        &[order_lifecycle::store::parked::NewParked {
+            awaited: &awaited,
+            event_id: &confirm.event_id,
+            event_json: wire::json::encode(&confirm),
+            message,
+        }],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let report = order_lifecycle::ingest::release_stranded(&db.store, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(report.unparked, 1);
+    assert_eq!(db.rows().await["SL1"].2, "executed");
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    let again = order_lifecycle::ingest::release_stranded(&db.store, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(again.recorded_total(), 0);
+    db.assert_sequences_gap_free().await;
+    db.drop().await;
+}

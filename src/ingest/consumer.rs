@@ -30,7 +30,8 @@ use tracing::Instrument;
 use super::assignment::{AssignmentContext, OffsetGate};
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::pipeline::{
-    expire_parked, process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
+    expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
+    PipelineConfig,
 };
 use super::redis_follower::{self, Backoff};
 use crate::config::RunConfig;
@@ -41,7 +42,7 @@ use crate::wire::CONTENT_TYPE_HEADER;
 
 /// Retries of a batch that hits another writer's committed keys before it
 /// is treated as refused.
-const MAX_CONFLICT_RETRIES: usize = 5;
+const MAX_CONFLICT_RETRIES: usize = 20;
 
 /// Runs the ingesting consumer until `shutdown` completes.
 ///
@@ -310,8 +311,23 @@ impl Ingest<'_> {
         }
     }
 
-    /// The periodic round: expire parked events, publish the outbox.
+    /// The periodic round: release stranded parked events, expire parked
+    /// events, publish the outbox.
     async fn periodic(&self) -> anyhow::Result<()> {
+        match release_stranded(self.store, &self.pipeline).await {
+            Ok(report) if report.unparked > 0 => {
+                tracing::info!(
+                    released = report.unparked,
+                    "released stranded parked events"
+                );
+                record(&report, 0.0);
+            }
+            Ok(_) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "could not release stranded parked events; retrying later");
+            }
+            Err(e) => return Err(e).context("releasing stranded parked events"),
+        }
         let letters = match expire_parked(self.store, self.config.park_timeout, 500).await {
             Ok(letters) => letters,
             Err(e) if e.is_transient() => {

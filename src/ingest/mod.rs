@@ -9,5 +9,6 @@ pub mod redis_follower;
 
 pub use consumer::run;
 pub use pipeline::{
-    expire_parked, process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
+    expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
+    PipelineConfig,
 };

@@ -153,6 +153,39 @@ pub async fn process_batch(
     config: &PipelineConfig,
     messages: &[InboundMessage],
 ) -> Result<BatchReport, StoreError> {
+    run_batch(store, config, messages, Release::IssuedByBatch).await
+}
+
+/// Applies parked events whose awaited id is issued already, up to 500.
+///
+/// A batch releases the events waiting for the ids it issues. When two
+/// instances race (one parks a confirmation while the other, not seeing it
+/// yet, issues the id), the event is stranded; this round, run every second,
+/// picks it up.
+///
+/// # Errors
+/// [`StoreError`], as [`process_batch`].
+pub async fn release_stranded(
+    store: &Store,
+    config: &PipelineConfig,
+) -> Result<BatchReport, StoreError> {
+    run_batch(store, config, &[], Release::Stranded).await
+}
+
+/// Which parked events a batch looks at.
+enum Release {
+    /// Those waiting for ids the batch's own events issue.
+    IssuedByBatch,
+    /// Those whose awaited id is already bound.
+    Stranded,
+}
+
+async fn run_batch(
+    store: &Store,
+    config: &PipelineConfig,
+    messages: &[InboundMessage],
+    release: Release,
+) -> Result<BatchReport, StoreError> {
     let mut report = BatchReport {
         consumed: messages.len(),
         offsets: next_offsets(messages),
@@ -192,7 +225,13 @@ pub async fn process_batch(
     });
 
     // Parked events this batch may release, and their original messages.
-    let parked_rows = load_releasable(&mut tx, &works).await?;
+    let parked_rows = match release {
+        Release::IssuedByBatch => load_releasable(&mut tx, &works).await?,
+        Release::Stranded => parked::stranded(&mut tx, 500).await?,
+    };
+    if messages.is_empty() && parked_rows.is_empty() {
+        return Ok(report);
+    }
     let mut released: Vec<(ParkedRow, OrderEvent)> = Vec::with_capacity(parked_rows.len());
     for row in parked_rows {
         let event =
@@ -212,18 +251,26 @@ pub async fn process_batch(
 
     // Run the state machine in arrival order; an event that issues an id
     // releases the events waiting for it right after itself.
+    // Released events wait for their id inside the batch; stranded ones
+    // have it already and go first.
     let mut waiting: HashMap<LifecycleId, VecDeque<Work<'_>>> = HashMap::new();
+    let mut stranded: Vec<Work<'_>> = Vec::new();
     for (row, event) in &released {
-        waiting
-            .entry(row.awaited.clone())
-            .or_default()
-            .push_back(Work {
-                message: &row.message,
-                event: event.clone(),
-                parked_row: Some(row.row_id),
-                awaited: Some(row.awaited.clone()),
-            });
+        let work = Work {
+            message: &row.message,
+            event: event.clone(),
+            parked_row: Some(row.row_id),
+            awaited: Some(row.awaited.clone()),
+        };
+        match release {
+            Release::IssuedByBatch => waiting
+                .entry(row.awaited.clone())
+                .or_default()
+                .push_back(work),
+            Release::Stranded => stranded.push(work),
+        }
     }
+    let works: Vec<Work<'_>> = stranded.into_iter().chain(works).collect();
     let mut entries: Vec<NewEntry> = Vec::with_capacity(works.len());
     let mut touched: Vec<(OrderId, LifecycleId)> = Vec::new();
     let mut done_rows: Vec<i64> = Vec::new();

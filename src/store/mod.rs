@@ -124,12 +124,19 @@ impl Store {
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            // A batch that waits this long for another writer's locks gives
-            // up and is retried, instead of holding its own locks for the
-            // server default of 50 s.
+            // READ COMMITTED: every statement of a batch sees what other
+            // instances committed before it, so a batch that waited for an
+            // order's row locks also sees that order's newer log entries.
+            // A batch that waits 10 s for locks gives up and is retried,
+            // instead of holding its own locks for the server default of 50 s.
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(conn, "SET SESSION innodb_lock_wait_timeout = 10")
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                    )
+                    .await?;
+                    sqlx::Executor::execute(&mut *conn, "SET SESSION innodb_lock_wait_timeout = 10")
                         .await
                         .map(|_| ())
                 })

@@ -181,3 +181,23 @@ pub async fn expired(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Parke
     .await?;
     rows.iter().map(from_row).collect()
 }
+
+/// Up to `limit` parked rows whose awaited id is bound already, oldest
+/// first, locked (see `release_stranded` in the pipeline).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn stranded(
+    conn: &mut MySqlConnection,
+    limit: u32,
+) -> Result<Vec<ParkedRow>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM parked_events p WHERE EXISTS \
+         (SELECT 1 FROM order_lifecycle_ids l WHERE l.lifecycle_id = p.awaited_id) \
+         ORDER BY id LIMIT ? FOR UPDATE"
+    ))
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
