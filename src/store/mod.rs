@@ -5,6 +5,7 @@
 pub mod checkpoints;
 pub mod dead_letters;
 pub mod event_log;
+pub mod fold;
 pub mod id_projection;
 pub mod offsets;
 pub mod parked;

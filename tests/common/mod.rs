@@ -184,14 +184,21 @@ async fn drop_stale_databases() {
 /// A Redis key prefix of its own.
 pub struct TestRedis {
     pub prefix: String,
+    pub url: String,
     pub client: redis::Client,
 }
 
 impl TestRedis {
     pub fn new() -> TestRedis {
+        TestRedis::at(&redis_url())
+    }
+
+    /// A prefix of its own on the Redis at `url`.
+    pub fn at(url: &str) -> TestRedis {
         TestRedis {
             prefix: format!("olt:{}:", unique_suffix()),
-            client: redis::Client::open(redis_url()).expect("redis url"),
+            url: url.to_owned(),
+            client: redis::Client::open(url).expect("redis url"),
         }
     }
 
@@ -199,7 +206,7 @@ impl TestRedis {
         self.client
             .get_multiplexed_async_connection()
             .await
-            .unwrap_or_else(|e| panic!("Redis at {} is required: {e}", redis_url()))
+            .unwrap_or_else(|e| panic!("Redis at {} is required: {e}", self.url))
     }
 
     /// Every key under the prefix (prefix stripped) with its value; hashes
@@ -356,7 +363,7 @@ impl Env {
                 max_connections: 4,
             },
             redis: RedisConfig {
-                url: SecretUrl::new(redis_url()),
+                url: SecretUrl::new(self.redis.url.clone()),
                 key_prefix: self.redis.prefix.clone(),
             },
             topics: vec![
@@ -522,5 +529,188 @@ impl RunningConsumer {
             .expect("consumer stops within 30 s")
             .expect("consumer task did not panic");
         result.expect("consumer ended without error");
+    }
+}
+
+/// The read models as the log alone makes them, compared with MySQL and
+/// Redis (rule R8).
+pub async fn assert_projections_match_log(db: &TestDb, redis: &TestRedis) {
+    use order_lifecycle::domain::IdStatus;
+    use order_lifecycle::store::fold;
+    let from_log = fold::orders_from_log(db.store.pool())
+        .await
+        .expect("fold the log");
+    let from_mysql = fold::orders_from_projection(db.store.pool())
+        .await
+        .expect("read the projection");
+    let sorted = |o: &order_lifecycle::domain::OrderLifecycle| {
+        let mut ids = o.ids().to_vec();
+        ids.sort_by(|a, b| a.lifecycle_id.cmp(&b.lifecycle_id));
+        (o.last_seq(), ids)
+    };
+    assert_eq!(
+        from_log.len(),
+        from_mysql.len(),
+        "orders in the log and in MySQL"
+    );
+    for (order, expected) in &from_log {
+        let actual = from_mysql
+            .get(order)
+            .unwrap_or_else(|| panic!("order {order} missing in MySQL"));
+        assert_eq!(
+            sorted(actual),
+            sorted(expected),
+            "order {order}: MySQL differs from the log"
+        );
+    }
+    let mut expected_keys = BTreeMap::new();
+    for (order, o) in &from_log {
+        for r in o.ids() {
+            expected_keys.insert(
+                format!("global_order_lookup:{}", r.lifecycle_id),
+                order.to_string(),
+            );
+        }
+        let mut active: Vec<String> = o
+            .ids()
+            .iter()
+            .filter(|r| r.status == IdStatus::Active)
+            .map(|r| format!("{}={}", r.id_type, r.lifecycle_id))
+            .collect();
+        active.sort();
+        if !active.is_empty() {
+            expected_keys.insert(format!("order_lifecycle_active:{order}"), active.join(","));
+        }
+    }
+    let mut actual_keys = redis.snapshot().await;
+    actual_keys.retain(|k, _| !k.starts_with("order_lifecycle:"));
+    let missing: Vec<_> = expected_keys
+        .iter()
+        .filter(|(k, v)| actual_keys.get(*k) != Some(v))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = actual_keys
+        .keys()
+        .filter(|k| !expected_keys.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "Redis differs from the log: missing or wrong {missing:?}, extra {extra:?}"
+    );
+}
+
+impl Env {
+    /// Sends many events at once (confirmations to their topic), waiting for
+    /// every delivery at the end.
+    pub async fn send_many(&self, events: &[(OrderEvent, Encoding)]) {
+        let mut deliveries = Vec::new();
+        for (e, encoding) in events {
+            let (topic, key) = match &e.kind {
+                EventKind::ProviderConfirmation(c) => {
+                    (&self.topics.confirmations, c.lifecycle_id.to_string())
+                }
+                _ => (
+                    &self.topics.orders,
+                    e.order_id.as_ref().unwrap().to_string(),
+                ),
+            };
+            let payload = wire::encode(e, *encoding);
+            let record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(payload.as_slice())
+                .headers(kafka::content_type_headers(Some(encoding.content_type())));
+            deliveries.push(
+                kafka::enqueue(&self.producer, record)
+                    .await
+                    .expect("enqueue"),
+            );
+        }
+        kafka::await_deliveries(deliveries).await.expect("deliver");
+    }
+
+    /// Starts the `order-lifecycle run` binary with `config`, its log going
+    /// to a file named after the group and `name`.
+    pub fn spawn_binary(&self, config: &RunConfig, name: &str) -> BinaryConsumer {
+        let log = std::env::temp_dir().join(format!("{}-{name}.log", self.group_id));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_order-lifecycle"))
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .env("OL_KAFKA_BROKERS", &config.kafka.brokers)
+            .env("OL_TOPICS", config.topics.join(","))
+            .env("OL_GROUP_ID", &config.group_id)
+            .env("OL_DEAD_LETTER_TOPIC", &config.dead_letter_topic)
+            .env("OL_DATABASE_URL", config.database.url.expose())
+            .env("OL_REDIS_URL", config.redis.url.expose())
+            .env("OL_REDIS_KEY_PREFIX", &config.redis.key_prefix)
+            .env("OL_SESSION_TIMEOUT", "6s")
+            .env("OL_SHUTDOWN_TIMEOUT", "3s")
+            .env(
+                "OL_PARK_TIMEOUT",
+                format!("{}s", config.park_timeout.as_secs().max(1)),
+            )
+            .env("OL_BATCH_SIZE", config.batch_size.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start order-lifecycle run");
+        BinaryConsumer { child, log }
+    }
+
+    /// Log entries so far.
+    pub async fn logged(&self) -> i64 {
+        self.db.count("SELECT COUNT(*) FROM lifecycle_events").await
+    }
+}
+
+/// The product's binary, running.
+pub struct BinaryConsumer {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+/// A test that fails half-way must not leave consumers running.
+impl Drop for BinaryConsumer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl BinaryConsumer {
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// Whether the log has a line containing `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(text))
+    }
+
+    /// SIGTERM, then waits; returns the exit code and the log.
+    pub async fn terminate(mut self, within: Duration) -> (Option<i32>, String) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > within {
+                let _ = self.child.kill();
+                panic!("order-lifecycle did not stop within {within:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        (status.code(), log)
     }
 }

@@ -1,0 +1,215 @@
+//! Failures a production consumer meets, injected for real: SIGKILL at random
+//! moments, several instances sharing partitions, SIGTERM mid-stream, Redis
+//! and the database going away (test-owned instances, never the shared
+//! ones), confirmations overtaking their requests. After each: every event
+//! applied exactly once, per-order sequences without gaps, and MySQL and
+//! Redis equal to what the log alone gives (rules R7, R8, R9).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{assert_projections_match_log, wait_until, Env};
+use order_lifecycle::domain::OrderEvent;
+use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
+use order_lifecycle::testing::EventScript;
+use order_lifecycle::wire::Encoding;
+
+/// A realistic stream of `orders` lifecycles (about 10 events each).
+fn stream(orders: usize, seed: u64) -> Vec<(OrderEvent, Encoding)> {
+    scenario::plan(&PlanOptions {
+        orders,
+        orders_per_second: 100_000.0,
+        seed,
+        json_ratio: 0.2,
+        bad_ratio: 0.0,
+        run_id: format!("{seed}"),
+        start_ms: 1_764_300_000_000,
+    })
+    .into_iter()
+    .filter_map(|p| match p.payload {
+        Payload::Event(e, enc) => Some((*e, enc)),
+        Payload::Garbage(_) => None,
+    })
+    .collect()
+}
+
+/// The three checks: exactly once by event id, no sequence gaps, read
+/// models equal to the log's.
+async fn assert_exactly_once(env: &Env, events: &[(OrderEvent, Encoding)]) {
+    let expected: BTreeSet<String> = events.iter().map(|(e, _)| e.event_id.to_string()).collect();
+    let logged: Vec<String> =
+        sqlx::query_scalar("SELECT CAST(event_id AS CHAR) FROM lifecycle_events")
+            .fetch_all(env.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(logged.len(), expected.len(), "one log entry per event");
+    assert_eq!(
+        logged.into_iter().collect::<BTreeSet<_>>(),
+        expected,
+        "the same event ids"
+    );
+    assert_eq!(
+        env.db.count("SELECT COUNT(*) FROM parked_events").await,
+        0,
+        "nothing left parked"
+    );
+    assert_eq!(
+        env.db.count("SELECT COUNT(*) FROM dead_letters").await,
+        0,
+        "nothing dead-lettered"
+    );
+    env.db.assert_sequences_gap_free().await;
+    env.db.assert_one_active_per_type().await;
+    env.wait_for_redis().await;
+    assert_projections_match_log(&env.db, &env.redis).await;
+}
+
+async fn wait_for_all(env: &Env, n: usize, timeout: Duration) {
+    wait_until(&format!("{n} log entries"), timeout, || async {
+        env.logged().await >= n as i64
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
+    let env = Env::with_partitions(4).await;
+    let events = stream(2_400, 11);
+    assert!(events.len() >= 20_000, "{} events", events.len());
+    env.send_many(&events).await;
+    let mut config = env.run_config();
+    config.batch_size = 300;
+
+    let mut kills = 0;
+    let mut last = 0;
+    while kills < 5 {
+        let consumer = env.spawn_binary(&config, &format!("crash{kills}"));
+        // Let it make some progress, then kill it at a random moment.
+        wait_until(
+            "progress before the kill",
+            Duration::from_secs(60),
+            || async { env.logged().await > last },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..1500))).await;
+        consumer.kill();
+        kills += 1;
+        last = env.logged().await;
+        assert!(
+            last < events.len() as i64,
+            "the stream ended before kill {kills}; make it longer"
+        );
+    }
+    let consumer = env.spawn_binary(&config, "final");
+    wait_for_all(&env, events.len(), Duration::from_secs(240)).await;
+    let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert_exactly_once(&env, &events).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_the_partitions_as_they_come_and_go() {
+    let env = Env::with_partitions(4).await;
+    let events = stream(800, 12);
+    env.send_many(&events).await;
+    let mut config = env.run_config();
+    config.batch_size = 100;
+    let a = env.spawn_binary(&config, "a");
+    let b = env.spawn_binary(&config, "b");
+    let n = events.len() as i64;
+    wait_until(
+        "a quarter of the stream",
+        Duration::from_secs(90),
+        || async { env.logged().await >= n / 4 },
+    )
+    .await;
+    let c = env.spawn_binary(&config, "c");
+    wait_until("half of the stream", Duration::from_secs(90), || async {
+        env.logged().await >= n / 2
+    })
+    .await;
+    let (code, log) = b.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{log}");
+    // Keep the stream flowing while the group settles.
+    let more = stream(200, 13);
+    env.send_many(&more).await;
+    let all: Vec<_> = events.iter().chain(&more).cloned().collect();
+    wait_for_all(&env, all.len(), Duration::from_secs(180)).await;
+    for (name, consumer) in [("a", a), ("c", c)] {
+        let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "instance {name}: {log}");
+    }
+    assert_exactly_once(&env, &all).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
+    let env = Env::with_partitions(2).await;
+    let events = stream(600, 14);
+    env.send_many(&events).await;
+    let mut config = env.run_config();
+    config.batch_size = 50;
+    let consumer = env.spawn_binary(&config, "first");
+    wait_until("some progress", Duration::from_secs(60), || async {
+        env.logged().await > 200
+    })
+    .await;
+    let started = Instant::now();
+    let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped within the bound"
+    );
+    assert!(log.contains("order-lifecycle consumer stopped"), "{log}");
+    assert!(
+        env.logged().await < events.len() as i64,
+        "stopped mid-stream"
+    );
+    let consumer = env.spawn_binary(&config, "second");
+    wait_for_all(&env, events.len(), Duration::from_secs(120)).await;
+    let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert_exactly_once(&env, &events).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_confirmations_wait_for_their_id_and_unknown_ones_expire() {
+    let env = Env::new().await;
+    let mut config = env.run_config();
+    config.park_timeout = Duration::from_secs(2);
+    let consumer = env.start(config);
+    let mut s = EventScript::new("EARLY1");
+    let place = s.place();
+    let sl = s.sl("SL-LATE");
+    let confirmation = s.confirm("SL-LATE", "EXECUTED");
+    let orphan = s.confirm("SL-NEVER", "EXECUTED");
+    // The confirmation overtakes its stop-loss (another topic).
+    env.send(&[place, confirmation, orphan], Encoding::Protobuf)
+        .await;
+    wait_until(
+        "the confirmations to be parked",
+        Duration::from_secs(30),
+        || async { env.db.count("SELECT COUNT(*) FROM parked_events").await == 2 },
+    )
+    .await;
+    assert_eq!(env.logged().await, 1);
+    env.send(&[sl], Encoding::Protobuf).await;
+    env.wait_for_log(3, 1).await;
+    let rows = env.db.rows().await;
+    assert_eq!(rows["SL-LATE"].2, "executed");
+    let letters = env.db.dead_letters().await;
+    assert_eq!(letters[0].0, "unknown_lifecycle_id");
+    assert!(letters[0].2.contains("SL-NEVER"), "{}", letters[0].2);
+    let topic = env.read_dead_letter_topic(1);
+    assert_eq!(topic[0]["dead-letter-reason"], "unknown_lifecycle_id");
+    assert_eq!(topic[0]["source-topic"], env.topics.confirmations);
+    assert_eq!(env.db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    consumer.stop().await;
+    env.cleanup().await;
+}
