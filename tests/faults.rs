@@ -16,6 +16,10 @@ use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::Encoding;
 
+/// Fault tests run one at a time: each starts consumers, servers and
+/// streams of thousands of events, and timing matters to what they prove.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A realistic stream of `orders` lifecycles (about 10 events each).
 fn stream(orders: usize, seed: u64) -> Vec<(OrderEvent, Encoding)> {
     scenario::plan(&PlanOptions {
@@ -75,6 +79,7 @@ async fn wait_for_all(env: &Env, n: usize, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let env = Env::with_partitions(4).await;
     let events = stream(2_400, 11);
     assert!(events.len() >= 20_000, "{} events", events.len());
@@ -112,6 +117,7 @@ async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_share_the_partitions_as_they_come_and_go() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let env = Env::with_partitions(4).await;
     let events = stream(800, 12);
     env.send_many(&events).await;
@@ -148,11 +154,12 @@ async fn three_instances_share_the_partitions_as_they_come_and_go() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let env = Env::with_partitions(2).await;
-    let events = stream(600, 14);
+    let events = stream(1_000, 14);
     env.send_many(&events).await;
     let mut config = env.run_config();
-    config.batch_size = 50;
+    config.batch_size = 20;
     let consumer = env.spawn_binary(&config, "first");
     wait_until("some progress", Duration::from_secs(60), || async {
         env.logged().await > 200
@@ -180,6 +187,7 @@ async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_confirmations_wait_for_their_id_and_unknown_ones_expire() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let env = Env::new().await;
     let mut config = env.run_config();
     config.park_timeout = Duration::from_secs(2);
@@ -212,4 +220,81 @@ async fn early_confirmations_wait_for_their_id_and_unknown_ones_expire() {
     assert_eq!(env.db.count("SELECT COUNT(*) FROM parked_events").await, 0);
     consumer.stop().await;
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_and_a_flush_are_repaired_from_the_log() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut own = common::OwnRedis::start().await;
+    let env = Env::with_services(
+        2,
+        common::TestDb::new().await,
+        common::TestRedis::at(&own.url()),
+    )
+    .await;
+    let consumer = env.start(env.run_config());
+    let first = stream(40, 21);
+    env.send_many(&first).await;
+    wait_for_all(&env, first.len(), Duration::from_secs(60)).await;
+    env.wait_for_redis().await;
+
+    // Redis goes away: ingestion goes on.
+    own.stop();
+    let second = stream(40, 22);
+    env.send_many(&second).await;
+    wait_for_all(&env, first.len() + second.len(), Duration::from_secs(60)).await;
+
+    // It comes back empty (a flush, as far as the keys go): the follower
+    // re-projects from the log.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    own.restart().await;
+    env.wait_for_redis().await;
+    assert_projections_match_log(&env.db, &env.redis).await;
+
+    // Flushed while running, then more events.
+    let mut conn = env
+        .redis
+        .client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let third = stream(20, 23);
+    env.send_many(&third).await;
+    let all: Vec<_> = first.iter().chain(&second).chain(&third).cloned().collect();
+    wait_for_all(&env, all.len(), Duration::from_secs(60)).await;
+    wait_until(
+        "Redis to converge after the flush",
+        Duration::from_secs(30),
+        || async { env.redis.snapshot().await.len() > all.len() / 2 },
+    )
+    .await;
+    env.wait_for_redis().await;
+    consumer.stop().await;
+    assert_exactly_once(&env, &all).await;
+    env.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_crash_mid_stream_loses_and_doubles_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut own = common::OwnMariaDb::start().await;
+    let db = common::TestDb::on(&own.root_url()).await;
+    let env = Env::with_services(4, db, common::TestRedis::new()).await;
+    let events = stream(400, 31);
+    env.send_many(&events).await;
+    let mut config = env.run_config();
+    config.batch_size = 50;
+    let consumer = env.start(config);
+    wait_until("some progress", Duration::from_secs(60), || async {
+        env.logged().await > 300
+    })
+    .await;
+    own.crash();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    own.restart().await;
+    wait_for_all(&env, events.len(), Duration::from_secs(120)).await;
+    consumer.stop().await;
+    assert_exactly_once(&env, &events).await;
+    env.redis.cleanup().await;
 }

@@ -227,6 +227,22 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
         5
     );
     assert_eq!(redis.snapshot().await, keys);
+
+    // A flush between reading the position and writing: the write is
+    // abandoned, so the position never claims keys that are not there.
+    let position = projection.watch_position().await.unwrap();
+    assert_eq!(position, Some(5));
+    redis.cleanup().await;
+    let written = projection.write(&[], &[], 5).await.unwrap();
+    assert!(!written, "the write after a flush is abandoned");
+    assert!(redis.snapshot().await.is_empty());
+    assert_eq!(
+        redis_follower::catch_up(&db.store, &projection)
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(redis.snapshot().await, keys);
     redis.cleanup().await;
     db.drop().await;
 }

@@ -56,7 +56,7 @@ pub enum FollowError {
 /// [`FollowError`]; the checkpoint is then unchanged, so the round is
 /// repeated in full next time (writes are idempotent).
 pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, FollowError> {
-    let mut from = redis.position().await?.unwrap_or(0);
+    let mut from = redis.watch_position().await?.unwrap_or(0);
     let mut entries = event_log::read_after(store.pool(), from, ROUND).await?;
     if entries.is_empty() && from > 0 && event_log::head(store.pool()).await? < from {
         // Redis reflects a log this database no longer has (it was
@@ -104,7 +104,11 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
             (o, ids)
         })
         .collect();
-    redis.write(&lookups, &hashes, last).await?;
+    if !redis.write(&lookups, &hashes, last).await? {
+        // Redis changed under us (flushed, say): the next round starts over
+        // from whatever position it now has.
+        return Ok(0);
+    }
     if let Err(e) = checkpoints::set(store.pool(), CHECKPOINT, last).await {
         tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL");
     }

@@ -97,9 +97,35 @@ impl RedisProjection {
             .await
     }
 
+    /// [`RedisProjection::position`], and WATCHes the position key, so that
+    /// the next [`RedisProjection::write`] is abandoned if the key changes
+    /// (a FLUSHALL, another writer) in between.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn watch_position(&self) -> Result<Option<i64>, RedisError> {
+        let mut conn = self.conn.clone();
+        // UNWATCH first: a round that ended without writing left its WATCH
+        // (and possibly its "changed" mark) on the connection.
+        let key = self.keys().position();
+        let (position,): (Option<i64>,) = redis::pipe()
+            .cmd("UNWATCH")
+            .ignore()
+            .cmd("WATCH")
+            .arg(&key)
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        Ok(position)
+    }
+
     /// Sets lookups, replaces the active-id hashes of `orders` and records
     /// `position`, in one MULTI/EXEC: a reader never sees a hash half
     /// rewritten, and the position never claims more than was written.
+    /// Returns `false`, having written nothing, when the position key changed
+    /// since [`RedisProjection::watch_position`].
     ///
     /// # Errors
     /// [`RedisError`] when Redis is unreachable; nothing is assumed written.
@@ -108,7 +134,7 @@ impl RedisProjection {
         lookups: &[(LifecycleId, OrderId)],
         orders: &[(OrderId, ActiveIds)],
         position: i64,
-    ) -> Result<(), RedisError> {
+    ) -> Result<bool, RedisError> {
         let keys = self.keys();
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -128,7 +154,8 @@ impl RedisProjection {
             }
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await
+        let reply: redis::Value = pipe.query_async(&mut conn).await?;
+        Ok(reply != redis::Value::Nil)
     }
 
     /// Answers PING; for readiness checks.

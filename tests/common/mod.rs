@@ -714,3 +714,189 @@ impl BinaryConsumer {
         (status.code(), log)
     }
 }
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn port_answers(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A Redis server of the test's own, on its own port (fault tests stop it;
+/// the shared one is never touched).
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub async fn start() -> OwnRedis {
+        let mut redis = OwnRedis {
+            port: free_port(),
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (empty: it keeps nothing on disk).
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is required");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(
+            "the test's own Redis",
+            Duration::from_secs(10),
+            || async move { port_answers(port) },
+        )
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A MariaDB server of the test's own, with its own data directory and port.
+pub struct OwnMariaDb {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnMariaDb {
+    pub async fn start() -> OwnMariaDb {
+        let dir = std::env::temp_dir().join(format!("olt-mariadb-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = std::process::Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .args([
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("mariadb-install-db is required");
+        assert!(status.success(), "mariadb-install-db failed");
+        let mut db = OwnMariaDb {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        db.restart().await;
+        db
+    }
+
+    pub fn root_url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("/usr/sbin/mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", self.dir.join("data").display()))
+            .arg(format!("--socket={}", self.dir.join("sock").display()))
+            .arg(format!("--port={}", self.port))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=64M",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("err.log")).unwrap())
+            .spawn()
+            .expect("mariadbd is required");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(
+            "the test's own MariaDB",
+            Duration::from_secs(30),
+            || async move { port_answers(port) },
+        )
+        .await;
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnMariaDb {
+    fn drop(&mut self) {
+        self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestDb {
+    /// A migrated database of its own on the server at `root` (a URL
+    /// without a database).
+    pub async fn on(root: &str) -> TestDb {
+        let name = format!("olt_{}", unique_suffix());
+        let url = SecretUrl::new(format!("{root}/{name}"));
+        let store = Store::connect(&url, 4)
+            .await
+            .unwrap_or_else(|e| panic!("MariaDB at {root} is required: {e}"));
+        store.migrate().await.expect("migrations apply");
+        TestDb { name, url, store }
+    }
+}
+
+impl Env {
+    /// An environment whose database and Redis are the given ones.
+    pub async fn with_services(partitions: i32, db: TestDb, redis: TestRedis) -> Env {
+        let topics = TestTopics::new(partitions).await;
+        let producer = kafka::producer_config(&kafka_config())
+            .create()
+            .expect("producer");
+        Env {
+            db,
+            redis,
+            group_id: format!("olt-group-{}", unique_suffix()),
+            topics,
+            producer,
+        }
+    }
+}
