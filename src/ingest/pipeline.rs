@@ -8,6 +8,25 @@
 //!
 //! The consumer loop and the tests call [`process_batch`]; nothing here
 //! knows about Kafka clients.
+//!
+//! # Several writers
+//!
+//! Requests are keyed by order and confirmations by lifecycle id, so two
+//! instances (or two partitions) can touch the same order at once. Batches
+//! run at READ COMMITTED and serialize per order like this:
+//!
+//! - the order's `order_lifecycle_ids` rows are read `FOR UPDATE`, so a second
+//!   batch on the same order waits for the first and then sees its result;
+//! - what locks cannot cover (an order's first entry, an id bound for the
+//!   first time, the same event read by two owners during a rebalance) is
+//!   caught by unique keys: `(order_id, seq)`, `event_id`, `lifecycle_id`.
+//!   The losing batch rolls back with a duplicate-key error, classified as
+//!   [`StoreError::Conflict`], and is retried whole; on the retry it sees the
+//!   winner's rows. Sequences therefore stay 1, 2, 3, ... and nothing is
+//!   applied twice or lost;
+//! - a batch that parks an event for an id another batch is issuing at the
+//!   same moment may miss it; [`release_stranded`] finds such events within
+//!   a second.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
