@@ -28,12 +28,13 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use super::assignment::{AssignmentContext, OffsetGate};
+use super::backoff::Backoff;
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::pipeline::{
     expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
     PipelineConfig,
 };
-use super::redis_follower::{self, Backoff};
+use super::redis_follower;
 use crate::config::RunConfig;
 use crate::kafka;
 use crate::store::dead_letters::DeadLetter;
@@ -49,8 +50,28 @@ const MAX_CONFLICT_RETRIES: usize = 20;
 /// # Errors
 /// Start-up failures (bad configuration, unreachable database, migrations)
 /// and fatal storage errors. Transient failures are retried with backoff.
-pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: RunConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     config.validate()?;
+    // The shutdown input, as a flag every wait can watch.
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(true);
+        // Keep the sender alive until `run` ends (it aborts this task).
+        std::future::pending::<()>().await;
+    });
+    let result = run_until(config, &mut shutdown_rx).await;
+    signal.abort();
+    result
+}
+
+async fn run_until(
+    config: RunConfig,
+    shutdown_rx: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     tracing::info!(
         brokers = %config.kafka.brokers,
         topics = ?config.topics,
@@ -59,10 +80,9 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyho
         redis = %config.redis.url,
         "starting order-lifecycle consumer"
     );
-    let store = Store::connect(&config.database.url, config.database.max_connections)
-        .await
-        .context("connecting to the database")?;
-    store.migrate().await.context("applying migrations")?;
+    let Some(store) = connect(&config, shutdown_rx).await? else {
+        return Ok(());
+    };
 
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     if config.create_topics {
@@ -91,13 +111,6 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyho
         follower_stop_rx,
     ));
 
-    // The shutdown input, as a flag every wait can watch.
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let signal = async move {
-        shutdown.await;
-        let _ = shutdown_tx.send(true);
-        std::future::pending::<()>().await;
-    };
     let ingest = Ingest {
         config: &config,
         pipeline: PipelineConfig {
@@ -109,11 +122,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyho
         dead_letters: &dead_letters,
         wake: &wake,
     };
-    let result = tokio::select! {
-        r = ingest.consume(shutdown_rx) => r,
-        // `signal` never completes; this arm only keeps it polled.
-        _ = signal => Ok(()),
-    };
+    let result = ingest.consume(shutdown_rx.clone()).await;
 
     // Leave the group now, so that the partitions move at once; the follower
     // projects what was committed, then stops.
@@ -131,6 +140,35 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> anyho
         Err(e) => tracing::error!(error = format!("{e:#}"), "order-lifecycle consumer failed"),
     }
     result
+}
+
+/// Connects to the database and applies migrations, retrying while it is
+/// unreachable (a consumer started before its database must not
+/// crash-loop). `None` when shutdown came first.
+async fn connect(
+    config: &RunConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<Store>> {
+    let mut backoff = Backoff::new();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        let attempt = async {
+            let store =
+                Store::connect(&config.database.url, config.database.max_connections).await?;
+            store.migrate().await?;
+            Ok::<_, StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(database = %config.database.url, error = %e, "database unreachable; retrying");
+                backoff.wait(shutdown).await;
+            }
+            Err(e) => return Err(e).context("connecting to the database and applying migrations"),
+        }
+    }
 }
 
 /// What the loop works with.

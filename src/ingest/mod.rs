@@ -2,6 +2,7 @@
 //! to, dead-letter publishing, and the Redis follower that projects the log.
 
 pub mod assignment;
+pub mod backoff;
 pub mod consumer;
 pub mod dead_letter;
 pub mod pipeline;

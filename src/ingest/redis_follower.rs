@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use super::backoff::Backoff;
+
 use crate::config::RedisConfig;
 use crate::domain::{LifecycleId, OrderId, Transition};
 use crate::store::redis_projection::{RedisError, RedisProjection};
@@ -127,6 +129,15 @@ pub async fn run(
     let mut redis: Option<RedisProjection> = None;
     loop {
         if *stop.borrow() {
+            // Project what the last batches committed before leaving; the
+            // caller bounds how long this may take.
+            if let Some(projection) = &redis {
+                while let Ok(n) = catch_up(&store, projection).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
             break;
         }
         let projection = match &redis {
@@ -163,31 +174,5 @@ pub async fn run(
                 backoff.wait(&mut stop).await;
             }
         }
-    }
-}
-
-/// Exponential backoff from 100 ms to 5 s, cut short by `stop`.
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            next: Duration::from_millis(100),
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
-
-    /// Sleeps the current delay (or until `stop` changes) and doubles it.
-    pub(crate) async fn wait(&mut self, stop: &mut watch::Receiver<bool>) {
-        tokio::select! {
-            _ = tokio::time::sleep(self.next) => {}
-            _ = stop.changed() => {}
-        }
-        self.next = (self.next * 2).min(Duration::from_secs(5));
     }
 }

@@ -460,7 +460,7 @@ impl Env {
 
     /// Waits until the Redis follower has projected the whole log.
     pub async fn wait_for_redis(&self) {
-        wait_until("the Redis projection to catch up", Duration::from_secs(30), || async {
+        wait_until("the Redis projection to catch up", Duration::from_secs(45), || async {
             let head = self.db.count("SELECT COALESCE(MAX(position), 0) FROM lifecycle_events").await;
             let done = self
                 .db
