@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::config::{DatabaseConfig, RunConfig};
+use crate::rebuild::RebuildConfig;
 use crate::simulate::SimulateConfig;
 use crate::telemetry::LogFormat;
 
@@ -32,6 +33,8 @@ pub enum Command {
     Migrate(DatabaseConfig),
     /// Send a realistic stream of order lifecycles to the topics.
     Simulate(Box<SimulateConfig>),
+    /// Recompute the MySQL and/or Redis read models from the event log.
+    Rebuild(Box<RebuildConfig>),
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! - [`ingest`]: the Kafka consumer loop, the batch pipeline, dead-letter
 //!   publishing, the Redis follower.
 //! - [`kafka`]: client settings and topic administration.
+//! - [`rebuild`]: the read models recomputed from the log, swapped in live.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
 //! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands.
 //! - [`testing`]: builders of valid events for tests and examples.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod ingest;
 pub mod kafka;
+pub mod rebuild;
 pub mod simulate;
 pub mod store;
 pub mod telemetry;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use order_lifecycle::cli::{Cli, Command};
-use order_lifecycle::{ingest, simulate, store, telemetry};
+use order_lifecycle::{ingest, rebuild, simulate, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -21,6 +21,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Simulate(config) => simulate::run(*config).await,
+        Command::Rebuild(config) => Ok(rebuild::run(*config).await?),
     }
 }
 

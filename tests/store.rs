@@ -291,3 +291,134 @@ async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_rou
     db.assert_sequences_gap_free().await;
     db.drop().await;
 }
+
+/// Feeds a realistic stream through the pipeline in batches and projects it
+/// to Redis, as `run` would.
+async fn incremental(db: &TestDb, projection: &RedisProjection, orders: usize) {
+    let cfg = config(Duration::from_secs(60));
+    let plan = order_lifecycle::simulate::scenario::plan(
+        &order_lifecycle::simulate::scenario::PlanOptions {
+            orders,
+            orders_per_second: 1000.0,
+            seed: 3,
+            json_ratio: 0.2,
+            bad_ratio: 0.0,
+            run_id: "3".into(),
+            start_ms: 1_764_300_000_000,
+        },
+    );
+    let events: Vec<OrderEvent> = plan
+        .into_iter()
+        .filter_map(|p| match p.payload {
+            order_lifecycle::simulate::scenario::Payload::Event(e, _) => Some(*e),
+            _ => None,
+        })
+        .collect();
+    for (i, chunk) in events.chunks(97).enumerate() {
+        process_batch(&db.store, &cfg, &messages("o", (i * 97) as i64, chunk))
+            .await
+            .unwrap();
+    }
+    while redis_follower::catch_up(&db.store, projection)
+        .await
+        .unwrap()
+        > 0
+    {}
+}
+
+#[tokio::test]
+async fn rebuild_reproduces_the_incremental_projection_exactly() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let projection = RedisProjection::connect(&common::redis_url(), &redis.prefix)
+        .await
+        .unwrap();
+    incremental(&db, &projection, 150).await;
+    let rows = db.full_rows().await;
+    let keys = redis.snapshot().await;
+    assert!(rows.len() > 500, "{} rows", rows.len());
+
+    let mysql = order_lifecycle::rebuild::rebuild_mysql(&db.store)
+        .await
+        .unwrap();
+    assert_eq!(mysql.rows as usize, rows.len());
+    assert_eq!(db.full_rows().await, rows, "MySQL rebuilt row for row");
+    let redis_summary = order_lifecycle::rebuild::rebuild_redis(&db.store, &projection)
+        .await
+        .unwrap();
+    assert_eq!(redis_summary.keys_removed, 0);
+    assert_eq!(redis.snapshot().await, keys, "Redis rebuilt key for key");
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn rebuild_repairs_a_corrupted_projection() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let projection = RedisProjection::connect(&common::redis_url(), &redis.prefix)
+        .await
+        .unwrap();
+    incremental(&db, &projection, 60).await;
+    let rows = db.full_rows().await;
+    let keys = redis.snapshot().await;
+
+    // Corrupt MySQL: rows deleted, a status changed.
+    sqlx::query("DELETE FROM order_lifecycle_ids WHERE id_type = 'takeprofit_id'")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE order_lifecycle_ids SET status = 'rejected' WHERE id_type = 'close_id' LIMIT 3",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    // Corrupt Redis: keys deleted, a value altered, a stray key added.
+    let mut conn = redis
+        .client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let victims: Vec<String> = keys
+        .keys()
+        .filter(|k| k.starts_with("global_order_lookup:SL"))
+        .take(10)
+        .map(|k| format!("{}{k}", redis.prefix))
+        .collect();
+    let _: () = redis::cmd("DEL")
+        .arg(&victims)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let altered = keys
+        .keys()
+        .find(|k| k.starts_with("global_order_lookup:TP"))
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}{altered}", redis.prefix))
+        .arg("wrong-order")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}global_order_lookup:STRAY", redis.prefix))
+        .arg("nobody")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_ne!(db.full_rows().await, rows);
+    assert_ne!(redis.snapshot().await, keys);
+
+    order_lifecycle::rebuild::rebuild_mysql(&db.store)
+        .await
+        .unwrap();
+    let summary = order_lifecycle::rebuild::rebuild_redis(&db.store, &projection)
+        .await
+        .unwrap();
+    assert_eq!(db.full_rows().await, rows);
+    assert_eq!(summary.keys_removed, 1, "the stray key");
+    assert_eq!(redis.snapshot().await, keys);
+    redis.cleanup().await;
+    db.drop().await;
+}

@@ -1,16 +1,95 @@
 //! The read model computed from the log alone (rule R8): every order's
 //! entries folded, in sequence, through the same state machine that live
-//! ingestion uses. Checks and rebuilds compare against this.
+//! ingestion uses. Rebuilds and checks use this.
 
 use std::collections::BTreeMap;
 
-use futures_util::TryStreamExt;
+use futures_util::{Stream, TryStreamExt};
+use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlPool, Row};
 
 use super::{text, StoreError};
 use crate::domain::{OrderId, OrderLifecycle, Transition};
 
 const TABLE: &str = "lifecycle_events";
+
+/// Log entries in `(order_id, seq)` order, up to log position `up_to`.
+/// Stream them through an [`OrderFolder`].
+pub fn entries(
+    pool: &MySqlPool,
+    up_to: i64,
+) -> impl Stream<Item = Result<MySqlRow, sqlx::Error>> + '_ {
+    sqlx::query(
+        "SELECT order_id, seq, occurred_at_ms, transitions FROM lifecycle_events \
+         WHERE position <= ? ORDER BY order_id, seq",
+    )
+    .bind(up_to)
+    .fetch(pool)
+}
+
+/// Folds a stream of entries sorted by order, handing out each order as
+/// soon as its last entry has been read: memory holds one order at a time.
+#[derive(Default)]
+pub struct OrderFolder {
+    current: Option<OrderLifecycle>,
+}
+
+impl OrderFolder {
+    /// Adds one entry; returns the previous order if this entry starts a new
+    /// one.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] for an entry this version cannot read.
+    pub fn push(&mut self, row: &MySqlRow) -> Result<Option<OrderLifecycle>, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            table: TABLE,
+            detail,
+        };
+        let order = OrderId::parse(text(row, 0, TABLE)?).map_err(|e| corrupt(e.to_string()))?;
+        let seq: i64 = row.try_get(1)?;
+        let at: i64 = row.try_get(2)?;
+        let transitions: Vec<Transition> = serde_json::from_str(text(row, 3, TABLE)?)
+            .map_err(|e| corrupt(format!("transitions: {e}")))?;
+        let finished = match &self.current {
+            Some(o) if o.order_id() != &order => self.current.take(),
+            _ => None,
+        };
+        self.current
+            .get_or_insert_with(|| OrderLifecycle::new(order))
+            .apply(u64::try_from(seq).unwrap_or(0), at, &transitions);
+        Ok(finished)
+    }
+
+    /// The last order.
+    pub fn finish(self) -> Option<OrderLifecycle> {
+        self.current
+    }
+}
+
+/// The given orders as their log entries make them (a small set: read at
+/// once).
+///
+/// # Errors
+/// [`StoreError`] from the database, or an entry this version cannot read.
+pub async fn orders_of(
+    pool: &MySqlPool,
+    orders: &[OrderId],
+) -> Result<Vec<OrderLifecycle>, StoreError> {
+    let mut folded = Vec::new();
+    for chunk in orders.chunks(super::MAX_ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(
+            "SELECT order_id, seq, occurred_at_ms, transitions FROM lifecycle_events WHERE ",
+        );
+        super::push_in(&mut qb, "order_id", chunk);
+        qb.push(" ORDER BY order_id, seq");
+        let mut folder = OrderFolder::default();
+        for row in qb.build().fetch_all(pool).await? {
+            folded.extend(folder.push(&row)?);
+        }
+        folded.extend(folder.finish());
+    }
+    Ok(folded)
+}
 
 /// Every order as its log entries make it.
 ///
@@ -19,26 +98,16 @@ const TABLE: &str = "lifecycle_events";
 pub async fn orders_from_log(
     pool: &MySqlPool,
 ) -> Result<BTreeMap<OrderId, OrderLifecycle>, StoreError> {
-    let mut orders: BTreeMap<OrderId, OrderLifecycle> = BTreeMap::new();
-    let mut rows = sqlx::query(
-        "SELECT order_id, seq, occurred_at_ms, transitions FROM lifecycle_events \
-         ORDER BY order_id, seq",
-    )
-    .fetch(pool);
+    let mut orders = BTreeMap::new();
+    let mut folder = OrderFolder::default();
+    let mut rows = entries(pool, i64::MAX);
     while let Some(row) = rows.try_next().await? {
-        let corrupt = |detail: String| StoreError::Corrupt {
-            table: TABLE,
-            detail,
-        };
-        let order = OrderId::parse(text(&row, 0, TABLE)?).map_err(|e| corrupt(e.to_string()))?;
-        let seq: i64 = row.try_get(1)?;
-        let at: i64 = row.try_get(2)?;
-        let transitions: Vec<Transition> = serde_json::from_str(text(&row, 3, TABLE)?)
-            .map_err(|e| corrupt(format!("transitions: {e}")))?;
-        orders
-            .entry(order.clone())
-            .or_insert_with(|| OrderLifecycle::new(order))
-            .apply(u64::try_from(seq).unwrap_or(0), at, &transitions);
+        if let Some(done) = folder.push(&row)? {
+            orders.insert(done.order_id().clone(), done);
+        }
+    }
+    if let Some(last) = folder.finish() {
+        orders.insert(last.order_id().clone(), last);
     }
     Ok(orders)
 }

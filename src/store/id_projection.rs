@@ -122,11 +122,23 @@ pub async fn upsert(
     conn: &mut MySqlConnection,
     rows: &[(&OrderId, &IdRecord)],
 ) -> Result<(), StoreError> {
+    upsert_into(conn, TABLE, rows).await
+}
+
+/// [`upsert`] into another table of the same shape (a rebuild's shadow).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn upsert_into(
+    conn: &mut MySqlConnection,
+    table: &'static str,
+    rows: &[(&OrderId, &IdRecord)],
+) -> Result<(), StoreError> {
     for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new(
-            "INSERT INTO order_lifecycle_ids (order_id, id_type, lifecycle_id, status, \
-             replaced_by, target_id, created_at, updated_at, issued_seq, updated_seq) ",
-        );
+        let mut qb = QueryBuilder::<MySql>::new(format!(
+            "INSERT INTO {table} (order_id, id_type, lifecycle_id, status, \
+             replaced_by, target_id, created_at, updated_at, issued_seq, updated_seq) "
+        ));
         qb.push_values(chunk, |mut row, (order, r)| {
             row.push_bind(order.as_str())
                 .push_bind(r.id_type.as_str())

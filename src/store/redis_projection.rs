@@ -52,6 +52,16 @@ impl RedisKeys {
         format!("{}order_lifecycle_active:{order}", self.prefix)
     }
 
+    /// Pattern matching every lookup key (for SCAN).
+    pub fn lookup_pattern(&self) -> String {
+        format!("{}global_order_lookup:*", self.prefix)
+    }
+
+    /// Pattern matching every active-id hash (for SCAN).
+    pub fn active_pattern(&self) -> String {
+        format!("{}order_lifecycle_active:*", self.prefix)
+    }
+
     /// `order_lifecycle:projected_position`.
     pub fn position(&self) -> String {
         format!("{}order_lifecycle:projected_position", self.prefix)
@@ -156,6 +166,48 @@ impl RedisProjection {
         let mut conn = self.conn.clone();
         let reply: redis::Value = pipe.query_async(&mut conn).await?;
         Ok(reply != redis::Value::Nil)
+    }
+
+    /// Sets the projected position (0: re-project everything).
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn set_position(&self, position: i64) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.keys().position())
+            .arg(position)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// One SCAN step over keys matching `pattern`: the next cursor (0 at the
+    /// end) and the keys.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn scan(&self, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Deletes keys; returns how many existed.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn delete(&self, keys: &[&String]) -> Result<u64, RedisError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL").arg(keys).query_async(&mut conn).await
     }
 
     /// Answers PING; for readiness checks.

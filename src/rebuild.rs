@@ -1,0 +1,315 @@
+//! `rebuild`: recomputes the read models from the event log alone (rule R8),
+//! while readers keep reading and `run` keeps consuming.
+//!
+//! - **MySQL**: the log is folded, one order at a time, into a shadow table
+//!   `order_lifecycle_ids_rebuild`, which then replaces the live table in one
+//!   `RENAME TABLE` (atomic: a reader sees the old table or the new one,
+//!   never an empty one). Orders that received events while the rebuild ran
+//!   are folded again from the log, before and after the swap, so nothing
+//!   appended meanwhile is missed; batches of `run` that commit after the
+//!   swap write to the new table themselves.
+//! - **Redis**: keys are overwritten in place, never deleted first, so a
+//!   reader never gets a miss: the projection's position is set back to 0
+//!   and the follower logic re-projects the whole log (a running `run`
+//!   notices and joins in; the writes are the same); then keys that no longer
+//!   belong to any order are removed.
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use futures_util::TryStreamExt;
+use sqlx::Row;
+
+use crate::config::{DatabaseConfig, RedisConfig};
+use crate::domain::{IdRecord, OrderId, OrderLifecycle};
+use crate::ingest::redis_follower::{self, FollowError};
+use crate::store::fold::{self, OrderFolder};
+use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
+
+/// Which read model to rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    Mysql,
+    Redis,
+    All,
+}
+
+/// Options of `rebuild`.
+#[derive(Debug, Clone, Args)]
+pub struct RebuildConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    /// The read model to rebuild.
+    #[arg(long, value_enum, default_value = "all")]
+    pub target: Target,
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub events: u64,
+    pub orders: u64,
+    pub rows: u64,
+    pub keys_removed: u64,
+    pub seconds: f64,
+}
+
+/// Why a rebuild failed; nothing live was replaced then.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Follow(#[from] FollowError),
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+}
+
+const SHADOW: &str = "order_lifecycle_ids_rebuild";
+const RETIRED: &str = "order_lifecycle_ids_retired";
+
+/// How far back, before the rebuild started, orders are folded again: a
+/// batch commit is never later than this after its entries got their
+/// `recorded_at`.
+const COMMIT_GRACE: Duration = Duration::from_secs(15);
+
+/// Runs `rebuild` as the command line asks.
+///
+/// # Errors
+/// [`RebuildError`]; the live read models are then unchanged (MySQL) or
+/// still valid and re-projected by the next run (Redis).
+pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
+    let store = Store::connect(&config.database.url, 4).await?;
+    store.migrate().await?;
+    if matches!(config.target, Target::Mysql | Target::All) {
+        let s = rebuild_mysql(&store).await?;
+        println!(
+            "rebuild mysql: {} events, {} orders, {} rows in {:.1} s ({:.0} events/s)",
+            s.events,
+            s.orders,
+            s.rows,
+            s.seconds,
+            s.events as f64 / s.seconds.max(1e-9)
+        );
+    }
+    if matches!(config.target, Target::Redis | Target::All) {
+        let redis =
+            RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
+        let s = rebuild_redis(&store, &redis).await?;
+        println!(
+            "rebuild redis: {} log entries re-projected, {} stale keys removed in {:.1} s ({:.0} events/s)",
+            s.events,
+            s.keys_removed,
+            s.seconds,
+            s.events as f64 / s.seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn rows_of(order: &OrderLifecycle) -> impl Iterator<Item = (&OrderId, &IdRecord)> {
+    order.ids().iter().map(move |r| (order.order_id(), r))
+}
+
+/// Rebuilds `order_lifecycle_ids` beside the live table and swaps it in.
+///
+/// # Errors
+/// [`StoreError`]; the live table is untouched unless the swap happened.
+pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
+    let started = Instant::now();
+    let pool = store.pool();
+    let since: i64 = sqlx::query_scalar("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)")
+        .fetch_one(pool)
+        .await?;
+    let since = since - COMMIT_GRACE.as_micros() as i64;
+    let head = event_log::head(pool).await?;
+
+    let mut conn = pool.acquire().await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {SHADOW}"))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(&format!("CREATE TABLE {SHADOW} LIKE order_lifecycle_ids"))
+        .execute(&mut *conn)
+        .await?;
+
+    let mut summary = Summary::default();
+    let mut buffer: Vec<OrderLifecycle> = Vec::new();
+    let mut buffered_rows = 0;
+    let mut last_report = Instant::now();
+    let mut folder = OrderFolder::default();
+    let mut entries = fold::entries(pool, head);
+    while let Some(row) = entries.try_next().await? {
+        summary.events += 1;
+        if let Some(done) = folder.push(&row)? {
+            buffered_rows += done.ids().len();
+            buffer.push(done);
+            if buffered_rows >= MAX_ROWS_PER_STATEMENT {
+                summary.rows += write(&mut conn, SHADOW, &buffer).await?;
+                summary.orders += buffer.len() as u64;
+                buffer.clear();
+                buffered_rows = 0;
+            }
+        }
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            last_report = Instant::now();
+            tracing::info!(
+                events = summary.events,
+                of = head,
+                "rebuilding order_lifecycle_ids"
+            );
+        }
+    }
+    drop(entries);
+    buffer.extend(folder.finish());
+    summary.orders += buffer.len() as u64;
+    summary.rows += write(&mut conn, SHADOW, &buffer).await?;
+
+    // Orders that moved while we read: fold them again, then swap, then once
+    // more for what committed between the two.
+    refold_recent(store, &mut conn, SHADOW, since).await?;
+    sqlx::query(&format!(
+        "RENAME TABLE order_lifecycle_ids TO {RETIRED}, {SHADOW} TO order_lifecycle_ids"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    refold_recent(store, &mut conn, "order_lifecycle_ids", since).await?;
+    sqlx::query(&format!("DROP TABLE {RETIRED}"))
+        .execute(&mut *conn)
+        .await?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+async fn write(
+    conn: &mut sqlx::MySqlConnection,
+    table: &'static str,
+    orders: &[OrderLifecycle],
+) -> Result<u64, StoreError> {
+    let rows: Vec<(&OrderId, &IdRecord)> = orders.iter().flat_map(rows_of).collect();
+    id_projection::upsert_into(conn, table, &rows).await?;
+    Ok(rows.len() as u64)
+}
+
+/// Folds again, from the log, every order with entries recorded since
+/// `since_micros`, and writes them to `table`.
+async fn refold_recent(
+    store: &Store,
+    conn: &mut sqlx::MySqlConnection,
+    table: &'static str,
+    since_micros: i64,
+) -> Result<(), StoreError> {
+    let recent: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT CAST(order_id AS CHAR) FROM lifecycle_events \
+         WHERE recorded_at >= FROM_UNIXTIME(? / 1000000)",
+    )
+    .bind(since_micros)
+    .fetch_all(store.pool())
+    .await?;
+    let orders: Vec<OrderId> = recent
+        .iter()
+        .filter_map(|o| OrderId::parse(o).ok())
+        .collect();
+    let folded = fold::orders_of(store.pool(), &orders).await?;
+    write(conn, table, &folded).await?;
+    Ok(())
+}
+
+/// Re-projects the whole log into Redis in place, then removes keys that
+/// belong to no order.
+///
+/// # Errors
+/// [`RebuildError`]; Redis keeps valid keys either way.
+pub async fn rebuild_redis(
+    store: &Store,
+    redis: &RedisProjection,
+) -> Result<Summary, RebuildError> {
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    redis.set_position(0).await?;
+    let head = event_log::head(store.pool()).await?;
+    let mut last_report = Instant::now();
+    loop {
+        let n = redis_follower::catch_up(store, redis).await?;
+        summary.events += n as u64;
+        if n == 0 {
+            if redis.position().await?.unwrap_or(0) >= head {
+                break;
+            }
+            // A gap in log positions not yet old enough to pass.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            last_report = Instant::now();
+            tracing::info!(entries = summary.events, of = head, "re-projecting Redis");
+        }
+    }
+    summary.keys_removed = remove_stale_keys(store, redis).await?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Deletes lookup keys of ids no order holds and active-id hashes of orders
+/// without active ids.
+async fn remove_stale_keys(store: &Store, redis: &RedisProjection) -> Result<u64, RebuildError> {
+    let keys = redis.keys();
+    let mut removed = 0;
+    for (pattern, kind) in [
+        (keys.lookup_pattern(), KeyKind::Lookup),
+        (keys.active_pattern(), KeyKind::Active),
+    ] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch) = redis.scan(cursor, &pattern).await?;
+            let suffixes: Vec<String> = batch
+                .iter()
+                .map(|k| k[pattern.len() - 1..].to_owned())
+                .collect();
+            let live = match kind {
+                KeyKind::Lookup => existing(store, "SELECT CAST(lifecycle_id AS CHAR) FROM order_lifecycle_ids WHERE lifecycle_id IN", &suffixes).await?,
+                KeyKind::Active => existing(store, "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids WHERE status = 'active' AND order_id IN", &suffixes).await?,
+            };
+            let stale: Vec<&String> = batch
+                .iter()
+                .zip(&suffixes)
+                .filter(|(_, s)| !live.contains(*s))
+                .map(|(k, _)| k)
+                .collect();
+            removed += redis.delete(&stale).await?;
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+enum KeyKind {
+    Lookup,
+    Active,
+}
+
+async fn existing(
+    store: &Store,
+    select_in: &str,
+    values: &[String],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut found = std::collections::HashSet::new();
+    if values.is_empty() {
+        return Ok(found);
+    }
+    let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(select_in);
+    qb.push(" (");
+    let mut list = qb.separated(", ");
+    for v in values {
+        list.push_bind(v.as_str());
+    }
+    list.push_unseparated(")");
+    for row in qb.build().fetch_all(store.pool()).await? {
+        found.insert(row.try_get::<String, _>(0)?);
+    }
+    Ok(found)
+}
