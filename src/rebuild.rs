@@ -5,9 +5,11 @@
 //!   `order_lifecycle_ids_rebuild`, which then replaces the live table in one
 //!   `RENAME TABLE` (atomic: a reader sees the old table or the new one,
 //!   never an empty one). Orders that received events while the rebuild ran
-//!   are folded again from the log, before and after the swap, so nothing
-//!   appended meanwhile is missed; batches of `run` that commit after the
-//!   swap write to the new table themselves.
+//!   are folded again from the log. Batches read order state from this table,
+//!   so for the last fold and the swap they are held off by the projection
+//!   lock (a row they take in share mode, the rebuild exclusively): no batch
+//!   ever reads a table missing its latest rows. The hold lasts as long as
+//!   folding the orders touched during the rebuild takes.
 //! - **Redis**: keys are overwritten in place, never deleted first, so a
 //!   reader never gets a miss: the projection's position is set back to 0
 //!   and the follower logic re-projects the whole log (a running `run`
@@ -167,15 +169,19 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     summary.orders += buffer.len() as u64;
     summary.rows += write(&mut conn, SHADOW, &buffer).await?;
 
-    // Orders that moved while we read: fold them again, then swap, then once
-    // more for what committed between the two.
+    // Orders that moved while we read: fold them again; then, with batches
+    // held off (the exclusive projection lock, taken on its own connection
+    // because RENAME commits), once more for the last few, and swap.
+    refold_recent(store, &mut conn, SHADOW, since).await?;
+    let mut lock = pool.begin().await?;
+    id_projection::exclusive_projection_lock(&mut lock).await?;
     refold_recent(store, &mut conn, SHADOW, since).await?;
     sqlx::query(&format!(
         "RENAME TABLE order_lifecycle_ids TO {RETIRED}, {SHADOW} TO order_lifecycle_ids"
     ))
     .execute(&mut *conn)
     .await?;
-    refold_recent(store, &mut conn, "order_lifecycle_ids", since).await?;
+    lock.commit().await?;
     sqlx::query(&format!("DROP TABLE {RETIRED}"))
         .execute(&mut *conn)
         .await?;

@@ -635,3 +635,104 @@ async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
     restored.drop().await;
     env.cleanup().await;
 }
+
+/// `rebuild` while `run` consumes: a reader resolving a fixed set of ids in
+/// MySQL and Redis never misses, and afterwards both equal the log's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_while_consuming_never_loses_a_resolution() {
+    use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let stream =
+        |seed: u64, orders: usize| -> Vec<(order_lifecycle::domain::OrderEvent, Encoding)> {
+            scenario::plan(&PlanOptions {
+                orders,
+                orders_per_second: 100_000.0,
+                seed,
+                json_ratio: 0.2,
+                bad_ratio: 0.0,
+                run_id: format!("{seed}"),
+                start_ms: 1_764_300_000_000,
+            })
+            .into_iter()
+            .filter_map(|p| match p.payload {
+                Payload::Event(e, enc) => Some((*e, enc)),
+                Payload::Garbage(_) => None,
+            })
+            .collect()
+        };
+    let first = stream(41, 100);
+    env.send_many(&first).await;
+    env.wait_for_log(first.len() as i64, 0).await;
+    env.wait_for_redis().await;
+    let watched: Vec<String> = env.db.rows().await.keys().take(60).cloned().collect();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let pool = env.db.store.pool().clone();
+        let redis = env.redis.client.clone();
+        let prefix = env.redis.prefix.clone();
+        let watched = watched.clone();
+        tokio::spawn(async move {
+            let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+            let (mut reads, mut misses) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for id in &watched {
+                    let row: Option<i64> = sqlx::query_scalar(
+                        "SELECT id FROM order_lifecycle_ids WHERE lifecycle_id = ?",
+                    )
+                    .bind(id)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+                    let key: Option<String> = redis::cmd("GET")
+                        .arg(format!("{prefix}global_order_lookup:{id}"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    reads += 2;
+                    if row.is_none() || key.is_none() {
+                        misses.push(id.clone());
+                    }
+                }
+            }
+            (reads, misses)
+        })
+    };
+    let second = stream(42, 150);
+    let sending = env.send_many(&second);
+    let rebuilding = async {
+        let mysql = order_lifecycle::rebuild::rebuild_mysql(&env.db.store)
+            .await
+            .unwrap();
+        let projection = order_lifecycle::store::redis_projection::RedisProjection::connect(
+            &env.redis.url,
+            &env.redis.prefix,
+        )
+        .await
+        .unwrap();
+        let redis = order_lifecycle::rebuild::rebuild_redis(&env.db.store, &projection)
+            .await
+            .unwrap();
+        (mysql, redis)
+    };
+    let (_, (mysql, _)) = tokio::join!(sending, rebuilding);
+    assert!(mysql.rows > 0);
+    let all = first.len() + second.len();
+    common::wait_until(
+        "the second stream",
+        std::time::Duration::from_secs(60),
+        || async { env.logged().await >= all as i64 },
+    )
+    .await;
+    env.wait_for_redis().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, misses) = reader.await.unwrap();
+    assert!(reads > 100, "the reader kept reading ({reads} reads)");
+    assert!(misses.is_empty(), "misses during the rebuild: {misses:?}");
+    consumer.stop().await;
+    common::assert_projections_match_log(&env.db, &env.redis).await;
+    env.db.assert_sequences_gap_free().await;
+    env.cleanup().await;
+}

@@ -229,6 +229,9 @@ async fn run_batch(
     }
 
     let mut tx = store.pool().begin().await?;
+    // Batches read order state from order_lifecycle_ids: hold off while a
+    // rebuild swaps that table (see `crate::rebuild`).
+    id_projection::share_projection_lock(&mut tx).await?;
 
     // Rule R9: an event_id already logged or parked, or seen earlier in this
     // batch, changes nothing.

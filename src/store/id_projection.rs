@@ -191,3 +191,27 @@ pub async fn active_ids(
     }
     Ok(active)
 }
+
+/// Takes the projection lock in share mode for the caller's transaction:
+/// batches share it; a rebuild swapping the table takes it exclusively.
+///
+/// # Errors
+/// [`StoreError`] from the database (a lock wait timeout is transient).
+pub async fn share_projection_lock(conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT id FROM projection_lock WHERE id = 1 LOCK IN SHARE MODE")
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes the projection lock exclusively for the caller's transaction:
+/// batches wait until it ends.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn exclusive_projection_lock(conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT id FROM projection_lock WHERE id = 1 FOR UPDATE")
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(())
+}
