@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::bench::BenchConfig;
 use crate::config::{DatabaseConfig, RunConfig};
 use crate::rebuild::RebuildConfig;
 use crate::simulate::SimulateConfig;
@@ -35,6 +36,8 @@ pub enum Command {
     Simulate(Box<SimulateConfig>),
     /// Recompute the MySQL and/or Redis read models from the event log.
     Rebuild(Box<RebuildConfig>),
+    /// Measure `rebuild` on a synthetic log in a scratch database.
+    BenchRebuild(Box<BenchConfig>),
 }
 
 #[cfg(test)]

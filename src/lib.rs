@@ -13,9 +13,11 @@
 //! - [`kafka`]: client settings and topic administration.
 //! - [`rebuild`]: the read models recomputed from the log, swapped in live.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
+//! - [`bench`]: `bench-rebuild`, the rebuild speed on a synthetic log.
 //! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands.
 //! - [`testing`]: builders of valid events for tests and examples.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;
