@@ -123,10 +123,7 @@ fn rows_of(order: &OrderLifecycle) -> impl Iterator<Item = (&OrderId, &IdRecord)
 pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     let started = Instant::now();
     let pool = store.pool();
-    let since: i64 = sqlx::query_scalar("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)")
-        .fetch_one(pool)
-        .await?;
-    let since = since - COMMIT_GRACE.as_micros() as i64;
+    let since = db_now_micros(store).await? - COMMIT_GRACE.as_micros() as i64;
     let head = event_log::head(pool).await?;
 
     let mut conn = pool.acquire().await?;
@@ -172,10 +169,10 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     // Orders that moved while we read: fold them again; then, with batches
     // held off (the exclusive projection lock, taken on its own connection
     // because RENAME commits), once more for the last few, and swap.
-    refold_recent(store, &mut conn, SHADOW, since).await?;
+    let first_pass = refold_recent(store, &mut conn, SHADOW, since).await?;
     let mut lock = pool.begin().await?;
     id_projection::exclusive_projection_lock(&mut lock).await?;
-    refold_recent(store, &mut conn, SHADOW, since).await?;
+    refold_recent(store, &mut conn, SHADOW, first_pass).await?;
     sqlx::query(&format!(
         "RENAME TABLE order_lifecycle_ids TO {RETIRED}, {SHADOW} TO order_lifecycle_ids"
     ))
@@ -200,13 +197,15 @@ async fn write(
 }
 
 /// Folds again, from the log, every order with entries recorded since
-/// `since_micros`, and writes them to `table`.
+/// `since_micros`, and writes them to `table`. Returns the point from which
+/// a later pass must look again: this pass's start, less [`COMMIT_GRACE`].
 async fn refold_recent(
     store: &Store,
     conn: &mut sqlx::MySqlConnection,
     table: &'static str,
     since_micros: i64,
-) -> Result<(), StoreError> {
+) -> Result<i64, StoreError> {
+    let next = db_now_micros(store).await? - COMMIT_GRACE.as_micros() as i64;
     let recent: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT CAST(order_id AS CHAR) FROM lifecycle_events \
          WHERE recorded_at >= FROM_UNIXTIME(? / 1000000)",
@@ -220,7 +219,17 @@ async fn refold_recent(
         .collect();
     let folded = fold::orders_of(store.pool(), &orders).await?;
     write(conn, table, &folded).await?;
-    Ok(())
+    Ok(next)
+}
+
+/// The database's clock, in microseconds since the epoch (log entries are
+/// stamped with it).
+async fn db_now_micros(store: &Store) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)")
+            .fetch_one(store.pool())
+            .await?,
+    )
 }
 
 /// Re-projects the whole log into Redis in place, then removes keys that

@@ -209,16 +209,4 @@ impl RedisProjection {
         let mut conn = self.conn.clone();
         redis::cmd("DEL").arg(keys).query_async(&mut conn).await
     }
-
-    /// Answers PING; for readiness checks.
-    ///
-    /// # Errors
-    /// [`RedisError`] when Redis does not answer.
-    pub async fn ping(&self) -> Result<(), RedisError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| ())
-    }
 }
