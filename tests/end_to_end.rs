@@ -640,27 +640,9 @@ async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
 /// MySQL and Redis never misses, and afterwards both equal the log's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_while_consuming_never_loses_a_resolution() {
-    use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
+    use common::stream;
     let env = Env::new().await;
     let consumer = env.start(env.run_config());
-    let stream =
-        |seed: u64, orders: usize| -> Vec<(order_lifecycle::domain::OrderEvent, Encoding)> {
-            scenario::plan(&PlanOptions {
-                orders,
-                orders_per_second: 100_000.0,
-                seed,
-                json_ratio: 0.2,
-                bad_ratio: 0.0,
-                run_id: format!("{seed}"),
-                start_ms: 1_764_300_000_000,
-            })
-            .into_iter()
-            .filter_map(|p| match p.payload {
-                Payload::Event(e, enc) => Some((*e, enc)),
-                Payload::Garbage(_) => None,
-            })
-            .collect()
-        };
     let first = stream(41, 100);
     env.send_many(&first).await;
     env.wait_for_log(first.len() as i64, 0).await;

@@ -10,34 +10,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{assert_projections_match_log, wait_until, Env};
+use common::{assert_projections_match_log, stream, wait_until, Env};
 use order_lifecycle::domain::OrderEvent;
-use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::Encoding;
 
 /// Fault tests run one at a time: each starts consumers, servers and
 /// streams of thousands of events, and timing matters to what they prove.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A realistic stream of `orders` lifecycles (about 10 events each).
-fn stream(orders: usize, seed: u64) -> Vec<(OrderEvent, Encoding)> {
-    scenario::plan(&PlanOptions {
-        orders,
-        orders_per_second: 100_000.0,
-        seed,
-        json_ratio: 0.2,
-        bad_ratio: 0.0,
-        run_id: format!("{seed}"),
-        start_ms: 1_764_300_000_000,
-    })
-    .into_iter()
-    .filter_map(|p| match p.payload {
-        Payload::Event(e, enc) => Some((*e, enc)),
-        Payload::Garbage(_) => None,
-    })
-    .collect()
-}
 
 /// The three checks: exactly once by event id, no sequence gaps, read
 /// models equal to the log's.

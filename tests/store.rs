@@ -296,23 +296,9 @@ async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_rou
 /// to Redis, as `run` would.
 async fn incremental(db: &TestDb, projection: &RedisProjection, orders: usize) {
     let cfg = config(Duration::from_secs(60));
-    let plan = order_lifecycle::simulate::scenario::plan(
-        &order_lifecycle::simulate::scenario::PlanOptions {
-            orders,
-            orders_per_second: 1000.0,
-            seed: 3,
-            json_ratio: 0.2,
-            bad_ratio: 0.0,
-            run_id: "3".into(),
-            start_ms: 1_764_300_000_000,
-        },
-    );
-    let events: Vec<OrderEvent> = plan
+    let events: Vec<OrderEvent> = common::stream(orders, 3)
         .into_iter()
-        .filter_map(|p| match p.payload {
-            order_lifecycle::simulate::scenario::Payload::Event(e, _) => Some(*e),
-            _ => None,
-        })
+        .map(|(e, _)| e)
         .collect();
     for (i, chunk) in events.chunks(97).enumerate() {
         process_batch(&db.store, &cfg, &messages("o", (i * 97) as i64, chunk))

@@ -273,6 +273,27 @@ impl TestRedis {
     }
 }
 
+/// A realistic stream of `orders` lifecycles (about 10 events each) from the
+/// simulator, valid in order; `seed` also makes the ids unique per stream.
+pub fn stream(orders: usize, seed: u64) -> Vec<(OrderEvent, Encoding)> {
+    use order_lifecycle::simulate::scenario::{plan, Payload, PlanOptions};
+    plan(&PlanOptions {
+        orders,
+        orders_per_second: 100_000.0,
+        seed,
+        json_ratio: 0.2,
+        bad_ratio: 0.0,
+        run_id: format!("{seed}"),
+        start_ms: 1_764_300_000_000,
+    })
+    .into_iter()
+    .filter_map(|p| match p.payload {
+        Payload::Event(e, enc) => Some((*e, enc)),
+        Payload::Garbage(_) => None,
+    })
+    .collect()
+}
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
@@ -777,16 +798,21 @@ impl OwnRedis {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 }
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Kills and reaps a test-owned server, if running.
+fn kill(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -856,10 +882,7 @@ impl OwnMariaDb {
 
     /// SIGKILL: a crash, not a shutdown.
     pub fn crash(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 }
 
