@@ -718,3 +718,31 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
     env.db.assert_sequences_gap_free().await;
     env.cleanup().await;
 }
+
+/// A topic deleted and created again starts at offset 0 while the database
+/// remembers higher offsets: the consumer must not skip the new messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_offsets_beyond_a_recreated_topics_end_are_ignored() {
+    let env = Env::with_partitions(1).await;
+    for topic in [&env.topics.orders, &env.topics.confirmations] {
+        sqlx::query(
+            "INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) VALUES (?, ?, 0, 500)",
+        )
+        .bind(&env.group_id)
+        .bind(topic)
+        .execute(env.db.store.pool())
+        .await
+        .unwrap();
+    }
+    let mut s = EventScript::new("RESET1");
+    env.send(
+        &[s.place(), s.sl("SL1"), s.confirm("SL1", "EXECUTED")],
+        Encoding::Protobuf,
+    )
+    .await;
+    let consumer = env.start(env.run_config());
+    env.wait_for_log(3, 0).await;
+    assert_eq!(env.db.rows().await["SL1"].2, "executed");
+    consumer.stop().await;
+    env.cleanup().await;
+}

@@ -18,7 +18,7 @@
 //! dropped from that batch: the next owner reads them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -87,6 +87,8 @@ const SEEK_BACK_PATIENCE: Duration = Duration::from_secs(10);
 /// Decides, message by message, what the batch keeps.
 pub struct OffsetGate {
     group_id: String,
+    /// A client for watermark queries (it never joins the group).
+    metadata: Arc<BaseConsumer>,
     /// Assigned partitions whose first message has not been checked yet.
     fresh: HashSet<Partition>,
     /// Skip messages below this offset (the database is ahead).
@@ -98,9 +100,10 @@ pub struct OffsetGate {
 
 impl OffsetGate {
     /// A gate for the consumer group whose offsets are stored.
-    pub fn new(group_id: &str) -> OffsetGate {
+    pub fn new(group_id: &str, metadata: BaseConsumer) -> OffsetGate {
         OffsetGate {
             group_id: group_id.to_owned(),
+            metadata: Arc::new(metadata),
             fresh: HashSet::new(),
             floor: HashMap::new(),
             barrier: HashMap::new(),
@@ -156,6 +159,14 @@ impl OffsetGate {
             };
             self.fresh.remove(&p);
             match stored {
+                Some(stored)
+                    if stored > m.offset && stored > high_watermark(&self.metadata, &p).await =>
+                {
+                    // Beyond the partition's end: the topic was deleted and
+                    // created again (or truncated). Skipping to the stored
+                    // offset would skip every new message; read on instead.
+                    tracing::error!(topic = %m.topic, partition = m.partition, stored, kafka = m.offset, "the stored offset is beyond the end of the partition (topic recreated?); ignoring it and reading from Kafka's position");
+                }
                 Some(stored) if stored > m.offset => {
                     tracing::info!(topic = %m.topic, partition = m.partition, from = m.offset, to = stored, "skipping what the database already has");
                     self.floor.insert(p.clone(), stored);
@@ -183,6 +194,21 @@ impl OffsetGate {
             self.barrier.remove(&p);
         }
         true
+    }
+}
+
+/// The partition's end offset, asked of the broker on a blocking thread;
+/// `i64::MAX` when it cannot be had, so that nothing is taken for a reset
+/// topic by mistake.
+async fn high_watermark(metadata: &Arc<BaseConsumer>, p: &Partition) -> i64 {
+    let (metadata, topic, partition) = (metadata.clone(), p.0.clone(), p.1);
+    let asked = tokio::task::spawn_blocking(move || {
+        metadata.fetch_watermarks(&topic, partition, Duration::from_secs(5))
+    })
+    .await;
+    match asked {
+        Ok(Ok((_, high))) if high >= 0 => high,
+        _ => i64::MAX,
     }
 }
 

@@ -191,7 +191,14 @@ enum Handled {
 impl Ingest<'_> {
     async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
-        let mut gate = OffsetGate::new(&self.config.group_id);
+        let metadata = kafka::consumer_config(
+            &self.config.kafka,
+            &self.config.group_id,
+            self.config.session_timeout,
+        )
+        .create()
+        .context("creating the metadata client")?;
+        let mut gate = OffsetGate::new(&self.config.group_id, metadata);
         let mut periodic_round = tokio::time::interval(std::time::Duration::from_secs(1));
         periodic_round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
