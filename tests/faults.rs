@@ -50,13 +50,6 @@ async fn assert_exactly_once(env: &Env, events: &[(OrderEvent, Encoding)]) {
     assert_projections_match_log(&env.db, &env.redis).await;
 }
 
-async fn wait_for_all(env: &Env, n: usize, timeout: Duration) {
-    wait_until(&format!("{n} log entries"), timeout, || async {
-        env.logged().await >= n as i64
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -88,7 +81,8 @@ async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
         );
     }
     let consumer = env.spawn_binary(&config, "final");
-    wait_for_all(&env, events.len(), Duration::from_secs(240)).await;
+    env.wait_until_logged(events.len(), Duration::from_secs(240))
+        .await;
     env.wait_for_redis().await;
     let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0), "{log}");
@@ -131,7 +125,8 @@ async fn three_instances_share_the_partitions_as_they_come_and_go() {
     let more = stream(200, 13);
     env.send_many(&more).await;
     let all: Vec<_> = events.iter().chain(&more).cloned().collect();
-    wait_for_all(&env, all.len(), Duration::from_secs(180)).await;
+    env.wait_until_logged(all.len(), Duration::from_secs(180))
+        .await;
     env.wait_for_redis().await;
     for (name, consumer) in [("a", a), ("c", c)] {
         let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
@@ -167,7 +162,8 @@ async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
         "stopped mid-stream"
     );
     let consumer = env.spawn_binary(&config, "second");
-    wait_for_all(&env, events.len(), Duration::from_secs(120)).await;
+    env.wait_until_logged(events.len(), Duration::from_secs(120))
+        .await;
     env.wait_for_redis().await;
     let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0), "{log}");
@@ -225,14 +221,16 @@ async fn a_redis_outage_and_a_flush_are_repaired_from_the_log() {
     let consumer = env.start(env.run_config());
     let first = stream(40, 21);
     env.send_many(&first).await;
-    wait_for_all(&env, first.len(), Duration::from_secs(60)).await;
+    env.wait_until_logged(first.len(), Duration::from_secs(60))
+        .await;
     env.wait_for_redis().await;
 
     // Redis goes away: ingestion goes on.
     own.stop();
     let second = stream(40, 22);
     env.send_many(&second).await;
-    wait_for_all(&env, first.len() + second.len(), Duration::from_secs(60)).await;
+    env.wait_until_logged(first.len() + second.len(), Duration::from_secs(60))
+        .await;
 
     // It comes back empty (a flush, as far as the keys go): the follower
     // re-projects from the log.
@@ -252,7 +250,8 @@ async fn a_redis_outage_and_a_flush_are_repaired_from_the_log() {
     let third = stream(20, 23);
     env.send_many(&third).await;
     let all: Vec<_> = first.iter().chain(&second).chain(&third).cloned().collect();
-    wait_for_all(&env, all.len(), Duration::from_secs(60)).await;
+    env.wait_until_logged(all.len(), Duration::from_secs(60))
+        .await;
     wait_until(
         "Redis to converge after the flush",
         Duration::from_secs(30),
@@ -283,7 +282,8 @@ async fn a_database_crash_mid_stream_loses_and_doubles_nothing() {
     own.crash();
     tokio::time::sleep(Duration::from_secs(2)).await;
     own.restart().await;
-    wait_for_all(&env, events.len(), Duration::from_secs(120)).await;
+    env.wait_until_logged(events.len(), Duration::from_secs(120))
+        .await;
     env.wait_for_redis().await;
     consumer.stop().await;
     assert_exactly_once(&env, &events).await;

@@ -247,21 +247,16 @@ async fn run_batch(
     });
 
     // Parked events this batch may release, and their original messages.
-    let parked_rows = match release {
+    let released: Vec<(ParkedRow, OrderEvent)> = match release {
         Release::IssuedByBatch => load_releasable(&mut tx, &works).await?,
-        Release::Stranded => parked::stranded(&mut tx, 500).await?,
+        Release::Stranded => parked::stranded(&mut tx, 500)
+            .await?
+            .into_iter()
+            .map(decode_parked)
+            .collect::<Result<_, _>>()?,
     };
-    if messages.is_empty() && parked_rows.is_empty() {
+    if messages.is_empty() && released.is_empty() {
         return Ok(report);
-    }
-    let mut released: Vec<(ParkedRow, OrderEvent)> = Vec::with_capacity(parked_rows.len());
-    for row in parked_rows {
-        let event =
-            wire::json::decode(row.event_json.as_bytes()).map_err(|e| StoreError::Corrupt {
-                table: "parked_events",
-                detail: format!("row {}: {e}", row.row_id),
-            })?;
-        released.push((row, event));
     }
 
     // Load every order the batch can touch.
@@ -430,26 +425,35 @@ pub async fn record_poison(
 async fn load_releasable(
     conn: &mut MySqlConnection,
     works: &[Work<'_>],
-) -> Result<Vec<ParkedRow>, StoreError> {
+) -> Result<Vec<(ParkedRow, OrderEvent)>, StoreError> {
     let mut asked: HashSet<LifecycleId> = HashSet::new();
     let mut next: Vec<LifecycleId> = works
         .iter()
         .flat_map(|w| w.event.issued_ids().into_iter().map(|(id, _)| id))
         .collect();
-    let mut rows = Vec::new();
+    let mut released = Vec::new();
     while !next.is_empty() {
         next.retain(|id| asked.insert(id.clone()));
         let found = parked::awaiting(conn, &next).await?;
         next = Vec::new();
         for row in found {
-            if let Ok(event) = wire::json::decode(row.event_json.as_bytes()) {
-                next.extend(event.issued_ids().into_iter().map(|(id, _)| id));
-            }
-            rows.push(row);
+            let (row, event) = decode_parked(row)?;
+            next.extend(event.issued_ids().into_iter().map(|(id, _)| id));
+            released.push((row, event));
         }
     }
-    rows.sort_by_key(|r| r.row_id);
-    Ok(rows)
+    released.sort_by_key(|(r, _)| r.row_id);
+    Ok(released)
+}
+
+/// A parked row with its event decoded (it was encoded by this service, so
+/// failing to decode it means the row is corrupt).
+fn decode_parked(row: ParkedRow) -> Result<(ParkedRow, OrderEvent), StoreError> {
+    let event = wire::json::decode(row.event_json.as_bytes()).map_err(|e| StoreError::Corrupt {
+        table: "parked_events",
+        detail: format!("row {}: {e}", row.row_id),
+    })?;
+    Ok((row, event))
 }
 
 /// Loads, locked, every order the events can touch: their own orders and

@@ -20,6 +20,7 @@
 //! model as it stands, which is never older than the log entry being
 //! projected, so a key never moves backwards.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,11 +86,12 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
     };
     let mut lookups: Vec<(LifecycleId, OrderId)> = Vec::new();
     let mut orders: Vec<OrderId> = Vec::new();
+    let mut seen: HashSet<&OrderId> = HashSet::new();
     for e in &entries {
         if e.transitions.is_empty() {
             continue;
         }
-        if !orders.contains(&e.order_id) {
+        if seen.insert(&e.order_id) {
             orders.push(e.order_id.clone());
         }
         for t in &e.transitions {

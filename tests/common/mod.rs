@@ -457,6 +457,14 @@ impl Env {
     }
 
     /// Waits until `n` events are in the log and `d` dead letters recorded.
+    /// Waits until the log holds at least `n` entries.
+    pub async fn wait_until_logged(&self, n: usize, timeout: Duration) {
+        wait_until(&format!("{n} log entries"), timeout, || async {
+            self.logged().await >= n as i64
+        })
+        .await;
+    }
+
     pub async fn wait_for_log(&self, n: i64, d: i64) {
         wait_until(
             &format!("{n} log entries and {d} dead letters"),
@@ -771,7 +779,8 @@ impl OwnRedis {
 
     /// Starts it (empty: it keeps nothing on disk).
     pub async fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
+        let mut child = std::process::Command::new("redis-server");
+        child
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -782,19 +791,8 @@ impl OwnRedis {
                 "--appendonly",
                 "no",
             ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is required");
-        self.child = Some(child);
-        let port = self.port;
-        wait_until(
-            "the test's own Redis",
-            Duration::from_secs(10),
-            || async move { port_answers(port) },
-        )
-        .await;
+            .stderr(std::process::Stdio::null());
+        self.child = Some(start_server(child, "the test's own Redis", self.port, 10).await);
     }
 
     pub fn stop(&mut self) {
@@ -806,6 +804,25 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts a test-owned server and waits until its port answers.
+async fn start_server(
+    mut command: std::process::Command,
+    what: &str,
+    port: u16,
+    seconds: u64,
+) -> std::process::Child {
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} could not start: {e}"));
+    wait_until(what, Duration::from_secs(seconds), || async move {
+        port_answers(port)
+    })
+    .await;
+    child
 }
 
 /// Kills and reaps a test-owned server, if running.
@@ -854,7 +871,8 @@ impl OwnMariaDb {
     }
 
     pub async fn restart(&mut self) {
-        let child = std::process::Command::new("/usr/sbin/mariadbd")
+        let mut child = std::process::Command::new("/usr/sbin/mariadbd");
+        child
             .arg("--no-defaults")
             .arg(format!("--datadir={}", self.dir.join("data").display()))
             .arg(format!("--socket={}", self.dir.join("sock").display()))
@@ -865,19 +883,8 @@ impl OwnMariaDb {
                 "--skip-log-bin",
                 "--innodb-buffer-pool-size=64M",
             ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("err.log")).unwrap())
-            .spawn()
-            .expect("mariadbd is required");
-        self.child = Some(child);
-        let port = self.port;
-        wait_until(
-            "the test's own MariaDB",
-            Duration::from_secs(30),
-            || async move { port_answers(port) },
-        )
-        .await;
+            .stderr(std::fs::File::create(self.dir.join("err.log")).unwrap());
+        self.child = Some(start_server(child, "the test's own MariaDB", self.port, 30).await);
     }
 
     /// SIGKILL: a crash, not a shutdown.
