@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "PendingCancelled",
         "PendingModified",
         "ProviderConfirmation",
+        "LegacyIdImported",
     ] {
         config.type_attribute(
             format!(".orderlifecycle.v1.{message}"),

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::bench::BenchConfig;
 use crate::config::{DatabaseConfig, RunConfig};
 use crate::rebuild::RebuildConfig;
+use crate::replay::ReplayConfig;
 use crate::simulate::SimulateConfig;
 use crate::telemetry::LogFormat;
 
@@ -36,6 +37,9 @@ pub enum Command {
     Simulate(Box<SimulateConfig>),
     /// Recompute the MySQL and/or Redis read models from the event log.
     Rebuild(Box<RebuildConfig>),
+    /// Re-read the topics from the earliest retained offset (or --since) into
+    /// the event log; what the log has already changes nothing.
+    Replay(Box<ReplayConfig>),
     /// Measure `rebuild` on a synthetic log in a scratch database.
     BenchRebuild(Box<BenchConfig>),
 }

@@ -91,6 +91,57 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a point in time as milliseconds since the epoch: either a number
+/// of milliseconds or an RFC 3339 UTC time like `2026-11-28T09:30:00Z`
+/// (fractions of a second allowed).
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_timestamp_ms(raw: &str) -> Result<i64, String> {
+    let raw = raw.trim();
+    let bad = || format!("{raw:?} is not a time like 2026-11-28T09:30:00Z or epoch milliseconds");
+    if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+        return raw.parse().map_err(|_| bad());
+    }
+    let body = raw
+        .strip_suffix('Z')
+        .or_else(|| raw.strip_suffix('z'))
+        .ok_or_else(bad)?;
+    let (date, time) = body.split_once(['T', 't', ' ']).ok_or_else(bad)?;
+    let (time, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let numbers = |s: &str, n: usize| -> Option<Vec<i64>> {
+        let parts: Vec<i64> = s
+            .split(['-', ':'])
+            .map(|p| p.parse().ok())
+            .collect::<Option<_>>()?;
+        (parts.len() == n).then_some(parts)
+    };
+    let d = numbers(date, 3).ok_or_else(bad)?;
+    let t = numbers(time, 3).ok_or_else(bad)?;
+    let (y, m, day) = (d[0], d[1], d[2]);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || t[0] > 23 || t[1] > 59 || t[2] > 60 {
+        return Err(bad());
+    }
+    let millis = if fraction.is_empty() {
+        0
+    } else if fraction.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{fraction:0<3}")[..3]
+            .parse::<i64>()
+            .map_err(|_| bad())?
+    } else {
+        return Err(bad());
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(((days * 24 + t[0]) * 60 + t[1]) * 60_000 + t[2] * 1000 + millis)
+}
+
 /// One `key=value` librdkafka setting passed through unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaOption {
@@ -295,5 +346,22 @@ mod tests {
         assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(parse_timestamp_ms("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(
+            parse_timestamp_ms("2026-11-28T09:30:00Z"),
+            Ok(1_795_858_200_000)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2000-02-29T23:59:59.5Z"),
+            Ok(951_868_799_500)
+        );
+        assert_eq!(parse_timestamp_ms("1795858200000"), Ok(1_795_858_200_000));
+        assert!(parse_timestamp_ms("2026-11-28T09:30:00+02:00").is_err());
+        assert!(parse_timestamp_ms("2026-13-01T00:00:00Z").is_err());
+        assert!(parse_timestamp_ms("yesterday").is_err());
     }
 }

@@ -11,7 +11,8 @@
 //! - [`ingest`]: the Kafka consumer loop, the batch pipeline, dead-letter
 //!   publishing, the Redis follower.
 //! - [`kafka`]: client settings and topic administration.
-//! - [`rebuild`]: the read models recomputed from the log, swapped in live.
+//! - [`rebuild`]: the read models recomputed from the log, swapped in live;
+//!   [`replay`]: the log re-read from Kafka; [`progress`]: their progress bar.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
 //! - [`bench`]: `bench-rebuild`, the rebuild speed on a synthetic log.
 //! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands.
@@ -23,7 +24,9 @@ pub mod config;
 pub mod domain;
 pub mod ingest;
 pub mod kafka;
+pub mod progress;
 pub mod rebuild;
+pub mod replay;
 pub mod simulate;
 pub mod store;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use sqlx::Row;
 use crate::config::{DatabaseConfig, RedisConfig};
 use crate::domain::{IdRecord, OrderId, OrderLifecycle};
 use crate::ingest::redis_follower::{self, FollowError};
+use crate::progress::Progress;
 use crate::store::fold::{self, OrderFolder};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
@@ -137,7 +138,7 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     let mut summary = Summary::default();
     let mut buffer: Vec<OrderLifecycle> = Vec::new();
     let mut buffered_rows = 0;
-    let mut last_report = Instant::now();
+    let mut progress = Progress::new("rebuild mysql", "events", Some(head.max(0) as u64));
     let mut folder = OrderFolder::default();
     let mut entries = fold::entries(pool, head);
     while let Some(row) = entries.try_next().await? {
@@ -152,15 +153,9 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
                 buffered_rows = 0;
             }
         }
-        if last_report.elapsed() >= Duration::from_secs(2) {
-            last_report = Instant::now();
-            tracing::info!(
-                events = summary.events,
-                of = head,
-                "rebuilding order_lifecycle_ids"
-            );
-        }
+        progress.add(1);
     }
+    progress.finish();
     drop(entries);
     buffer.extend(folder.finish());
     summary.orders += buffer.len() as u64;
@@ -245,10 +240,11 @@ pub async fn rebuild_redis(
     let mut summary = Summary::default();
     redis.set_position(0).await?;
     let head = event_log::head(store.pool()).await?;
-    let mut last_report = Instant::now();
+    let mut progress = Progress::new("rebuild redis", "events", Some(head.max(0) as u64));
     loop {
         let n = redis_follower::catch_up(store, redis).await?;
         summary.events += n as u64;
+        progress.add(n as u64);
         if n == 0 {
             if redis.position().await?.unwrap_or(0) >= head {
                 break;
@@ -256,11 +252,8 @@ pub async fn rebuild_redis(
             // A gap in log positions not yet old enough to pass.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if last_report.elapsed() >= Duration::from_secs(2) {
-            last_report = Instant::now();
-            tracing::info!(entries = summary.events, of = head, "re-projecting Redis");
-        }
     }
+    progress.finish();
     summary.keys_removed = remove_stale_keys(store, redis).await?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)

@@ -496,6 +496,7 @@ fn inbound(topic: &str, offset: i64, payload: Vec<u8>) -> order_lifecycle::inges
         key: None,
         payload: Some(payload),
         content_type: None,
+        timestamp_ms: None,
     }
 }
 
@@ -531,7 +532,7 @@ async fn offsets_stored_with_the_data_win_over_kafkas() {
         inbound(&orders, 2, pb(&early[1])),
     ];
     let pipeline = order_lifecycle::ingest::PipelineConfig {
-        group_id: env.group_id.clone(),
+        offsets_group: Some(env.group_id.clone()),
         park_timeout: std::time::Duration::from_secs(60),
     };
     order_lifecycle::ingest::process_batch(&env.db.store, &pipeline, &stored)
@@ -559,7 +560,7 @@ async fn dead_letters_recorded_before_a_crash_are_still_published() {
     let env = Env::with_partitions(1).await;
     let orders = env.topics.orders.clone();
     let pipeline = order_lifecycle::ingest::PipelineConfig {
-        group_id: env.group_id.clone(),
+        offsets_group: Some(env.group_id.clone()),
         park_timeout: std::time::Duration::from_secs(60),
     };
     order_lifecycle::ingest::process_batch(
@@ -743,6 +744,222 @@ async fn stored_offsets_beyond_a_recreated_topics_end_are_ignored() {
     let consumer = env.start(env.run_config());
     env.wait_for_log(3, 0).await;
     assert_eq!(env.db.rows().await["SL1"].2, "executed");
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// The stream in rounds holding at most one event per order, in the order
+/// the plan made them: a round consumed before the next is sent reaches the
+/// consumer in timestamp order.
+fn rounds(
+    events: &[(order_lifecycle::domain::OrderEvent, Encoding)],
+) -> Vec<Vec<(order_lifecycle::domain::OrderEvent, Encoding)>> {
+    use order_lifecycle::domain::EventKind;
+    let mut rounds: Vec<Vec<_>> = Vec::new();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut owner: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (event, encoding) in events {
+        let order = match (&event.order_id, &event.kind) {
+            (Some(o), _) => {
+                for (id, _) in event.issued_ids() {
+                    owner.insert(id.to_string(), o.to_string());
+                }
+                o.to_string()
+            }
+            // A confirmation belongs to the order that issued its id.
+            (None, EventKind::ProviderConfirmation(c)) => owner
+                .get(c.lifecycle_id.as_str())
+                .cloned()
+                .unwrap_or_else(|| format!("unknown:{}", c.lifecycle_id)),
+            (None, _) => format!("other:{}", event.event_id),
+        };
+        let round = seen.entry(order).or_insert(0);
+        let slot = rounds.len().min(*round);
+        if slot == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[slot].push((event.clone(), *encoding));
+        *round = slot + 1;
+    }
+    rounds
+}
+
+fn replay_config(env: &Env) -> order_lifecycle::replay::ReplayConfig {
+    let run = env.run_config();
+    order_lifecycle::replay::ReplayConfig {
+        kafka: run.kafka,
+        database: run.database,
+        redis: run.redis,
+        topics: run.topics,
+        group_id: format!("{}-replay", env.group_id),
+        since: None,
+        batch_size: 100,
+        park_timeout: std::time::Duration::from_secs(60),
+    }
+}
+
+async fn redis_projection(env: &Env) -> order_lifecycle::store::redis_projection::RedisProjection {
+    order_lifecycle::store::redis_projection::RedisProjection::connect(
+        &env.redis.url,
+        &env.redis.prefix,
+    )
+    .await
+    .expect("redis")
+}
+
+/// The read keys, without the projection's own bookkeeping.
+async fn read_keys(env: &Env) -> std::collections::BTreeMap<String, String> {
+    let mut keys = env.redis.snapshot().await;
+    keys.retain(|k, _| !k.starts_with("order_lifecycle:"));
+    keys
+}
+
+/// Dropping the database and replaying the topics restores the same log
+/// (same events, same per-order sequences) and the same projections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_into_an_empty_database_restores_the_log_and_projections() {
+    let mut env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let events = common::stream(30, 400);
+    let consumed = format!(
+        "SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM consumer_offsets WHERE group_id = '{}'",
+        env.group_id
+    );
+    let mut sent = 0;
+    for round in rounds(&events) {
+        env.send_many(&round).await;
+        sent += round.len() as i64;
+        wait_until(
+            "the round to be consumed",
+            std::time::Duration::from_secs(30),
+            || async { env.db.count(&consumed).await >= sent },
+        )
+        .await;
+    }
+    // A rule breaker and garbage: dead letters must come back too.
+    let mut a = EventScript::new("RPL-A");
+    let mut b = EventScript::new("RPL-B");
+    env.send(&[a.place(), a.sl("RPL-SHARED")], Encoding::Protobuf)
+        .await;
+    env.send(&[b.place()], Encoding::Protobuf).await;
+    env.send(&[b.sl("RPL-SHARED")], Encoding::Json).await;
+    let orders = env.topics.orders.clone();
+    env.send_raw(&orders, "RPL-B", b"\xff\xfe not an event", None)
+        .await;
+    sent += 5;
+    wait_until(
+        "everything to be consumed",
+        std::time::Duration::from_secs(30),
+        || async { env.db.count(&consumed).await >= sent },
+    )
+    .await;
+    env.wait_for_redis().await;
+    consumer.stop().await;
+
+    let log = env.db.log().await;
+    let rows = env.db.full_rows().await;
+    let letters = env.db.dead_letters().await;
+    let keys = read_keys(&env).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        log.len() > events.len() / 2,
+        "a real log: {} entries",
+        log.len()
+    );
+
+    env.db.recreate().await;
+    env.redis.cleanup().await;
+    assert_eq!(env.logged().await, 0);
+
+    let summary = order_lifecycle::replay::replay(
+        &env.db.store,
+        &redis_projection(&env).await,
+        &replay_config(&env),
+    )
+    .await
+    .expect("replay");
+    assert_eq!(summary.messages, sent as u64);
+    assert_eq!(summary.recorded, log.len() as u64);
+    assert_eq!(summary.duplicates, 0);
+    assert_eq!(summary.dead_letters, 2);
+
+    let replayed = env.db.log().await;
+    assert_eq!(replayed.len(), log.len(), "log entries");
+    for (before, after) in log.iter().zip(&replayed) {
+        assert_eq!(before, after, "log entry (order, seq, event, ...) differs");
+    }
+    assert_eq!(env.db.full_rows().await, rows, "order_lifecycle_ids");
+    assert_eq!(env.db.dead_letters().await, letters, "dead letters");
+    assert_eq!(read_keys(&env).await, keys, "Redis keys");
+    env.db.assert_sequences_gap_free().await;
+    env.cleanup().await;
+}
+
+/// Replaying over a healthy store changes nothing, and leaves the live
+/// consumer (its group, its stored offsets) alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_over_a_healthy_store_changes_nothing() {
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let events = common::stream(25, 401);
+    env.send_many(&events).await;
+    let mut a = EventScript::new("RPH-A");
+    let mut b = EventScript::new("RPH-B");
+    env.send(
+        &[a.place(), a.sl("RPH-SHARED"), b.place()],
+        Encoding::Protobuf,
+    )
+    .await;
+    env.wait_for_log(events.len() as i64 + 3, 0).await;
+    env.send(&[b.sl("RPH-SHARED")], Encoding::Protobuf).await;
+    let orders = env.topics.orders.clone();
+    env.send_raw(&orders, "RPH-B", b"\x00\x01 garbage", None)
+        .await;
+    env.wait_for_log(events.len() as i64 + 3, 2).await;
+    env.wait_for_redis().await;
+
+    let offsets =
+        "SELECT CAST(GROUP_CONCAT(CONCAT(group_id, topic, kafka_partition, ':', next_offset) \
+                   ORDER BY group_id, topic, kafka_partition) AS CHAR) FROM consumer_offsets";
+    let snapshot = || async {
+        let offsets: Option<String> = sqlx::query_scalar(offsets)
+            .fetch_one(env.db.store.pool())
+            .await
+            .unwrap();
+        (
+            env.db.log().await,
+            env.db.full_rows().await,
+            env.db.dead_letters().await,
+            env.db.count("SELECT COUNT(*) FROM parked_events").await,
+            offsets,
+            read_keys(&env).await,
+        )
+    };
+    let before = snapshot().await;
+
+    let summary = order_lifecycle::replay::replay(
+        &env.db.store,
+        &redis_projection(&env).await,
+        &replay_config(&env),
+    )
+    .await
+    .expect("replay");
+    let total = events.len() as u64 + 5;
+    assert_eq!(summary.messages, total, "every message read again");
+    assert_eq!(summary.recorded, 0);
+    assert_eq!(summary.parked, 0);
+    assert_eq!(
+        summary.duplicates,
+        total - 1,
+        "all but the garbage are duplicates"
+    );
+    assert_eq!(summary.redis_entries, 0, "Redis left alone");
+    assert_eq!(snapshot().await, before, "the store changed");
+
+    // The live consumer goes on as before.
+    let mut c = EventScript::new("RPH-C");
+    env.send(&[c.place()], Encoding::Protobuf).await;
+    env.wait_for_log(events.len() as i64 + 4, 2).await;
     consumer.stop().await;
     env.cleanup().await;
 }

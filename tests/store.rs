@@ -17,7 +17,7 @@ use order_lifecycle::wire::{self, Encoding};
 
 fn config(park_timeout: Duration) -> PipelineConfig {
     PipelineConfig {
-        group_id: "store-tests".into(),
+        offsets_group: Some("store-tests".into()),
         park_timeout,
     }
 }
@@ -34,6 +34,7 @@ fn messages(topic: &str, first: i64, events: &[OrderEvent]) -> Vec<InboundMessag
             key: None,
             payload: Some(wire::encode(e, Encoding::Protobuf)),
             content_type: None,
+            timestamp_ms: None,
         })
         .collect()
 }

@@ -102,6 +102,18 @@ pub enum EventKind {
     PendingCancelled(PendingCancelled),
     PendingModified(PendingModified),
     ProviderConfirmation(ProviderConfirmation),
+    /// Synthetic: an id imported from a legacy order table. Never accepted
+    /// from a topic.
+    LegacyIdImported(LegacyIdImported),
+}
+
+/// An id found in a legacy order table's column (the column names the type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyIdImported {
+    pub id_type: IdType,
+    pub lifecycle_id: LifecycleId,
+    /// The legacy table it was read from.
+    pub source_table: String,
 }
 
 /// The order was placed.
@@ -217,6 +229,7 @@ impl EventKind {
             EventKind::PendingCancelled(_) => "pending_cancelled",
             EventKind::PendingModified(_) => "pending_modified",
             EventKind::ProviderConfirmation(_) => "provider_confirmation",
+            EventKind::LegacyIdImported(_) => "legacy_id_imported",
         }
     }
 }
@@ -256,6 +269,7 @@ impl OrderEvent {
             EventKind::PendingCancelled(e) => vec![(e.cancel_id.clone(), IdType::CancelId)],
             EventKind::PendingModified(e) => vec![(e.modify_id.clone(), IdType::ModifyId)],
             EventKind::ProviderConfirmation(_) => Vec::new(),
+            EventKind::LegacyIdImported(e) => vec![(e.lifecycle_id.clone(), e.id_type)],
         }
     }
 

@@ -326,6 +326,7 @@ impl OrderLifecycle {
                 draft.issue(&e.modify_id, IdType::ModifyId, None)?;
             }
             EventKind::ProviderConfirmation(c) => return self.confirm(event, c),
+            EventKind::LegacyIdImported(e) => draft.import(&e.lifecycle_id, e.id_type)?,
         }
         let outcome = if draft.transitions.is_empty() {
             Outcome::Duplicate
@@ -478,18 +479,8 @@ impl Draft {
         id_type: IdType,
         target: Option<LifecycleId>,
     ) -> Result<bool, Rejection> {
-        if let Some(existing) = self.order.get(id) {
-            if existing.id_type == id_type {
-                return Ok(false);
-            }
-            return Err(Rejection::TypeConflict {
-                event: self.event.clone(),
-                lifecycle_id: id.clone(),
-                order: self.order.order_id.clone(),
-                existing: existing.id_type,
-                status: existing.status,
-                requested: id_type,
-            });
+        if !self.check_new(id, id_type)? {
+            return Ok(false);
         }
         if let Some(active) = self.order.active(id_type) {
             let old = active.lifecycle_id.clone();
@@ -504,6 +495,62 @@ impl Draft {
             target,
         });
         Ok(true)
+    }
+
+    /// Issues `id` without touching the active id of its type; `false` when
+    /// the order has it already.
+    fn issue_unless_active(
+        &mut self,
+        id: &LifecycleId,
+        id_type: IdType,
+    ) -> Result<bool, Rejection> {
+        if !self.check_new(id, id_type)? {
+            return Ok(false);
+        }
+        self.push(Transition::Issued {
+            lifecycle_id: id.clone(),
+            id_type,
+            target: None,
+        });
+        Ok(true)
+    }
+
+    /// `true` when the order does not have `id` yet; `false` when it has it
+    /// with this type; a type conflict otherwise (rule R1).
+    fn check_new(&self, id: &LifecycleId, id_type: IdType) -> Result<bool, Rejection> {
+        if let Some(existing) = self.order.get(id) {
+            if existing.id_type == id_type {
+                return Ok(false);
+            }
+            return Err(Rejection::TypeConflict {
+                event: self.event.clone(),
+                lifecycle_id: id.clone(),
+                order: self.order.order_id.clone(),
+                existing: existing.id_type,
+                status: existing.status,
+                requested: id_type,
+            });
+        }
+        Ok(true)
+    }
+
+    /// An id from a legacy table: issued like any other, except that it
+    /// never displaces the order's active id of its type. The legacy row
+    /// only ever held the latest id of each column, and anything this
+    /// service recorded is newer, so the imported id is then `replaced` by
+    /// that active one. An id the order already has changes nothing.
+    fn import(&mut self, id: &LifecycleId, id_type: IdType) -> Result<(), Rejection> {
+        let newer = self.order.active(id_type).map(|r| r.lifecycle_id.clone());
+        if !self.issue_unless_active(id, id_type)? {
+            return Ok(());
+        }
+        if let Some(by) = newer {
+            self.push(Transition::Replaced {
+                lifecycle_id: id.clone(),
+                by,
+            });
+        }
+        Ok(())
     }
 
     /// Rule R3: issues a cancel id and cancels its target, the named id or

@@ -9,9 +9,9 @@ pub mod lifecycle;
 
 pub use book::{LifecycleBook, Recorded};
 pub use event::{
-    CloseRequested, Decimal, EventKind, OrderEvent, OrderPlaced, PendingCancelled, PendingModified,
-    ProviderConfirmation, ProviderReport, StopLossAdded, StopLossCancelled, TakeProfitAdded,
-    TakeProfitCancelled, UserType,
+    CloseRequested, Decimal, EventKind, LegacyIdImported, OrderEvent, OrderPlaced,
+    PendingCancelled, PendingModified, ProviderConfirmation, ProviderReport, StopLossAdded,
+    StopLossCancelled, TakeProfitAdded, TakeProfitCancelled, UserType,
 };
 pub use ids::{EventId, IdError, IdStatus, IdType, LifecycleId, OrderId, UserId};
 pub use lifecycle::{Decision, IdRecord, OrderLifecycle, Outcome, Rejection, Transition};

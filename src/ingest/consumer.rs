@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
@@ -30,6 +29,7 @@ use tracing::Instrument;
 use super::assignment::{AssignmentContext, OffsetGate};
 use super::backoff::Backoff;
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
+use super::ordering::merge_by_time;
 use super::pipeline::{
     expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
     PipelineConfig,
@@ -39,7 +39,6 @@ use crate::config::RunConfig;
 use crate::kafka;
 use crate::store::dead_letters::DeadLetter;
 use crate::store::{Store, StoreError};
-use crate::wire::CONTENT_TYPE_HEADER;
 
 /// Retries of a batch that hits another writer's committed keys before it
 /// is treated as refused.
@@ -114,7 +113,7 @@ async fn run_until(
     let ingest = Ingest {
         config: &config,
         pipeline: PipelineConfig {
-            group_id: config.group_id.clone(),
+            offsets_group: Some(config.group_id.clone()),
             park_timeout: config.park_timeout,
         },
         store: &store,
@@ -217,7 +216,10 @@ impl Ingest<'_> {
             };
             let mut batch = Vec::new();
             match first {
-                Ok(m) => self.gather(&mut gate, &mut batch, inbound(&m)).await,
+                Ok(m) => {
+                    self.gather(&mut gate, &mut batch, InboundMessage::from_kafka(&m))
+                        .await
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka receive failed; retrying");
                     backoff.wait(&mut shutdown).await;
@@ -228,7 +230,10 @@ impl Ingest<'_> {
             let deadline = tokio::time::Instant::now() + self.config.batch_linger;
             while batch.len() < self.config.batch_size {
                 match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(Ok(m)) => self.gather(&mut gate, &mut batch, inbound(&m)).await,
+                    Ok(Ok(m)) => {
+                        self.gather(&mut gate, &mut batch, InboundMessage::from_kafka(&m))
+                            .await
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "kafka receive failed mid-batch");
                         break;
@@ -240,6 +245,7 @@ impl Ingest<'_> {
             if batch.is_empty() {
                 continue;
             }
+            let batch = merge_by_time(batch);
             let span =
                 tracing::info_span!("batch", size = batch.len(), partitions = %describe(&batch));
             match self.handle(&batch, &mut shutdown).instrument(span).await? {
@@ -405,17 +411,6 @@ fn log_dead_letters(letters: &[DeadLetter]) {
             error = %d.error,
             "dead-lettered a message"
         );
-    }
-}
-
-fn inbound(m: &BorrowedMessage<'_>) -> InboundMessage {
-    InboundMessage {
-        topic: m.topic().to_owned(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec),
-        content_type: kafka::header(m, CONTENT_TYPE_HEADER).map(<[u8]>::to_vec),
     }
 }
 

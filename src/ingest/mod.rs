@@ -5,6 +5,7 @@ pub mod assignment;
 pub mod backoff;
 pub mod consumer;
 pub mod dead_letter;
+pub mod ordering;
 pub mod pipeline;
 pub mod redis_follower;
 

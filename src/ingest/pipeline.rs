@@ -31,17 +31,20 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
+use rdkafka::message::Message;
 use sqlx::MySqlConnection;
 
 use crate::domain::{
-    EventId, IdRecord, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection, Transition,
+    EventId, EventKind, IdRecord, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection,
+    Transition,
 };
+use crate::kafka;
 use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::event_log::{self, NewEntry, Source};
 use crate::store::offsets::{self, PartitionOffset};
 use crate::store::parked::{self, NewParked, ParkedRow};
 use crate::store::{id_projection, Store, StoreError};
-use crate::wire;
+use crate::wire::{self, CONTENT_TYPE_HEADER};
 
 /// A message as read from Kafka, owned so that the consumer can go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +56,26 @@ pub struct InboundMessage {
     pub payload: Option<Vec<u8>>,
     /// The `content-type` header, if any.
     pub content_type: Option<Vec<u8>>,
+    /// The record's Kafka timestamp (producer's create time, or the
+    /// broker's append time), which orders messages across partitions (see
+    /// [`super::ordering`]).
+    pub timestamp_ms: Option<i64>,
 }
 
 impl InboundMessage {
+    /// Copies a received Kafka message.
+    pub fn from_kafka<M: Message>(m: &M) -> InboundMessage {
+        InboundMessage {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            content_type: kafka::header(m, CONTENT_TYPE_HEADER).map(<[u8]>::to_vec),
+            timestamp_ms: m.timestamp().to_millis(),
+        }
+    }
+
     fn source(&self) -> Source {
         Source {
             topic: self.topic.clone(),
@@ -92,8 +112,9 @@ impl InboundMessage {
 /// Settings of the pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Consumer group whose offsets are stored with the data.
-    pub group_id: String,
+    /// Consumer group whose offsets are stored with the data; `None` for
+    /// `replay`, whose reading positions matter to no one.
+    pub offsets_group: Option<String>,
     /// How long an event may wait for an id before it is dead-lettered.
     pub park_timeout: Duration,
 }
@@ -216,6 +237,15 @@ async fn run_batch(
     for m in messages {
         let payload = m.payload.as_deref().unwrap_or_default();
         match wire::decode(payload, m.content_type.as_deref()) {
+            // Synthetic import events are written by `import-legacy` only.
+            Ok(event) if matches!(event.kind, EventKind::LegacyIdImported(_)) => {
+                report.dead_letters.push(m.dead_letter(
+                    "reserved_kind",
+                    "legacy_id_imported is written by import-legacy only and is refused on a topic"
+                        .into(),
+                    Some(&event),
+                ))
+            }
             Ok(event) => works.push(Work {
                 message: m,
                 event,
@@ -233,11 +263,12 @@ async fn run_batch(
     // rebuild swaps that table (see `crate::rebuild`).
     id_projection::share_projection_lock(&mut tx).await?;
 
-    // Rule R9: an event_id already logged or parked, or seen earlier in this
-    // batch, changes nothing.
+    // Rule R9: an event_id already logged, parked or dead-lettered, or seen
+    // earlier in this batch, changes nothing.
     let event_ids: Vec<EventId> = works.iter().map(|w| w.event.event_id.clone()).collect();
     let mut seen = event_log::existing_event_ids(&mut tx, &event_ids).await?;
     seen.extend(parked::existing_event_ids(&mut tx, &event_ids).await?);
+    seen.extend(dead_letters::existing_event_ids(&mut tx, &event_ids).await?);
     works.retain(|w| {
         let fresh = seen.insert(w.event.event_id.clone());
         if !fresh {
@@ -381,7 +412,9 @@ async fn run_batch(
     }
     parked::insert(&mut tx, &to_park, config.park_timeout).await?;
     dead_letters::insert(&mut tx, &report.dead_letters).await?;
-    offsets::save(&mut tx, &config.group_id, &report.offsets).await?;
+    if let Some(group) = &config.offsets_group {
+        offsets::save(&mut tx, group, &report.offsets).await?;
+    }
     tx.commit().await?;
     Ok(report)
 }
@@ -414,7 +447,9 @@ pub async fn record_poison(
     };
     let mut tx = store.pool().begin().await?;
     dead_letters::insert(&mut tx, &report.dead_letters).await?;
-    offsets::save(&mut tx, &config.group_id, &report.offsets).await?;
+    if let Some(group) = &config.offsets_group {
+        offsets::save(&mut tx, group, &report.offsets).await?;
+    }
     tx.commit().await?;
     Ok(report)
 }

@@ -55,6 +55,7 @@ fn from_row(row: &MySqlRow) -> Result<ParkedRow, StoreError> {
             key: row.try_get(6)?,
             payload: row.try_get(7)?,
             content_type: opt_text(row, 8, TABLE)?.map(|c| c.as_bytes().to_vec()),
+            timestamp_ms: None,
         },
     })
 }

@@ -20,7 +20,7 @@ use super::DecodeError;
 use crate::domain::OrderEvent;
 
 /// The `oneof kind` member names, each a possible top-level key.
-pub const KIND_NAMES: [&str; 9] = [
+pub const KIND_NAMES: [&str; 10] = [
     "order_placed",
     "stop_loss_added",
     "take_profit_added",
@@ -30,6 +30,7 @@ pub const KIND_NAMES: [&str; 9] = [
     "pending_cancelled",
     "pending_modified",
     "provider_confirmation",
+    "legacy_id_imported",
 ];
 
 /// Decodes a JSON event.
@@ -80,6 +81,7 @@ fn kind_from_json(name: &str, body: Value) -> Result<Kind, DecodeError> {
         "close_requested" => Kind::CloseRequested(parse(name, body)?),
         "pending_cancelled" => Kind::PendingCancelled(parse(name, body)?),
         "pending_modified" => Kind::PendingModified(parse(name, body)?),
+        "legacy_id_imported" => Kind::LegacyIdImported(parse(name, body)?),
         _ => Kind::ProviderConfirmation(parse(name, body)?),
     })
 }
@@ -138,6 +140,7 @@ fn to_value(m: &proto::OrderEvent) -> Value {
         Some(Kind::PendingCancelled(k)) => ("pending_cancelled", serde_json::to_value(k)),
         Some(Kind::PendingModified(k)) => ("pending_modified", serde_json::to_value(k)),
         Some(Kind::ProviderConfirmation(k)) => ("provider_confirmation", serde_json::to_value(k)),
+        Some(Kind::LegacyIdImported(k)) => ("legacy_id_imported", serde_json::to_value(k)),
         None => return Value::Object(object),
     };
     // Serializing plain strings and maps cannot fail.

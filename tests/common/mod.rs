@@ -58,6 +58,37 @@ impl TestDb {
         TestDb { name, url, store }
     }
 
+    /// Drops the database and creates it again, empty and migrated, under
+    /// the same name (a lost database, for `replay`).
+    pub async fn recreate(&mut self) {
+        self.store.pool().close().await;
+        let root = sqlx::MySqlPool::connect(MYSQL_ROOT).await.expect("MariaDB");
+        sqlx::query(&format!("DROP DATABASE `{}`", self.name))
+            .execute(&root)
+            .await
+            .expect("drop test database");
+        self.store = Store::connect(&self.url, 4).await.expect("recreate");
+        self.store.migrate().await.expect("migrations apply");
+    }
+
+    /// The log, order by order: `(order_id, seq, event_id, kind, outcome,
+    /// transitions, payload, occurred_at_ms, source)` as text.
+    pub async fn log(&self) -> Vec<Vec<Option<String>>> {
+        sqlx::query(
+            "SELECT CAST(order_id AS CHAR), CAST(seq AS CHAR), CAST(event_id AS CHAR), \
+             CAST(kind AS CHAR), CAST(outcome AS CHAR), CAST(transitions AS CHAR), \
+             CAST(payload AS CHAR), CAST(occurred_at_ms AS CHAR), \
+             CAST(CONCAT(source_topic, '/', source_partition, '@', source_offset) AS CHAR) \
+             FROM lifecycle_events ORDER BY order_id, seq",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .expect("read lifecycle_events")
+        .iter()
+        .map(|r| (0..9).map(|i| r.get::<Option<String>, _>(i)).collect())
+        .collect()
+    }
+
     pub async fn drop(self) {
         let pool = self.store.pool().clone();
         pool.close().await;
