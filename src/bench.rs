@@ -19,7 +19,6 @@ use crate::simulate::scenario::{self, Payload, PlanOptions};
 use crate::store::event_log::{self, NewEntry};
 use crate::store::redis_projection::RedisProjection;
 use crate::store::Store;
-use crate::wire;
 
 /// Options of `bench-rebuild`.
 #[derive(Debug, Clone, Args)]
@@ -78,17 +77,7 @@ async fn measure(config: &BenchConfig, store: &Store, prefix: &str) -> anyhow::R
                 continue;
             };
             let rec = book.process(&event).map_err(|r| anyhow::anyhow!("{r}"))?;
-            entries.push(NewEntry {
-                order_id: rec.order_id,
-                seq: rec.seq,
-                event_id: event.event_id.clone(),
-                kind: event.kind.name(),
-                outcome: rec.outcome,
-                transitions: rec.transitions,
-                payload: wire::json::encode(&event),
-                occurred_at_ms: event.occurred_at_ms,
-                source: None,
-            });
+            entries.push(NewEntry::new(rec, &event, None));
         }
         entries.truncate(config.events - written);
         let mut tx = store.pool().begin().await?;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::BenchConfig;
 use crate::config::{DatabaseConfig, RunConfig};
+use crate::import_legacy::ImportConfig;
 use crate::rebuild::RebuildConfig;
 use crate::replay::ReplayConfig;
 use crate::simulate::SimulateConfig;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Re-read the topics from the earliest retained offset (or --since) into
     /// the event log; what the log has already changes nothing.
     Replay(Box<ReplayConfig>),
+    /// Import the ids of the legacy order tables (live_user_orders,
+    /// demo_user_orders) into the log and the read models.
+    ImportLegacy(Box<ImportConfig>),
     /// Measure `rebuild` on a synthetic log in a scratch database.
     BenchRebuild(Box<BenchConfig>),
 }

@@ -13,6 +13,7 @@
 //! - [`kafka`]: client settings and topic administration.
 //! - [`rebuild`]: the read models recomputed from the log, swapped in live;
 //!   [`replay`]: the log re-read from Kafka; [`progress`]: their progress bar.
+//! - [`import_legacy`]: the legacy tables' ids imported into the log.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
 //! - [`bench`]: `bench-rebuild`, the rebuild speed on a synthetic log.
 //! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands.
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod import_legacy;
 pub mod ingest;
 pub mod kafka;
 pub mod progress;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use order_lifecycle::cli::{Cli, Command};
-use order_lifecycle::{bench, ingest, rebuild, replay, simulate, store, telemetry};
+use order_lifecycle::{bench, import_legacy, ingest, rebuild, replay, simulate, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Simulate(config) => simulate::run(*config).await,
         Command::Rebuild(config) => Ok(rebuild::run(*config).await?),
         Command::Replay(config) => Ok(replay::run(*config).await?),
+        Command::ImportLegacy(config) => Ok(import_legacy::run(*config).await?),
         Command::BenchRebuild(config) => bench::run(*config).await,
     }
 }

@@ -239,11 +239,27 @@ pub async fn rebuild_redis(
     let started = Instant::now();
     let mut summary = Summary::default();
     redis.set_position(0).await?;
+    summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
+    summary.keys_removed = remove_stale_keys(store, redis).await?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Projects the log into Redis up to the head it has now, with progress;
+/// returns the entries projected.
+///
+/// # Errors
+/// [`RebuildError`] from the log or Redis.
+pub async fn catch_up_to_head(
+    store: &Store,
+    redis: &RedisProjection,
+    what: &'static str,
+) -> Result<u64, RebuildError> {
     let head = event_log::head(store.pool()).await?;
-    let mut progress = Progress::new("rebuild redis", "events", Some(head.max(0) as u64));
+    let from = redis.position().await?.unwrap_or(0);
+    let mut progress = Progress::new(what, "events", Some((head - from).max(0) as u64));
     loop {
         let n = redis_follower::catch_up(store, redis).await?;
-        summary.events += n as u64;
         progress.add(n as u64);
         if n == 0 {
             if redis.position().await?.unwrap_or(0) >= head {
@@ -254,9 +270,7 @@ pub async fn rebuild_redis(
         }
     }
     progress.finish();
-    summary.keys_removed = remove_stale_keys(store, redis).await?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(progress.done())
 }
 
 /// Deletes lookup keys of ids no order holds and active-id hashes of orders

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::event::{EventKind, OrderEvent};
 use super::ids::{LifecycleId, OrderId};
-use super::lifecycle::{OrderLifecycle, Outcome, Rejection, Transition};
+use super::lifecycle::{IdRecord, OrderLifecycle, Outcome, Rejection, Transition};
 
 /// A log entry produced by [`LifecycleBook::process`]: what to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,21 @@ impl LifecycleBook {
     /// One order, if loaded or created.
     pub fn order(&self, order_id: &OrderId) -> Option<&OrderLifecycle> {
         self.orders.get(order_id)
+    }
+
+    /// The records of the given ids as they stand now (rows to write),
+    /// skipping ids the book does not hold.
+    pub fn records<'a>(
+        &'a self,
+        ids: &'a [(OrderId, LifecycleId)],
+    ) -> Vec<(&'a OrderId, &'a IdRecord)> {
+        ids.iter()
+            .filter_map(|(order, id)| {
+                self.order(order)
+                    .and_then(|o| o.get(id))
+                    .map(|r| (order, r))
+            })
+            .collect()
     }
 
     /// Every order in the book.

@@ -35,8 +35,7 @@ use rdkafka::message::Message;
 use sqlx::MySqlConnection;
 
 use crate::domain::{
-    EventId, EventKind, IdRecord, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection,
-    Transition,
+    EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection, Transition,
 };
 use crate::kafka;
 use crate::store::dead_letters::{self, DeadLetter};
@@ -335,17 +334,7 @@ async fn run_batch(
                             queue.extend(waiting.remove(lifecycle_id).into_iter().flatten());
                         }
                     }
-                    entries.push(NewEntry {
-                        order_id: rec.order_id,
-                        seq: rec.seq,
-                        event_id: w.event.event_id.clone(),
-                        kind: w.event.kind.name(),
-                        outcome: rec.outcome,
-                        transitions: rec.transitions,
-                        payload: wire::json::encode(&w.event),
-                        occurred_at_ms: w.event.occurred_at_ms,
-                        source: Some(w.message.source()),
-                    });
+                    entries.push(NewEntry::new(rec, &w.event, Some(w.message.source())));
                 }
                 Err(Rejection::UnknownLifecycleId { lifecycle_id, .. }) => {
                     waiting.entry(lifecycle_id).or_default().push_back(w);
@@ -394,14 +383,7 @@ async fn run_batch(
 
     // The rows as they stand after the whole batch, each written once.
     let touched = unique(touched);
-    let rows: Vec<(&OrderId, &IdRecord)> = touched
-        .iter()
-        .filter_map(|(order, id)| {
-            book.order(order)
-                .and_then(|o| o.get(id))
-                .map(|r| (order, r))
-        })
-        .collect();
+    let rows = book.records(&touched);
     report.rows_written = rows.len();
 
     event_log::append(&mut tx, &entries).await?;
@@ -493,7 +475,7 @@ fn decode_parked(row: ParkedRow) -> Result<(ParkedRow, OrderEvent), StoreError> 
 
 /// Loads, locked, every order the events can touch: their own orders and
 /// the owners of every id they issue or name.
-async fn load_book<'e>(
+pub(crate) async fn load_book<'e>(
     conn: &mut MySqlConnection,
     events: impl Iterator<Item = &'e OrderEvent> + Clone,
 ) -> Result<LifecycleBook, StoreError> {
@@ -583,7 +565,7 @@ fn next_offsets(messages: &[InboundMessage]) -> Vec<PartitionOffset> {
 }
 
 /// Removes repeats, keeping first occurrences in order.
-fn unique<T: Clone + Eq + std::hash::Hash>(items: Vec<T>) -> Vec<T> {
+pub(crate) fn unique<T: Clone + Eq + std::hash::Hash>(items: Vec<T>) -> Vec<T> {
     let mut seen = HashSet::new();
     items
         .into_iter()

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
 
 use super::{push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
-use crate::domain::{EventId, OrderId, Outcome, Transition};
+use crate::domain::{EventId, OrderEvent, OrderId, Outcome, Recorded, Transition};
 
 const TABLE: &str = "lifecycle_events";
 
@@ -30,6 +30,23 @@ pub struct NewEntry {
     pub payload: String,
     pub occurred_at_ms: i64,
     pub source: Option<Source>,
+}
+
+impl NewEntry {
+    /// The entry for `event` as the state machine recorded it.
+    pub fn new(rec: Recorded, event: &OrderEvent, source: Option<Source>) -> NewEntry {
+        NewEntry {
+            order_id: rec.order_id,
+            seq: rec.seq,
+            event_id: event.event_id.clone(),
+            kind: event.kind.name(),
+            outcome: rec.outcome,
+            transitions: rec.transitions,
+            payload: crate::wire::json::encode(event),
+            occurred_at_ms: event.occurred_at_ms,
+            source,
+        }
+    }
 }
 
 /// The event ids among `ids` that the log already holds (rule R9).

@@ -1,0 +1,637 @@
+//! `import-legacy`: the ids that the legacy platform kept in one column per
+//! type on `live_user_orders` and `demo_user_orders`, imported into the event
+//! log and projected, so that every one of them resolves on the day this
+//! service goes live.
+//!
+//! - Each non-blank id column of a row becomes one synthetic
+//!   `legacy_id_imported` log entry (no Kafka source), the order's own
+//!   `order_id` first, then `close_id`, `cancel_id`, `modify_id`,
+//!   `stoploss_id`, `takeprofit_id`, `stoploss_cancel_id`,
+//!   `takeprofit_cancel_id`. Values are trimmed; blank and NULL are skipped.
+//! - `event_id`s are derived from table, order, column and value, so a
+//!   second run is all duplicates (rule R9) and changes nothing; a value
+//!   that changed in the legacy table since is imported as a new id (the
+//!   old one stays resolvable: ids are never lost).
+//! - An imported id becomes `active` unless the order already has an active
+//!   id of its type (recorded by this service, hence newer): then it is
+//!   `replaced` by that one.
+//! - An id already bound to another order (rule R1), or to the same order
+//!   with another type, is a conflict: reported with order, column, id and
+//!   owner, and skipped. Malformed values are reported as errors. Neither
+//!   stops the import.
+//! - Tables are read by keyset pagination on `order_id` (never OFFSET), one
+//!   page per transaction, so memory stays bounded whatever the table size.
+//! - `--dry-run` runs every page in a transaction that is rolled back: the
+//!   counts are what a real run would report (conflicts between two pages
+//!   of the same run are the exception: the first page's ids are not kept).
+//! - Redis is brought up to the log at the end (as the `run` follower does).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use clap::Args;
+use sqlx::{MySqlPool, Row};
+
+use crate::config::{DatabaseConfig, RedisConfig, SecretUrl};
+use crate::domain::{
+    EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
+    Rejection, UserType,
+};
+use crate::ingest::pipeline::{load_book, unique};
+use crate::progress::{grouped, Progress};
+use crate::rebuild::{self, RebuildError};
+use crate::store::event_log::{self, NewEntry};
+use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::{id_projection, Store, StoreError};
+use crate::wire;
+
+/// The id columns of a legacy table, in the order they are imported (after
+/// `order_id`). Each column's name is its id type.
+pub const ID_COLUMNS: [IdType; 7] = [
+    IdType::CloseId,
+    IdType::CancelId,
+    IdType::ModifyId,
+    IdType::StoplossId,
+    IdType::TakeprofitId,
+    IdType::StoplossCancelId,
+    IdType::TakeprofitCancelId,
+];
+
+/// Options of `import-legacy`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    /// Database holding the legacy tables (default: the service's own).
+    #[arg(long = "legacy-database-url", env = "OL_LEGACY_DATABASE_URL")]
+    pub legacy_database_url: Option<SecretUrl>,
+    /// The live orders table.
+    #[arg(
+        long = "live-table",
+        env = "OL_LEGACY_LIVE_TABLE",
+        default_value = "live_user_orders"
+    )]
+    pub live_table: String,
+    /// The demo orders table.
+    #[arg(
+        long = "demo-table",
+        env = "OL_LEGACY_DEMO_TABLE",
+        default_value = "demo_user_orders"
+    )]
+    pub demo_table: String,
+    /// Legacy rows per page (one transaction).
+    #[arg(
+        long = "batch-size",
+        env = "OL_IMPORT_BATCH_SIZE",
+        default_value_t = 1000
+    )]
+    pub batch_size: u32,
+    /// Report what would be imported without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Conflicts and errors listed one by one (all are counted).
+    #[arg(long, default_value_t = 20)]
+    pub show: usize,
+}
+
+/// An id that could not be imported because it is bound elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub table: String,
+    pub order_id: String,
+    pub column: IdType,
+    pub lifecycle_id: String,
+    /// The order it belongs to (the same order when the type differs).
+    pub owner: String,
+    pub reason: &'static str,
+}
+
+/// A value that is not a valid id (or an order id that is not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportError {
+    pub table: String,
+    pub order_id: String,
+    pub column: &'static str,
+    pub error: String,
+}
+
+/// What an import did (or, with `--dry-run`, would do).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImportSummary {
+    /// Legacy rows read, per table.
+    pub orders: BTreeMap<String, u64>,
+    /// Ids newly imported, per type.
+    pub imported: BTreeMap<&'static str, u64>,
+    /// Ids the order already had (from a previous import or from events).
+    pub already_present: u64,
+    /// Blank or NULL columns skipped.
+    pub blank: u64,
+    pub conflicts: u64,
+    pub errors: u64,
+    /// The first `--show` conflicts and errors.
+    pub conflict_examples: Vec<Conflict>,
+    pub error_examples: Vec<ImportError>,
+    /// Log entries projected into Redis at the end.
+    pub redis_entries: u64,
+    pub seconds: f64,
+}
+
+impl ImportSummary {
+    /// Ids imported, all types.
+    pub fn imported_total(&self) -> u64 {
+        self.imported.values().sum()
+    }
+
+    /// Rows read, both tables.
+    pub fn orders_total(&self) -> u64 {
+        self.orders.values().sum()
+    }
+}
+
+/// Why the import stopped; pages already committed stay (a rerun skips
+/// them as duplicates).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportFailure {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("projecting into Redis: {0}")]
+    Rebuild(#[from] RebuildError),
+    #[error("legacy table {table}: {problem}")]
+    Table { table: String, problem: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// Runs `import-legacy` as the command line asks and prints the summary.
+///
+/// # Errors
+/// [`ImportFailure`].
+pub async fn run(config: ImportConfig) -> Result<(), ImportFailure> {
+    let store = Store::connect(&config.database.url, config.database.max_connections).await?;
+    store.migrate().await?;
+    let legacy = match &config.legacy_database_url {
+        Some(url) => Store::connect(url, 2).await?.pool().clone(),
+        None => store.pool().clone(),
+    };
+    let redis =
+        RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
+    let summary = import(&store, &legacy, &redis, &config).await?;
+    print!("{}", report(&summary, config.dry_run));
+    Ok(())
+}
+
+/// The summary as printed.
+pub fn report(s: &ImportSummary, dry_run: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let tables: Vec<String> = s
+        .orders
+        .iter()
+        .map(|(t, n)| format!("{t} {}", grouped(*n)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "import-legacy{}: {} orders processed ({})",
+        if dry_run {
+            " (dry run, nothing written)"
+        } else {
+            ""
+        },
+        grouped(s.orders_total()),
+        tables.join(", ")
+    );
+    let per_type: Vec<String> = s
+        .imported
+        .iter()
+        .map(|(t, n)| format!("{t} {}", grouped(*n)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  ids imported: {} ({})",
+        grouped(s.imported_total()),
+        if per_type.is_empty() {
+            "none".to_owned()
+        } else {
+            per_type.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  already present: {}; blank or NULL skipped: {}; conflicts: {}; errors: {}",
+        grouped(s.already_present),
+        grouped(s.blank),
+        grouped(s.conflicts),
+        grouped(s.errors)
+    );
+    for c in &s.conflict_examples {
+        let _ = writeln!(
+            out,
+            "  conflict ({}): {} order {} column {} id {} belongs to order {}",
+            c.reason,
+            c.table,
+            c.order_id,
+            c.column.as_str(),
+            c.lifecycle_id,
+            c.owner
+        );
+    }
+    for e in &s.error_examples {
+        let _ = writeln!(
+            out,
+            "  error: {} order {:?} column {}: {}",
+            e.table, e.order_id, e.column, e.error
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:.1} s, {} ids/s; {} log entries projected into Redis; peak memory {}",
+        s.seconds,
+        grouped((s.imported_total() as f64 / s.seconds.max(1e-9)) as u64),
+        grouped(s.redis_entries),
+        peak_memory()
+    );
+    out
+}
+
+/// The process's peak resident memory, where the platform tells it.
+pub fn peak_memory() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| format!("{} MiB", kb / 1024))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Imports both tables.
+///
+/// # Errors
+/// [`ImportFailure`].
+pub async fn import(
+    store: &Store,
+    legacy: &MySqlPool,
+    redis: &RedisProjection,
+    config: &ImportConfig,
+) -> Result<ImportSummary, ImportFailure> {
+    if config.batch_size == 0 || config.batch_size > 10_000 {
+        return Err(ImportFailure::Invalid(
+            "--batch-size must be between 1 and 10000".into(),
+        ));
+    }
+    let started = Instant::now();
+    let tables = [
+        (config.live_table.as_str(), UserType::Live),
+        (config.demo_table.as_str(), UserType::Demo),
+    ];
+    let mut total = 0;
+    for (table, _) in tables {
+        check_table(legacy, table).await?;
+        total += sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM `{table}`"))
+            .fetch_one(legacy)
+            .await
+            .map_err(StoreError::from)?;
+    }
+    let mut progress = Progress::new("import-legacy", "orders", Some(total.max(0) as u64));
+    let mut summary = ImportSummary::default();
+    for (table, user_type) in tables {
+        let mut after: Option<String> = None;
+        summary.orders.insert(table.to_owned(), 0);
+        loop {
+            let rows = page(legacy, table, after.as_deref(), config.batch_size).await?;
+            let Some(last) = rows.last().map(|r| r.order_id.clone()) else {
+                break;
+            };
+            *summary.orders.entry(table.to_owned()).or_default() += rows.len() as u64;
+            let events = events_of(table, user_type, &rows, &mut summary, config.show);
+            apply(store, &events, config, &mut summary).await?;
+            progress.add(rows.len() as u64);
+            after = Some(last);
+        }
+    }
+    progress.finish();
+    if !config.dry_run {
+        summary.redis_entries =
+            rebuild::catch_up_to_head(store, redis, "import-legacy redis").await?;
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// A legacy table's name must be a plain identifier (it cannot be a bound
+/// parameter) and the table must have the legacy columns.
+async fn check_table(legacy: &MySqlPool, table: &str) -> Result<(), ImportFailure> {
+    let bad = |problem: &str| ImportFailure::Table {
+        table: table.to_owned(),
+        problem: problem.to_owned(),
+    };
+    if table.is_empty()
+        || table.len() > 64
+        || !table
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(bad(
+            "a table name is 1 to 64 letters, digits or underscores",
+        ));
+    }
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+    )
+    .bind(table)
+    .fetch_all(legacy)
+    .await
+    .map_err(StoreError::from)?;
+    if columns.is_empty() {
+        return Err(bad("does not exist in the legacy database"));
+    }
+    let missing: Vec<&str> = std::iter::once("order_id")
+        .chain(ID_COLUMNS.iter().map(|t| t.as_str()))
+        .chain(std::iter::once("created_at"))
+        .filter(|c| !columns.iter().any(|have| have.eq_ignore_ascii_case(c)))
+        .collect();
+    if !missing.is_empty() {
+        return Err(bad(&format!("lacks the columns {}", missing.join(", "))));
+    }
+    Ok(())
+}
+
+/// One legacy row, as text.
+struct LegacyRow {
+    order_id: String,
+    ids: [Option<String>; 7],
+    created_at_ms: Option<i64>,
+}
+
+/// The next page after `after` (keyset pagination). Rows sharing the last
+/// `order_id` of a full page are all included, so that a page boundary
+/// never splits an order.
+async fn page(
+    legacy: &MySqlPool,
+    table: &str,
+    after: Option<&str>,
+    size: u32,
+) -> Result<Vec<LegacyRow>, ImportFailure> {
+    let columns = format!(
+        "CAST(order_id AS CHAR), {}, CAST(UNIX_TIMESTAMP(created_at) * 1000 AS SIGNED)",
+        ID_COLUMNS
+            .iter()
+            .map(|c| format!("CAST({} AS CHAR)", c.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let query = match after {
+        Some(_) => {
+            format!("SELECT {columns} FROM `{table}` WHERE order_id > ? ORDER BY order_id LIMIT ?")
+        }
+        None => format!("SELECT {columns} FROM `{table}` ORDER BY order_id LIMIT ?"),
+    };
+    let mut q = sqlx::query(&query);
+    if let Some(after) = after {
+        q = q.bind(after);
+    }
+    let mut rows: Vec<LegacyRow> = q
+        .bind(size)
+        .fetch_all(legacy)
+        .await
+        .map_err(StoreError::from)?
+        .iter()
+        .map(legacy_row)
+        .collect::<Result<_, _>>()?;
+    if rows.len() == size as usize {
+        if let Some(last) = rows.last().map(|r| r.order_id.clone()) {
+            rows.retain(|r| r.order_id != last);
+            let same = format!("SELECT {columns} FROM `{table}` WHERE order_id = ?");
+            for row in sqlx::query(&same)
+                .bind(&last)
+                .fetch_all(legacy)
+                .await
+                .map_err(StoreError::from)?
+            {
+                rows.push(legacy_row(&row)?);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn legacy_row(row: &sqlx::mysql::MySqlRow) -> Result<LegacyRow, ImportFailure> {
+    let text = |i: usize| -> Result<Option<String>, StoreError> {
+        let raw: Option<Vec<u8>> = row.try_get(i)?;
+        Ok(raw.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    };
+    let mut ids: [Option<String>; 7] = Default::default();
+    for (i, slot) in ids.iter_mut().enumerate() {
+        *slot = text(i + 1)?;
+    }
+    Ok(LegacyRow {
+        order_id: text(0)?.unwrap_or_default(),
+        ids,
+        created_at_ms: row.try_get(8).map_err(StoreError::from)?,
+    })
+}
+
+/// The import events of a page's rows, order by order; malformed values and
+/// blanks are counted (and the first few errors kept).
+fn events_of(
+    table: &str,
+    user_type: UserType,
+    rows: &[LegacyRow],
+    summary: &mut ImportSummary,
+    show: usize,
+) -> Vec<(OrderEvent, IdType)> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(1);
+    let error = |summary: &mut ImportSummary, order: &str, column: &'static str, e: String| {
+        summary.errors += 1;
+        if summary.error_examples.len() < show {
+            summary.error_examples.push(ImportError {
+                table: table.to_owned(),
+                order_id: order.chars().take(80).collect(),
+                column,
+                error: e,
+            });
+        }
+    };
+    let mut events = Vec::new();
+    for row in rows {
+        let raw_order = row.order_id.trim();
+        let order_id = match OrderId::parse(raw_order) {
+            Ok(o) => o,
+            Err(e) => {
+                error(summary, raw_order, "order_id", e.to_string());
+                continue;
+            }
+        };
+        let at = row
+            .created_at_ms
+            .filter(|ms| *ms >= 1 && *ms <= wire::protobuf::MAX_OCCURRED_AT_MS)
+            .unwrap_or(now_ms);
+        let values = std::iter::once((IdType::OrderId, Some(raw_order.to_owned())))
+            .chain(ID_COLUMNS.iter().copied().zip(row.ids.iter().cloned()));
+        for (id_type, value) in values {
+            let value = value.as_deref().map(str::trim).unwrap_or_default();
+            if value.is_empty() {
+                summary.blank += 1;
+                continue;
+            }
+            let lifecycle_id = match LifecycleId::parse(value) {
+                Ok(id) => id,
+                Err(e) => {
+                    error(summary, raw_order, id_type.as_str(), e.to_string());
+                    continue;
+                }
+            };
+            let event_id = import_event_id(user_type, &order_id, id_type, value);
+            events.push((
+                OrderEvent {
+                    event_id,
+                    order_id: Some(order_id.clone()),
+                    occurred_at_ms: at,
+                    user_id: None,
+                    user_type: Some(user_type),
+                    kind: EventKind::LegacyIdImported(LegacyIdImported {
+                        id_type,
+                        lifecycle_id,
+                        source_table: table.to_owned(),
+                    }),
+                },
+                id_type,
+            ));
+        }
+    }
+    events
+}
+
+/// `legacy:{live|demo}:{order}:{column}:{hash of the value}`: the same
+/// legacy value always gets the same event id (at most 112 characters).
+pub fn import_event_id(
+    user_type: UserType,
+    order: &OrderId,
+    id_type: IdType,
+    value: &str,
+) -> EventId {
+    let tag = match user_type {
+        UserType::Live => "live",
+        UserType::Demo => "demo",
+    };
+    let raw = format!(
+        "legacy:{tag}:{order}:{}:{:016x}",
+        id_type.as_str(),
+        fnv1a64(value.as_bytes())
+    );
+    // Order ids and column names are valid id characters, so this parses.
+    EventId::parse(&raw).unwrap_or_else(|_| unreachable!("import event id {raw:?} is valid"))
+}
+
+/// FNV-1a, 64 bits: stable across versions and platforms (unlike std's
+/// hasher), which deterministic event ids need.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Applies one page's events in one transaction (rolled back for a dry run).
+async fn apply(
+    store: &Store,
+    events: &[(OrderEvent, IdType)],
+    config: &ImportConfig,
+    summary: &mut ImportSummary,
+) -> Result<(), ImportFailure> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut tx = store.pool().begin().await.map_err(StoreError::from)?;
+    id_projection::share_projection_lock(&mut tx).await?;
+    let ids: Vec<EventId> = events.iter().map(|(e, _)| e.event_id.clone()).collect();
+    let logged = event_log::existing_event_ids(&mut tx, &ids).await?;
+    let fresh: Vec<&(OrderEvent, IdType)> = events
+        .iter()
+        .filter(|(e, _)| {
+            let old = logged.contains(&e.event_id);
+            summary.already_present += u64::from(old);
+            !old
+        })
+        .collect();
+    let mut book: LifecycleBook = load_book(&mut tx, fresh.iter().map(|(e, _)| e)).await?;
+    let mut entries = Vec::with_capacity(fresh.len());
+    let mut touched = Vec::new();
+    for (event, id_type) in fresh {
+        match book.process(event) {
+            Ok(rec) => {
+                if rec.transitions.is_empty() {
+                    summary.already_present += 1;
+                } else {
+                    *summary.imported.entry(id_type.as_str()).or_default() += 1;
+                }
+                for t in &rec.transitions {
+                    touched.push((rec.order_id.clone(), t.lifecycle_id().clone()));
+                }
+                entries.push(NewEntry::new(rec, event, None));
+            }
+            Err(rejection) => record_conflict(event, *id_type, &rejection, config.show, summary),
+        }
+    }
+    let touched = unique(touched);
+    let rows = book.records(&touched);
+    event_log::append(&mut tx, &entries).await?;
+    id_projection::upsert(&mut tx, &rows).await?;
+    if config.dry_run {
+        tx.rollback().await.map_err(StoreError::from)?;
+    } else {
+        tx.commit().await.map_err(StoreError::from)?;
+    }
+    Ok(())
+}
+
+fn record_conflict(
+    event: &OrderEvent,
+    id_type: IdType,
+    rejection: &Rejection,
+    show: usize,
+    summary: &mut ImportSummary,
+) {
+    let EventKind::LegacyIdImported(import) = &event.kind else {
+        return;
+    };
+    let order = event
+        .order_id
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let owner = match rejection {
+        Rejection::BoundToOtherOrder { owner, .. } => owner.to_string(),
+        _ => order.clone(),
+    };
+    summary.conflicts += 1;
+    tracing::warn!(
+        table = %import.source_table,
+        order = %order,
+        column = id_type.as_str(),
+        id = %import.lifecycle_id,
+        owner = %owner,
+        reason = rejection.reason(),
+        "legacy id not imported"
+    );
+    if summary.conflict_examples.len() < show {
+        summary.conflict_examples.push(Conflict {
+            table: import.source_table.clone(),
+            order_id: order,
+            column: id_type,
+            lifecycle_id: import.lifecycle_id.to_string(),
+            owner,
+            reason: rejection.reason(),
+        });
+    }
+}
