@@ -244,11 +244,7 @@ impl TestRedis {
     /// as sorted `field=value` lists.
     pub async fn snapshot(&self) -> BTreeMap<String, String> {
         let mut conn = self.conn().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .expect("KEYS");
+        let keys = self.keys(&mut conn).await;
         let mut out = BTreeMap::new();
         for key in keys {
             let kind: String = redis::cmd("TYPE")
@@ -287,19 +283,38 @@ impl TestRedis {
             .unwrap()
     }
 
+    /// Every key under the prefix, by SCAN (KEYS would block a shared
+    /// Redis holding other tests' hundreds of thousands of keys).
+    async fn keys(&self, conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(conn)
+                .await
+                .expect("SCAN");
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                return keys;
+            }
+        }
+    }
+
     pub async fn cleanup(&self) {
         let mut conn = self.conn().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(keys)
+        let keys = self.keys(&mut conn).await;
+        for chunk in keys.chunks(5_000) {
+            let _: () = redis::cmd("UNLINK")
+                .arg(chunk)
                 .query_async(&mut conn)
                 .await
-                .unwrap();
+                .expect("UNLINK");
         }
     }
 }
