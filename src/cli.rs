@@ -9,6 +9,7 @@ use crate::rebuild::RebuildConfig;
 use crate::replay::ReplayConfig;
 use crate::simulate::SimulateConfig;
 use crate::telemetry::LogFormat;
+use crate::verify::VerifyConfig;
 
 /// Keeps every id an order was ever given resolvable to its order.
 #[derive(Debug, Parser)]
@@ -44,6 +45,9 @@ pub enum Command {
     /// Import the ids of the legacy order tables (live_user_orders,
     /// demo_user_orders) into the log and the read models.
     ImportLegacy(Box<ImportConfig>),
+    /// Check the lifecycle data's health (exit 0 healthy, 1 a check failed,
+    /// 2 the checks could not run); --repair re-projects what is wrong.
+    Verify(Box<VerifyConfig>),
     /// Measure `rebuild` on a synthetic log in a scratch database.
     BenchRebuild(Box<BenchConfig>),
 }

@@ -286,6 +286,49 @@ pub struct RunConfig {
     pub topic_partitions: i32,
 }
 
+/// The legacy order tables: `import-legacy` reads them, `verify` checks
+/// orphans against them.
+#[derive(Debug, Clone, Args)]
+pub struct LegacyTables {
+    /// The live orders table.
+    #[arg(
+        long = "live-table",
+        env = "OL_LEGACY_LIVE_TABLE",
+        default_value = "live_user_orders"
+    )]
+    pub live: String,
+    /// The demo orders table.
+    #[arg(
+        long = "demo-table",
+        env = "OL_LEGACY_DEMO_TABLE",
+        default_value = "demo_user_orders"
+    )]
+    pub demo: String,
+}
+
+impl LegacyTables {
+    /// Both names, live first, checked to be plain identifiers (a table name
+    /// cannot be a bound parameter, so nothing else may reach the SQL).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the table.
+    pub fn names(&self) -> Result<[&str; 2], ConfigError> {
+        for table in [&self.live, &self.demo] {
+            if table.is_empty()
+                || table.len() > 64
+                || !table
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "table name {table:?}: use 1 to 64 letters, digits or underscores"
+                )));
+            }
+        }
+        Ok([&self.live, &self.demo])
+    }
+}
+
 /// A setting that cannot work, found before anything connects.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {

@@ -32,7 +32,7 @@ use std::time::Instant;
 use clap::Args;
 use sqlx::{MySqlPool, Row};
 
-use crate::config::{DatabaseConfig, RedisConfig, SecretUrl};
+use crate::config::{DatabaseConfig, LegacyTables, RedisConfig, SecretUrl};
 use crate::domain::{
     EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
     Rejection, UserType,
@@ -67,20 +67,8 @@ pub struct ImportConfig {
     /// Database holding the legacy tables (default: the service's own).
     #[arg(long = "legacy-database-url", env = "OL_LEGACY_DATABASE_URL")]
     pub legacy_database_url: Option<SecretUrl>,
-    /// The live orders table.
-    #[arg(
-        long = "live-table",
-        env = "OL_LEGACY_LIVE_TABLE",
-        default_value = "live_user_orders"
-    )]
-    pub live_table: String,
-    /// The demo orders table.
-    #[arg(
-        long = "demo-table",
-        env = "OL_LEGACY_DEMO_TABLE",
-        default_value = "demo_user_orders"
-    )]
-    pub demo_table: String,
+    #[command(flatten)]
+    pub tables: LegacyTables,
     /// Legacy rows per page (one transaction).
     #[arg(
         long = "batch-size",
@@ -287,10 +275,11 @@ pub async fn import(
         ));
     }
     let started = Instant::now();
-    let tables = [
-        (config.live_table.as_str(), UserType::Live),
-        (config.demo_table.as_str(), UserType::Demo),
-    ];
+    let [live, demo] = config
+        .tables
+        .names()
+        .map_err(|e| ImportFailure::Invalid(e.to_string()))?;
+    let tables = [(live, UserType::Live), (demo, UserType::Demo)];
     let mut total = 0;
     for (table, _) in tables {
         check_table(legacy, table).await?;
@@ -325,23 +314,12 @@ pub async fn import(
     Ok(summary)
 }
 
-/// A legacy table's name must be a plain identifier (it cannot be a bound
-/// parameter) and the table must have the legacy columns.
+/// The table must have the legacy columns.
 async fn check_table(legacy: &MySqlPool, table: &str) -> Result<(), ImportFailure> {
     let bad = |problem: &str| ImportFailure::Table {
         table: table.to_owned(),
         problem: problem.to_owned(),
     };
-    if table.is_empty()
-        || table.len() > 64
-        || !table
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
-        return Err(bad(
-            "a table name is 1 to 64 letters, digits or underscores",
-        ));
-    }
     let columns: Vec<String> = sqlx::query_scalar(
         "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",

@@ -14,6 +14,7 @@
 //! - [`rebuild`]: the read models recomputed from the log, swapped in live;
 //!   [`replay`]: the log re-read from Kafka; [`progress`]: their progress bar.
 //! - [`import_legacy`]: the legacy tables' ids imported into the log.
+//! - [`verify`]: named health checks, and their repair.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
 //! - [`bench`]: `bench-rebuild`, the rebuild speed on a synthetic log.
 //! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands.
@@ -33,4 +34,5 @@ pub mod simulate;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
+pub mod verify;
 pub mod wire;

@@ -4,7 +4,9 @@
 use anyhow::Context;
 use clap::Parser;
 use order_lifecycle::cli::{Cli, Command};
-use order_lifecycle::{bench, import_legacy, ingest, rebuild, replay, simulate, store, telemetry};
+use order_lifecycle::{
+    bench, import_legacy, ingest, rebuild, replay, simulate, store, telemetry, verify,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,6 +26,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Rebuild(config) => Ok(rebuild::run(*config).await?),
         Command::Replay(config) => Ok(replay::run(*config).await?),
         Command::ImportLegacy(config) => Ok(import_legacy::run(*config).await?),
+        Command::Verify(config) => match verify::run(*config).await {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => {
+                tracing::error!(error = %e, "verify could not run its checks");
+                eprintln!("verify: {e}");
+                std::process::exit(2);
+            }
+        },
         Command::BenchRebuild(config) => bench::run(*config).await,
     }
 }

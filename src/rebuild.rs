@@ -314,7 +314,8 @@ enum KeyKind {
     Active,
 }
 
-async fn existing(
+/// Which of `values` a `SELECT ... WHERE column IN` query finds.
+pub(crate) async fn existing(
     store: &Store,
     select_in: &str,
     values: &[String],

@@ -332,3 +332,412 @@ async fn import_legacy_of_100000_orders_runs_in_bounded_memory() {
     redis.cleanup().await;
     db.drop().await;
 }
+
+/// A healthy store: a realistic stream through the pipeline, Redis caught up.
+async fn healthy_store(seed: u64) -> (TestDb, TestRedis) {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let pipeline = PipelineConfig {
+        offsets_group: Some("verify-test".into()),
+        park_timeout: Duration::from_secs(60),
+    };
+    let events = common::stream(20, seed);
+    let messages: Vec<InboundMessage> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (e, encoding))| InboundMessage {
+            topic: "order-events".into(),
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            payload: Some(wire::encode(e, *encoding)),
+            content_type: Some(encoding.content_type().as_bytes().to_vec()),
+            timestamp_ms: None,
+        })
+        .collect();
+    for chunk in messages.chunks(100) {
+        process_batch(&db.store, &pipeline, chunk)
+            .await
+            .expect("healthy batch");
+    }
+    let projection = projection(&redis).await;
+    order_lifecycle::rebuild::catch_up_to_head(&db.store, &projection, "test")
+        .await
+        .expect("redis catch-up");
+    (db, redis)
+}
+
+async fn projection(
+    redis: &TestRedis,
+) -> order_lifecycle::store::redis_projection::RedisProjection {
+    order_lifecycle::store::redis_projection::RedisProjection::connect(&redis.url, &redis.prefix)
+        .await
+        .expect("redis")
+}
+
+fn verify_config(
+    db: &TestDb,
+    redis: &TestRedis,
+    repair: bool,
+) -> order_lifecycle::verify::VerifyConfig {
+    order_lifecycle::verify::VerifyConfig {
+        database: order_lifecycle::config::DatabaseConfig {
+            url: db.url.clone(),
+            max_connections: 4,
+        },
+        redis: order_lifecycle::config::RedisConfig {
+            url: order_lifecycle::config::SecretUrl::new(redis.url.clone()),
+            key_prefix: redis.prefix.clone(),
+        },
+        tables: order_lifecycle::config::LegacyTables {
+            live: "live_user_orders".into(),
+            demo: "demo_user_orders".into(),
+        },
+        examples: 5,
+        json: false,
+        repair,
+    }
+}
+
+async fn run_verify(db: &TestDb, redis: &TestRedis) -> order_lifecycle::verify::Report {
+    order_lifecycle::verify::verify(
+        &db.store,
+        &projection(redis).await,
+        &verify_config(db, redis, false),
+    )
+    .await
+    .expect("verify runs")
+}
+
+async fn exec(db: &TestDb, sql: &str) -> u64 {
+    sqlx::query(sql)
+        .execute(db.store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .rows_affected()
+}
+
+async fn redis_cmd(redis: &TestRedis, args: &[&str]) {
+    let mut conn = redis
+        .client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let _: redis::Value = cmd.query_async(&mut conn).await.unwrap();
+}
+
+/// One row's `(lifecycle_id, order_id)` matching `filter`.
+async fn some_row(db: &TestDb, filter: &str) -> (String, String) {
+    let row: (String, String) = sqlx::query_as(&format!(
+        "SELECT CAST(lifecycle_id AS CHAR), CAST(order_id AS CHAR) FROM order_lifecycle_ids \
+         WHERE {filter} ORDER BY lifecycle_id LIMIT 1"
+    ))
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("a row where {filter}: {e}"));
+    row
+}
+
+fn assert_fails(report: &order_lifecycle::verify::Report, name: &str, count: u64) {
+    use order_lifecycle::verify::Status;
+    let check = report
+        .check(name)
+        .unwrap_or_else(|| panic!("no check {name}"));
+    assert_eq!(
+        (check.status, check.count),
+        (Status::Fail, count),
+        "{name}: {check:?}"
+    );
+    assert!(!report.healthy);
+    assert!(!check.examples.is_empty(), "{name} names examples");
+}
+
+/// A healthy store passes every check; the binary exits 0 and prints JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_a_healthy_store() {
+    let (db, redis) = healthy_store(600).await;
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify", "--json"]);
+    assert!(ok, "verify failed on a healthy store:\n{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(report["healthy"], true);
+    let statuses: Vec<(String, String)> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = |name: &str, status: &str| (name.to_owned(), status.to_owned());
+    assert_eq!(
+        statuses,
+        vec![
+            expect("one_active_per_type", "pass"),
+            expect("orphan_ids", "skip"),
+            expect("mysql_matches_log", "pass"),
+            expect("redis_lookup_keys", "pass"),
+            expect("redis_active_ids", "pass"),
+            expect("sequences", "pass"),
+            expect("parked_overdue", "pass"),
+            expect("dead_letters", "pass"),
+        ]
+    );
+    // With the legacy tables holding every order, the orphan check runs and passes.
+    create_legacy_tables(&db).await;
+    exec(
+        &db,
+        "INSERT INTO live_user_orders (order_id) SELECT DISTINCT order_id FROM order_lifecycle_ids",
+    )
+    .await;
+    let report = run_verify(&db, &redis).await;
+    assert!(report.healthy, "{report:?}");
+    assert_eq!(
+        report.check("orphan_ids").unwrap().status,
+        order_lifecycle::verify::Status::Pass
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+/// Each check, given its fault, fails with the right count; the binary
+/// exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_verify_check_fails_on_its_fault_with_the_right_count() {
+    // More than one active id per (order, type).
+    let (db, redis) = healthy_store(601).await;
+    let (id, _) = some_row(&db, "status = 'replaced'").await;
+    exec(&db, &format!("UPDATE order_lifecycle_ids SET status = 'active', replaced_by = NULL WHERE lifecycle_id = '{id}'")).await;
+    assert_fails(&run_verify(&db, &redis).await, "one_active_per_type", 1);
+    let (ok, out, _) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(!ok, "exit code must say unhealthy:\n{out}");
+    assert!(out.contains("FAIL one_active_per_type"), "{out}");
+    redis.cleanup().await;
+    db.drop().await;
+
+    // Ids whose order is in neither legacy table.
+    let (db, redis) = healthy_store(602).await;
+    create_legacy_tables(&db).await;
+    let (_, orphan) = some_row(&db, "1 = 1").await;
+    exec(&db, &format!("INSERT INTO demo_user_orders (order_id) SELECT DISTINCT order_id FROM order_lifecycle_ids WHERE order_id <> '{orphan}'")).await;
+    let ids_of_orphan = db
+        .count(&format!(
+            "SELECT COUNT(*) FROM order_lifecycle_ids WHERE order_id = '{orphan}'"
+        ))
+        .await;
+    assert_fails(
+        &run_verify(&db, &redis).await,
+        "orphan_ids",
+        ids_of_orphan as u64,
+    );
+    redis.cleanup().await;
+    db.drop().await;
+
+    // MySQL rows that differ from the log: one deleted, one status changed.
+    let (db, redis) = healthy_store(603).await;
+    let (deleted, order_a) = some_row(&db, "id_type = 'stoploss_id'").await;
+    exec(
+        &db,
+        &format!("DELETE FROM order_lifecycle_ids WHERE lifecycle_id = '{deleted}'"),
+    )
+    .await;
+    let (changed, _) = some_row(&db, &format!("order_id <> '{order_a}'")).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE order_lifecycle_ids SET status = IF(status = 'executed', 'cancelled', 'executed') \
+             WHERE lifecycle_id = '{changed}'"
+        ),
+    )
+    .await;
+    assert_fails(&run_verify(&db, &redis).await, "mysql_matches_log", 2);
+    redis.cleanup().await;
+    db.drop().await;
+
+    // Lookup keys: one missing, one wrong, one for no id.
+    let (db, redis) = healthy_store(604).await;
+    let (gone, _) = some_row(&db, "id_type = 'takeprofit_id'").await;
+    let (altered, _) = some_row(&db, "id_type = 'order_id'").await;
+    redis_cmd(
+        &redis,
+        &[
+            "DEL",
+            &format!("{}global_order_lookup:{gone}", redis.prefix),
+        ],
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "SET",
+            &format!("{}global_order_lookup:{altered}", redis.prefix),
+            "999",
+        ],
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "SET",
+            &format!("{}global_order_lookup:NO-SUCH-ID", redis.prefix),
+            "1",
+        ],
+    )
+    .await;
+    let report = run_verify(&db, &redis).await;
+    assert_fails(&report, "redis_lookup_keys", 3);
+    assert_eq!(
+        report.check("redis_lookup_keys").unwrap().note.as_deref(),
+        Some("1 missing, 1 wrong, 1 extra")
+    );
+    redis.cleanup().await;
+    db.drop().await;
+
+    // Active-id hashes: one missing, one wrong, one for an order without active ids.
+    let (db, redis) = healthy_store(605).await;
+    let (_, order_a) = some_row(&db, "status = 'active'").await;
+    let (_, order_b) = some_row(
+        &db,
+        &format!("status = 'active' AND order_id <> '{order_a}'"),
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "DEL",
+            &format!("{}order_lifecycle_active:{order_a}", redis.prefix),
+        ],
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            &format!("{}order_lifecycle_active:{order_b}", redis.prefix),
+            "stoploss_id",
+            "NOT-IT",
+        ],
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            &format!("{}order_lifecycle_active:NO-SUCH-ORDER", redis.prefix),
+            "order_id",
+            "x",
+        ],
+    )
+    .await;
+    let report = run_verify(&db, &redis).await;
+    assert_fails(&report, "redis_active_ids", 3);
+    assert_eq!(
+        report.check("redis_active_ids").unwrap().note.as_deref(),
+        Some("1 missing, 1 wrong, 1 extra")
+    );
+    redis.cleanup().await;
+    db.drop().await;
+
+    // A gap in an order's sequence (the log only takes inserts).
+    let (db, redis) = healthy_store(606).await;
+    let (_, order) = some_row(&db, "1 = 1").await;
+    exec(&db, &format!(
+        "INSERT INTO lifecycle_events (order_id, seq, event_id, kind, outcome, transitions, payload, occurred_at_ms) \
+         SELECT order_id, MAX(seq) + 2, 'gap-event', 'order_placed', 'duplicate', '[]', '{{}}', 1 \
+         FROM lifecycle_events WHERE order_id = '{order}' GROUP BY order_id"
+    )).await;
+    assert_fails(&run_verify(&db, &redis).await, "sequences", 1);
+    redis.cleanup().await;
+    db.drop().await;
+
+    // Parked events past their limit, and dead letters stuck in the outbox.
+    let (db, redis) = healthy_store(607).await;
+    for i in 0..2 {
+        exec(&db, &format!(
+            "INSERT INTO parked_events (awaited_id, event_id, event, source_topic, source_partition, \
+             source_offset, expires_at) VALUES ('SL-LATE', 'late-{i}', '{{}}', 'order-events', 0, {i}, \
+             NOW(3) - INTERVAL 2 MINUTE)"
+        )).await;
+    }
+    exec(&db,
+        "INSERT INTO dead_letters (source_topic, source_partition, source_offset, reason, error, created_at) \
+         VALUES ('order-events', 0, 1, 'undecodable_json', 'x', NOW(3) - INTERVAL 10 MINUTE), \
+                ('order-events', 0, 2, 'undecodable_json', 'x', NOW(3))",
+    ).await;
+    let report = run_verify(&db, &redis).await;
+    assert_fails(&report, "parked_overdue", 2);
+    assert_fails(&report, "dead_letters", 1);
+    assert_eq!(
+        report.check("dead_letters").unwrap().note.as_deref(),
+        Some("by reason: undecodable_json 2")
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+/// `--repair` re-projects the orders found wrong: a corrupted store passes
+/// again, and equals the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_repair_makes_a_corrupted_store_pass() {
+    let (db, redis) = healthy_store(610).await;
+    let (replaced, _) = some_row(&db, "status = 'replaced'").await;
+    exec(&db, &format!("UPDATE order_lifecycle_ids SET status = 'active', replaced_by = NULL WHERE lifecycle_id = '{replaced}'")).await;
+    let (deleted, _) = some_row(&db, "id_type = 'takeprofit_id'").await;
+    exec(
+        &db,
+        &format!("DELETE FROM order_lifecycle_ids WHERE lifecycle_id = '{deleted}'"),
+    )
+    .await;
+    exec(&db, "INSERT INTO order_lifecycle_ids (order_id, id_type, lifecycle_id, status, created_at, updated_at, issued_seq, updated_seq) \
+               VALUES ('NO-LOG-ORDER', 'order_id', 'NO-LOG-ORDER', 'active', NOW(), NOW(), 1, 1)").await;
+    let (gone, _) = some_row(
+        &db,
+        "id_type = 'order_id' AND lifecycle_id <> 'NO-LOG-ORDER'",
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "DEL",
+            &format!("{}global_order_lookup:{gone}", redis.prefix),
+        ],
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "SET",
+            &format!("{}global_order_lookup:NO-SUCH-ID", redis.prefix),
+            "1",
+        ],
+    )
+    .await;
+    redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            &format!("{}order_lifecycle_active:NO-SUCH-ORDER", redis.prefix),
+            "order_id",
+            "x",
+        ],
+    )
+    .await;
+    let before = run_verify(&db, &redis).await;
+    assert!(!before.healthy);
+
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify", "--repair"]);
+    assert!(ok, "verify --repair did not end healthy:\n{out}\n{err}");
+    assert!(out.contains("repaired: "), "{out}");
+    let (ok, out, _) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(ok, "{out}");
+    assert!(!db.rows().await.contains_key("NO-LOG-ORDER"));
+    common::assert_projections_match_log(&db, &redis).await;
+    redis.cleanup().await;
+    db.drop().await;
+}

@@ -145,24 +145,10 @@ impl RedisProjection {
         orders: &[(OrderId, ActiveIds)],
         position: i64,
     ) -> Result<bool, RedisError> {
-        let keys = self.keys();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.set(keys.position(), position).ignore();
-        for (id, order) in lookups {
-            pipe.set(keys.lookup(id), order.as_str()).ignore();
-        }
-        for (order, active) in orders {
-            let key = keys.active(order);
-            pipe.del(&key).ignore();
-            if !active.is_empty() {
-                let fields: Vec<(&str, &str)> = active
-                    .iter()
-                    .map(|(t, id)| (t.as_str(), id.as_str()))
-                    .collect();
-                pipe.hset_multiple(&key, &fields).ignore();
-            }
-        }
+        pipe.set(self.keys().position(), position).ignore();
+        self.add_key_writes(&mut pipe, lookups, orders);
         let mut conn = self.conn.clone();
         let reply: redis::Value = pipe.query_async(&mut conn).await?;
         Ok(reply != redis::Value::Nil)
@@ -196,6 +182,79 @@ impl RedisProjection {
             .arg(500)
             .query_async(&mut conn)
             .await
+    }
+
+    /// The order each id's lookup key names (`None`: no key), in order.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn lookups(&self, ids: &[&LifecycleId]) -> Result<Vec<Option<String>>, RedisError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.keys();
+        let names: Vec<String> = ids.iter().map(|id| keys.lookup(id)).collect();
+        let mut conn = self.conn.clone();
+        redis::cmd("MGET").arg(names).query_async(&mut conn).await
+    }
+
+    /// Each order's active-id hash as `(field, value)` pairs (empty: no
+    /// hash), in order.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn active_hashes(
+        &self,
+        orders: &[&OrderId],
+    ) -> Result<Vec<std::collections::BTreeMap<String, String>>, RedisError> {
+        let keys = self.keys();
+        let mut pipe = redis::pipe();
+        for order in orders {
+            pipe.hgetall(keys.active(order));
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await
+    }
+
+    /// Sets lookups and replaces active-id hashes like
+    /// [`RedisProjection::write`], without moving the projected position (a
+    /// repair of some orders).
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn put(
+        &self,
+        lookups: &[(LifecycleId, OrderId)],
+        orders: &[(OrderId, ActiveIds)],
+    ) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.add_key_writes(&mut pipe, lookups, orders);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await
+    }
+
+    fn add_key_writes(
+        &self,
+        pipe: &mut redis::Pipeline,
+        lookups: &[(LifecycleId, OrderId)],
+        orders: &[(OrderId, ActiveIds)],
+    ) {
+        let keys = self.keys();
+        for (id, order) in lookups {
+            pipe.set(keys.lookup(id), order.as_str()).ignore();
+        }
+        for (order, active) in orders {
+            let key = keys.active(order);
+            pipe.del(&key).ignore();
+            if !active.is_empty() {
+                let fields: Vec<(&str, &str)> = active
+                    .iter()
+                    .map(|(t, id)| (t.as_str(), id.as_str()))
+                    .collect();
+                pipe.hset_multiple(&key, &fields).ignore();
+            }
+        }
     }
 
     /// Deletes keys; returns how many existed.
