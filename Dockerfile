@@ -12,5 +12,7 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/order-lifecycle /usr/local/bin/order-lifecycle
 USER nobody
+ENV OL_HTTP_LISTEN=0.0.0.0:8080
+EXPOSE 8080
 ENTRYPOINT ["order-lifecycle"]
 CMD ["run"]

@@ -15,6 +15,8 @@ RATE=${RATE:-150}
 DB=${DEMO_DATABASE:-order_lifecycle}
 export OL_DATABASE_URL=${OL_DATABASE_URL:-mysql://root@127.0.0.1:3306/$DB}
 export RUST_LOG=${RUST_LOG:-warn,order_lifecycle=info}
+export OL_HTTP_LISTEN=${OL_HTTP_LISTEN:-127.0.0.1:18080}
+API="http://$OL_HTTP_LISTEN"
 
 bash scripts/services.sh
 echo "demo: building (the first build takes a few minutes)"
@@ -68,7 +70,15 @@ mysql -uroot -t "$DB" -e "SELECT lifecycle_id, order_id, status, replaced_by FRO
 late=$(sql "SELECT lifecycle_id FROM order_lifecycle_ids WHERE status='executed' AND replaced_by IS NOT NULL LIMIT 1")
 if [ -n "$late" ] && [ "$late" != "-" ]; then
   echo "demo: redis-cli GET global_order_lookup:$late -> $(redis-cli GET "global_order_lookup:$late")"
+  echo "demo: curl $API/v1/ids/$late"
+  curl -s "$API/v1/ids/$late"; echo
 fi
+echo "demo: curl $API/readyz"
+curl -s "$API/readyz"; echo
+echo "demo: metrics (curl $API/metrics, excerpt)"
+curl -s "$API/metrics" | grep -E '^order_lifecycle_(events_consumed_total|events_recorded_total|events_duplicate_total|dead_letters_total|redis_projection_lag_entries)[{ ]' || true
+echo "demo: order-lifecycle verify"
+"$BIN" verify || true
 echo "demo: dead letters by reason"
 mysql -uroot -t "$DB" -e "SELECT reason, COUNT(*) AS count FROM dead_letters GROUP BY reason"
 

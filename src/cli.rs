@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::BenchConfig;
 use crate::config::{DatabaseConfig, RunConfig};
+use crate::http::serve::ServeConfig;
 use crate::import_legacy::ImportConfig;
 use crate::rebuild::RebuildConfig;
 use crate::replay::ReplayConfig;
@@ -33,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Consume order events into the event log, MySQL and Redis.
     Run(Box<RunConfig>),
+    /// Serve the read API, health and metrics without consuming (read replicas).
+    Serve(Box<ServeConfig>),
     /// Apply database migrations and exit.
     Migrate(DatabaseConfig),
     /// Send a realistic stream of order lifecycles to the topics.

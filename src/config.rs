@@ -226,6 +226,94 @@ pub struct RedisConfig {
     pub key_prefix: String,
 }
 
+/// A secret that is not a URL (an API token): never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for comparison only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Secret, String> {
+        if s.trim().len() < 16 {
+            return Err("an API token must have at least 16 characters".into());
+        }
+        Ok(Secret(s.trim().to_owned()))
+    }
+}
+
+/// Where the HTTP server listens: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Listen, String> {
+        match raw.trim() {
+            "off" | "" => Ok(Listen(None)),
+            other => other
+                .parse()
+                .map(|a| Listen(Some(a)))
+                .map_err(|_| format!("{other:?} is not host:port (e.g. 0.0.0.0:8080) or off")),
+        }
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// The HTTP server: read API, health, metrics.
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// Address of the HTTP server (read API, /healthz, /readyz, /metrics),
+    /// or `off`.
+    #[arg(
+        long = "http-listen",
+        env = "OL_HTTP_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: Listen,
+    /// Bearer token required by the /v1 API (unset: no authentication).
+    /// Health and metrics stay open for probes and scrapers.
+    #[arg(long = "api-token", env = "OL_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<Secret>,
+    /// Most ids in one batch-resolve request.
+    #[arg(
+        long = "max-batch-ids",
+        env = "OL_MAX_BATCH_IDS",
+        default_value_t = 500
+    )]
+    pub max_batch_ids: usize,
+}
+
+impl HttpConfig {
+    /// No HTTP server (tests, tools).
+    pub fn off() -> HttpConfig {
+        HttpConfig {
+            listen: Listen(None),
+            api_token: None,
+            max_batch_ids: 500,
+        }
+    }
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone, Args)]
 pub struct RunConfig {
@@ -235,6 +323,8 @@ pub struct RunConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub redis: RedisConfig,
+    #[command(flatten)]
+    pub http: HttpConfig,
     /// Topics to consume, comma-separated. Any event kind may arrive on any of them.
     #[arg(
         long = "topics",

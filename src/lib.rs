@@ -10,6 +10,7 @@
 //! - [`store`]: MySQL event log, read model, dead letters, offsets; Redis keys.
 //! - [`ingest`]: the Kafka consumer loop, the batch pipeline, dead-letter
 //!   publishing, the Redis follower.
+//! - [`http`]: the read API, health and metrics endpoints.
 //! - [`kafka`]: client settings and topic administration.
 //! - [`rebuild`]: the read models recomputed from the log, swapped in live;
 //!   [`replay`]: the log re-read from Kafka; [`progress`]: their progress bar.
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod http;
 pub mod import_legacy;
 pub mod ingest;
 pub mod kafka;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use order_lifecycle::cli::{Cli, Command};
 use order_lifecycle::{
-    bench, import_legacy, ingest, rebuild, replay, simulate, store, telemetry, verify,
+    bench, http, import_legacy, ingest, rebuild, replay, simulate, store, telemetry, verify,
 };
 
 #[tokio::main]
@@ -13,7 +13,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Run(config) => ingest::run(*config, shutdown_signal()).await,
+        Command::Run(config) => {
+            http::install_metrics();
+            ingest::run(*config, shutdown_signal()).await
+        }
+        Command::Serve(config) => {
+            http::install_metrics();
+            http::serve::run(*config, shutdown_signal()).await
+        }
         Command::Migrate(db) => {
             let store = store::Store::connect(&db.url, 1)
                 .await

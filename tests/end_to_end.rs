@@ -451,6 +451,7 @@ async fn the_binary_migrates_runs_and_stops_cleanly_on_sigterm() {
         .env("OL_REDIS_KEY_PREFIX", &env.redis.prefix)
         .env("OL_SESSION_TIMEOUT", "6s")
         .env("OL_SHUTDOWN_TIMEOUT", "3s")
+        .env("OL_HTTP_LISTEN", "off")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start run");

@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{TestDb, TestRedis};
-use order_lifecycle::ingest::{process_batch, InboundMessage, PipelineConfig};
+use order_lifecycle::ingest::{process_batch, PipelineConfig};
 use order_lifecycle::testing::EventScript;
-use order_lifecycle::wire::{self, Encoding};
+use order_lifecycle::wire::Encoding;
 
 const BIN: &str = env!("CARGO_BIN_EXE_order-lifecycle");
 
@@ -154,19 +154,11 @@ async fn import_legacy_makes_every_id_resolve_and_a_second_run_changes_nothing()
     // The service already consumed order 100001 and gave it a newer stop-loss.
     let mut known = EventScript::new("100001");
     let events = [known.place(), known.sl("SL-NEW")];
-    let messages: Vec<InboundMessage> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| InboundMessage {
-            topic: "order-events".into(),
-            partition: 0,
-            offset: i as i64,
-            key: None,
-            payload: Some(wire::encode(e, Encoding::Protobuf)),
-            content_type: None,
-            timestamp_ms: None,
-        })
-        .collect();
+    let messages = common::inbound_messages(
+        "order-events",
+        0,
+        events.iter().map(|e| (e, Encoding::Protobuf)),
+    );
     let pipeline = PipelineConfig {
         offsets_group: Some("import-test".into()),
         park_timeout: Duration::from_secs(60),
@@ -342,19 +334,8 @@ async fn healthy_store(seed: u64) -> (TestDb, TestRedis) {
         park_timeout: Duration::from_secs(60),
     };
     let events = common::stream(20, seed);
-    let messages: Vec<InboundMessage> = events
-        .iter()
-        .enumerate()
-        .map(|(i, (e, encoding))| InboundMessage {
-            topic: "order-events".into(),
-            partition: 0,
-            offset: i as i64,
-            key: None,
-            payload: Some(wire::encode(e, *encoding)),
-            content_type: Some(encoding.content_type().as_bytes().to_vec()),
-            timestamp_ms: None,
-        })
-        .collect();
+    let messages =
+        common::inbound_messages("order-events", 0, events.iter().map(|(e, enc)| (e, *enc)));
     for chunk in messages.chunks(100) {
         process_batch(&db.store, &pipeline, chunk)
             .await

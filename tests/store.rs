@@ -24,19 +24,7 @@ fn config(park_timeout: Duration) -> PipelineConfig {
 
 /// Messages at consecutive offsets of one partition, starting at `first`.
 fn messages(topic: &str, first: i64, events: &[OrderEvent]) -> Vec<InboundMessage> {
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| InboundMessage {
-            topic: topic.into(),
-            partition: 0,
-            offset: first + i as i64,
-            key: None,
-            payload: Some(wire::encode(e, Encoding::Protobuf)),
-            content_type: None,
-            timestamp_ms: None,
-        })
-        .collect()
+    common::inbound_messages(topic, first, events.iter().map(|e| (e, Encoding::Protobuf)))
 }
 
 #[tokio::test]

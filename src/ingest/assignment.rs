@@ -18,23 +18,58 @@
 //! dropped from that batch: the next owner reads them.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::{ClientContext, Offset};
+use rdkafka::{ClientContext, Offset, Statistics};
 
 use super::pipeline::InboundMessage;
 use crate::store::{offsets, Store};
 
 type Partition = (String, i32);
 
+/// What readiness needs to know about the consumer.
+#[derive(Debug)]
+pub struct ConsumerStatus {
+    /// Partitions assigned now; -1 until the first assignment.
+    assigned: AtomicI64,
+}
+
+impl Default for ConsumerStatus {
+    fn default() -> ConsumerStatus {
+        ConsumerStatus {
+            assigned: AtomicI64::new(-1),
+        }
+    }
+}
+
+impl ConsumerStatus {
+    /// Partitions assigned now, or `None` before the group's first
+    /// assignment reached this member (it is not consuming yet).
+    pub fn assigned(&self) -> Option<u64> {
+        u64::try_from(self.assigned.load(Ordering::Relaxed)).ok()
+    }
+
+    fn change(&self, delta: i64) {
+        let _ = self
+            .assigned
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.max(0) + delta)
+            });
+    }
+}
+
 /// Records rebalances for the consumer loop. The rebalance callback runs
-/// inside `recv`, so it only records; the loop acts on the records.
+/// inside `recv`, so it only records; the loop acts on the records. It also
+/// keeps the [`ConsumerStatus`] and turns librdkafka's statistics into the
+/// per-partition lag gauge.
 #[derive(Default)]
 pub struct AssignmentContext {
     /// A `std` mutex: held only to push or take, never across an `.await`.
     events: Mutex<Changes>,
+    status: Arc<ConsumerStatus>,
 }
 
 #[derive(Default)]
@@ -43,7 +78,26 @@ struct Changes {
     revoked: Vec<Partition>,
 }
 
-impl ClientContext for AssignmentContext {}
+impl ClientContext for AssignmentContext {
+    /// `statistics.interval.ms` apart: lag per assigned partition, as the
+    /// fetcher sees it (the broker's high watermark from fetch responses,
+    /// minus the consumer's position).
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    "order_lifecycle_consumer_lag_messages",
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for AssignmentContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -60,6 +114,7 @@ impl ConsumerContext for AssignmentContext {
                 tracing::info!(partitions = ?parts, "partitions assigned");
                 metrics::gauge!("order_lifecycle_assigned_partitions")
                     .increment(parts.len() as f64);
+                self.status.change(parts.len() as i64);
                 changes.assigned.extend(parts);
             }
             Rebalance::Revoke(tpl) => {
@@ -67,6 +122,7 @@ impl ConsumerContext for AssignmentContext {
                 tracing::info!(partitions = ?parts, "partitions revoked");
                 metrics::gauge!("order_lifecycle_assigned_partitions")
                     .decrement(parts.len() as f64);
+                self.status.change(-(parts.len() as i64));
                 changes.revoked.extend(parts);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -75,6 +131,14 @@ impl ConsumerContext for AssignmentContext {
 }
 
 impl AssignmentContext {
+    /// A context reporting to `status`.
+    pub fn new(status: Arc<ConsumerStatus>) -> AssignmentContext {
+        AssignmentContext {
+            events: Mutex::default(),
+            status,
+        }
+    }
+
     fn take(&self) -> Changes {
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
     }

@@ -26,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
-use super::assignment::{AssignmentContext, OffsetGate};
+use super::assignment::{AssignmentContext, ConsumerStatus, OffsetGate};
 use super::backoff::Backoff;
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::ordering::merge_by_time;
@@ -36,6 +36,7 @@ use super::pipeline::{
 };
 use super::redis_follower;
 use crate::config::RunConfig;
+use crate::http::{self, ApiState};
 use crate::kafka;
 use crate::store::dead_letters::DeadLetter;
 use crate::store::{Store, StoreError};
@@ -79,9 +80,24 @@ async fn run_until(
         redis = %config.redis.url,
         "starting order-lifecycle consumer"
     );
+    let status = Arc::new(ConsumerStatus::default());
+    let api = ApiState::new(&config.http, config.redis.clone(), Some(status.clone()));
+    let http = match config.http.listen.0 {
+        Some(listen) => {
+            let mut stop = shutdown_rx.clone();
+            let server = http::start(listen, api.clone(), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .with_context(|| format!("binding the HTTP server to {listen}"))?;
+            Some(server)
+        }
+        None => None,
+    };
     let Some(store) = connect(&config, shutdown_rx).await? else {
         return Ok(());
     };
+    let _ = api.store.set(store.clone());
 
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     if config.create_topics {
@@ -95,7 +111,9 @@ async fn run_until(
         .context("creating the dead-letter producer")?;
     let consumer: StreamConsumer<AssignmentContext> =
         kafka::consumer_config(&config.kafka, &config.group_id, config.session_timeout)
-            .create_with_context(AssignmentContext::default())
+            // For the consumer-lag gauge (see AssignmentContext).
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(AssignmentContext::new(status))
             .context("creating the Kafka consumer")?;
     consumer
         .subscribe(&topics)
@@ -133,6 +151,9 @@ async fn run_until(
         .is_err()
     {
         tracing::warn!("redis follower did not stop in time; it resumes from its checkpoint");
+    }
+    if let Some(server) = http {
+        server.abort();
     }
     match &result {
         Ok(()) => tracing::info!("order-lifecycle consumer stopped"),
@@ -441,8 +462,8 @@ fn record(report: &BatchReport, seconds: f64) {
     metrics::counter!("order_lifecycle_parked_total").increment(report.parked as u64);
     metrics::counter!("order_lifecycle_unparked_total").increment(report.unparked as u64);
     log_dead_letters(&report.dead_letters);
-    metrics::histogram!("order_lifecycle_batch_size").record(report.consumed as f64);
-    metrics::histogram!("order_lifecycle_batch_seconds").record(seconds);
+    metrics::histogram!("order_lifecycle_batch_messages").record(report.consumed as f64);
+    metrics::histogram!("order_lifecycle_batch_duration_seconds").record(seconds);
     tracing::info!(
         consumed = report.consumed,
         recorded = report.recorded_total(),

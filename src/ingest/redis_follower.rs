@@ -119,6 +119,15 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
     Ok(entries.len())
 }
 
+/// Sets `order_lifecycle_redis_projection_lag_entries`: log entries not
+/// yet in Redis (by position; a rolled-back gap counts until passed).
+async fn record_lag(store: &Store, redis: &RedisProjection) {
+    if let (Ok(head), Ok(at)) = (event_log::head(store.pool()).await, redis.position().await) {
+        metrics::gauge!("order_lifecycle_redis_projection_lag_entries")
+            .set((head - at.unwrap_or(0)).max(0) as f64);
+    }
+}
+
 /// Follows the log until `stop` turns true, woken by `wake` after each
 /// committed batch and at least every second.
 pub async fn run(
@@ -160,6 +169,7 @@ pub async fn run(
         match catch_up(&store, &projection).await {
             Ok(0) => {
                 backoff.reset();
+                record_lag(&store, &projection).await;
                 tokio::select! {
                     _ = wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -168,6 +178,7 @@ pub async fn run(
             }
             Ok(n) => {
                 backoff.reset();
+                record_lag(&store, &projection).await;
                 metrics::counter!("order_lifecycle_redis_projected_entries_total")
                     .increment(n as u64);
             }

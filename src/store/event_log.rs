@@ -178,3 +178,68 @@ pub async fn head(pool: &sqlx::MySqlPool) -> Result<i64, StoreError> {
         .await?;
     Ok(head.unwrap_or(0))
 }
+
+/// One log entry as the read API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderEntry {
+    pub seq: u64,
+    pub event_id: String,
+    pub kind: String,
+    pub outcome: String,
+    /// JSON array of transitions.
+    pub transitions: String,
+    /// The input event in contract JSON.
+    pub payload: String,
+    pub occurred_at_ms: i64,
+    pub source: Option<Source>,
+}
+
+/// Up to `limit` entries of one order with `seq > after_seq`, in sequence.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn order_entries(
+    pool: &sqlx::MySqlPool,
+    order: &OrderId,
+    after_seq: u64,
+    limit: u32,
+) -> Result<Vec<OrderEntry>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT seq, event_id, kind, CAST(outcome AS CHAR), transitions, payload, occurred_at_ms, \
+         source_topic, source_partition, source_offset FROM lifecycle_events \
+         WHERE order_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+    )
+    .bind(order.as_str())
+    .bind(after_seq as i64)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let seq: i64 = r.try_get(0)?;
+            let topic = super::opt_text(r, 7, TABLE)?;
+            let source = match (
+                topic,
+                r.try_get::<Option<i32>, _>(8)?,
+                r.try_get::<Option<i64>, _>(9)?,
+            ) {
+                (Some(topic), Some(partition), Some(offset)) => Some(Source {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                }),
+                _ => None,
+            };
+            Ok(OrderEntry {
+                seq: seq as u64,
+                event_id: text(r, 1, TABLE)?.to_owned(),
+                kind: text(r, 2, TABLE)?.to_owned(),
+                outcome: text(r, 3, TABLE)?.to_owned(),
+                transitions: text(r, 4, TABLE)?.to_owned(),
+                payload: text(r, 5, TABLE)?.to_owned(),
+                occurred_at_ms: r.try_get(6)?,
+                source,
+            })
+        })
+        .collect()
+}

@@ -433,6 +433,7 @@ impl Env {
                 url: SecretUrl::new(self.redis.url.clone()),
                 key_prefix: self.redis.prefix.clone(),
             },
+            http: order_lifecycle::config::HttpConfig::off(),
             topics: vec![
                 self.topics.orders.clone(),
                 self.topics.confirmations.clone(),
@@ -725,6 +726,7 @@ impl Env {
                 format!("{}s", config.park_timeout.as_secs().max(1)),
             )
             .env("OL_BATCH_SIZE", config.batch_size.to_string())
+            .env("OL_HTTP_LISTEN", config.http.listen.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -798,7 +800,7 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn port_answers(port: u16) -> bool {
+pub fn port_answers(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
@@ -975,4 +977,105 @@ impl Env {
             producer,
         }
     }
+}
+
+/// A response: status and body (de-chunked).
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = rest;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        rest.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers: head.to_owned(),
+        body,
+    }
+}
+
+/// A free local address for an HTTP server.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Messages at consecutive offsets of partition 0 of `topic`, from `first`,
+/// each event in its encoding (content-type header set), as the consumer
+/// hands them to the pipeline.
+pub fn inbound_messages<'a>(
+    topic: &str,
+    first: i64,
+    events: impl IntoIterator<Item = (&'a OrderEvent, Encoding)>,
+) -> Vec<order_lifecycle::ingest::InboundMessage> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, (e, encoding))| order_lifecycle::ingest::InboundMessage {
+                topic: topic.into(),
+                partition: 0,
+                offset: first + i as i64,
+                key: None,
+                payload: Some(wire::encode(e, encoding)),
+                content_type: Some(encoding.content_type().as_bytes().to_vec()),
+                timestamp_ms: None,
+            },
+        )
+        .collect()
 }

@@ -1,0 +1,369 @@
+//! `/v1`: resolve ids, read an order's ids and its log.
+//!
+//! Reads come from MySQL (`order_lifecycle_ids` by its unique index,
+//! `lifecycle_events` by `(order_id, seq)`): one or two indexed queries per
+//! request, a batch in the same two. Redis is not consulted: it follows the
+//! log a moment behind, and an answer mixing the two could contradict
+//! itself (an id resolved by Redis, its status from MySQL).
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ApiState};
+use crate::domain::{IdRecord, IdStatus, LifecycleId, OrderId};
+use crate::store::{event_log, id_projection, StoreError};
+
+/// Most log entries per page.
+pub const MAX_PAGE: u32 = 1000;
+/// Log entries per page when `limit` is not given.
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// One id resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resolved {
+    pub lifecycle_id: String,
+    pub order_id: String,
+    pub id_type: &'static str,
+    pub status: &'static str,
+    pub replaced_by: Option<String>,
+    /// For cancel-type ids: the id whose cancellation was requested.
+    pub target_id: Option<String>,
+    /// The order's active id of the same type now, if any.
+    pub active_id: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+fn resolved(order: &OrderId, record: &IdRecord, ids: &[IdRecord]) -> Resolved {
+    Resolved {
+        lifecycle_id: record.lifecycle_id.to_string(),
+        order_id: order.to_string(),
+        id_type: record.id_type.as_str(),
+        status: record.status.as_str(),
+        replaced_by: record.replaced_by.as_ref().map(ToString::to_string),
+        target_id: record.target.as_ref().map(ToString::to_string),
+        active_id: ids
+            .iter()
+            .find(|r| r.id_type == record.id_type && r.status == IdStatus::Active)
+            .map(|r| r.lifecycle_id.to_string()),
+        created_at_ms: record.issued_at_ms,
+        updated_at_ms: record.updated_at_ms,
+    }
+}
+
+fn parse_id(raw: &str) -> Result<LifecycleId, ApiError> {
+    LifecycleId::parse(raw).map_err(|e| ApiError::BadRequest {
+        code: "invalid_id",
+        message: format!("not a lifecycle id: {e}"),
+    })
+}
+
+fn parse_order(raw: &str) -> Result<OrderId, ApiError> {
+    OrderId::parse(raw).map_err(|e| ApiError::BadRequest {
+        code: "invalid_order_id",
+        message: format!("not an order id: {e}"),
+    })
+}
+
+/// Resolves ids: each bound id with its order's records.
+async fn lookup(
+    state: &ApiState,
+    ids: &[LifecycleId],
+) -> Result<HashMap<LifecycleId, Resolved>, ApiError> {
+    let store = state.store()?;
+    let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
+    let owners = id_projection::owners_of(&mut conn, ids).await?;
+    let mut orders: Vec<OrderId> = owners.values().cloned().collect();
+    orders.sort();
+    orders.dedup();
+    let records = id_projection::load_records(&mut conn, &orders, false).await?;
+    Ok(owners
+        .iter()
+        .filter_map(|(id, order)| {
+            let ids = records.get(order)?;
+            let record = ids.iter().find(|r| &r.lifecycle_id == id)?;
+            Some((id.clone(), resolved(order, record, ids)))
+        })
+        .collect())
+}
+
+/// `GET /v1/ids/{lifecycle_id}`.
+pub async fn resolve(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Resolved>, ApiError> {
+    let id = parse_id(&raw)?;
+    lookup(&state, std::slice::from_ref(&id))
+        .await?
+        .remove(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound {
+            code: "unknown_id",
+            message: format!("no order has the id {id}"),
+        })
+}
+
+/// The body of a batch resolve.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub ids: Vec<String>,
+}
+
+/// One entry of a batch answer: the id resolved, or why not.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum BatchEntry {
+    Resolved(Resolved),
+    Failed {
+        lifecycle_id: String,
+        error: BatchError,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResponse {
+    /// In request order.
+    pub results: Vec<BatchEntry>,
+}
+
+/// `POST /v1/ids/resolve` with `{"ids": [...]}`.
+pub async fn resolve_batch(
+    State(state): State<ApiState>,
+    body: Result<Json<BatchRequest>, JsonRejection>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let Json(request) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BadRequest {
+            code: "body_too_large",
+            message: format!("the body exceeds {} bytes", super::MAX_BODY_BYTES),
+        },
+        _ => ApiError::BadRequest {
+            code: "invalid_body",
+            message: format!("expected {{\"ids\": [\"...\"]}}: {}", e.body_text()),
+        },
+    })?;
+    if request.ids.len() > state.max_batch_ids {
+        return Err(ApiError::BadRequest {
+            code: "batch_too_large",
+            message: format!(
+                "{} ids asked; at most {} per request",
+                request.ids.len(),
+                state.max_batch_ids
+            ),
+        });
+    }
+    let parsed: Vec<Result<LifecycleId, String>> = request
+        .ids
+        .iter()
+        .map(|raw| LifecycleId::parse(raw).map_err(|e| e.to_string()))
+        .collect();
+    let valid: Vec<LifecycleId> = parsed.iter().filter_map(|p| p.clone().ok()).collect();
+    let found = lookup(&state, &valid).await?;
+    let results = request
+        .ids
+        .iter()
+        .zip(parsed)
+        .map(|(raw, parsed)| match parsed {
+            Err(e) => BatchEntry::Failed {
+                lifecycle_id: raw.chars().take(80).collect(),
+                error: BatchError {
+                    code: "invalid_id",
+                    message: format!("not a lifecycle id: {e}"),
+                },
+            },
+            // A repeated id is answered each time it is asked.
+            Ok(id) => match found.get(&id) {
+                Some(r) => BatchEntry::Resolved(r.clone()),
+                None => BatchEntry::Failed {
+                    lifecycle_id: id.to_string(),
+                    error: BatchError {
+                        code: "unknown_id",
+                        message: format!("no order has the id {id}"),
+                    },
+                },
+            },
+        })
+        .collect();
+    Ok(Json(BatchResponse { results }))
+}
+
+/// One id of an order.
+#[derive(Debug, Serialize)]
+pub struct OrderIdEntry {
+    pub lifecycle_id: String,
+    pub id_type: &'static str,
+    pub status: &'static str,
+    /// The id that replaced this one.
+    pub replaced_by: Option<String>,
+    /// The id this one replaced.
+    pub replaces: Option<String>,
+    pub target_id: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Log sequence numbers of the entries that issued and last changed it.
+    pub issued_seq: u64,
+    pub updated_seq: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrderIds {
+    pub order_id: String,
+    /// In the order they were issued.
+    pub ids: Vec<OrderIdEntry>,
+    /// The active id per type.
+    pub active: BTreeMap<&'static str, String>,
+}
+
+/// `GET /v1/orders/{order_id}/ids`.
+pub async fn order_ids(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Json<OrderIds>, ApiError> {
+    let order = parse_order(&raw)?;
+    let store = state.store()?;
+    let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
+    let mut records = id_projection::load_records(&mut conn, std::slice::from_ref(&order), false)
+        .await?
+        .remove(&order)
+        .unwrap_or_default();
+    if records.is_empty() {
+        return Err(ApiError::NotFound {
+            code: "unknown_order",
+            message: format!("no ids recorded for order {order}"),
+        });
+    }
+    records.sort_by_key(|r| (r.issued_seq, r.issued_at_ms));
+    let replaces: HashMap<&LifecycleId, &LifecycleId> = records
+        .iter()
+        .filter_map(|r| r.replaced_by.as_ref().map(|by| (by, &r.lifecycle_id)))
+        .collect();
+    let ids = records
+        .iter()
+        .map(|r| OrderIdEntry {
+            lifecycle_id: r.lifecycle_id.to_string(),
+            id_type: r.id_type.as_str(),
+            status: r.status.as_str(),
+            replaced_by: r.replaced_by.as_ref().map(ToString::to_string),
+            replaces: replaces.get(&r.lifecycle_id).map(|x| x.to_string()),
+            target_id: r.target.as_ref().map(ToString::to_string),
+            created_at_ms: r.issued_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            issued_seq: r.issued_seq,
+            updated_seq: r.updated_seq,
+        })
+        .collect();
+    let active = records
+        .iter()
+        .filter(|r| r.status == IdStatus::Active)
+        .map(|r| (r.id_type.as_str(), r.lifecycle_id.to_string()))
+        .collect();
+    Ok(Json(OrderIds {
+        order_id: order.to_string(),
+        ids,
+        active,
+    }))
+}
+
+/// Paging of an order's events.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Entries with a greater sequence number (default 0: from the start).
+    pub after_seq: Option<u64>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventSource {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventEntry {
+    pub seq: u64,
+    pub event_id: String,
+    pub kind: String,
+    pub outcome: String,
+    pub transitions: serde_json::Value,
+    /// The input event in the contract's JSON form.
+    pub event: serde_json::Value,
+    pub occurred_at_ms: i64,
+    /// Where it was read; `null` for synthetic entries (legacy import).
+    pub source: Option<EventSource>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrderEvents {
+    pub order_id: String,
+    pub events: Vec<EventEntry>,
+    /// Pass as `after_seq` for the next page; `null` on the last page.
+    pub next_after_seq: Option<u64>,
+}
+
+/// `GET /v1/orders/{order_id}/events?after_seq=&limit=`.
+pub async fn order_events(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<OrderEvents>, ApiError> {
+    let order = parse_order(&raw)?;
+    let Query(query) = query.map_err(|e| ApiError::BadRequest {
+        code: "invalid_query",
+        message: format!("after_seq and limit are whole numbers: {}", e.body_text()),
+    })?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("limit must be between 1 and {MAX_PAGE}"),
+        });
+    }
+    let after = query.after_seq.unwrap_or(0);
+    let store = state.store()?;
+    let entries = event_log::order_entries(store.pool(), &order, after, limit).await?;
+    if entries.is_empty() && after == 0 {
+        return Err(ApiError::NotFound {
+            code: "unknown_order",
+            message: format!("no log entries for order {order}"),
+        });
+    }
+    let next_after_seq = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten();
+    let events = entries
+        .into_iter()
+        .map(|e| EventEntry {
+            seq: e.seq,
+            event_id: e.event_id,
+            kind: e.kind,
+            outcome: e.outcome,
+            transitions: serde_json::from_str(&e.transitions).unwrap_or(serde_json::Value::Null),
+            event: serde_json::from_str(&e.payload).unwrap_or(serde_json::Value::Null),
+            occurred_at_ms: e.occurred_at_ms,
+            source: e.source.map(|s| EventSource {
+                topic: s.topic,
+                partition: s.partition,
+                offset: s.offset,
+            }),
+        })
+        .collect();
+    Ok(Json(OrderEvents {
+        order_id: order.to_string(),
+        events,
+        next_after_seq,
+    }))
+}

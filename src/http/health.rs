@@ -1,0 +1,94 @@
+//! `/healthz`: the process answers. `/readyz`: it can do its job: the
+//! database and Redis answer within a second, and (in `run`) the consumer
+//! has its partition assignment. A 503 names the failing part.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Serialize;
+
+use super::ApiState;
+
+/// How long each dependency may take to answer a readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Serialize)]
+pub struct Health {
+    /// `ok` or `unavailable`.
+    pub status: &'static str,
+    /// Each part: `ok`, or what is wrong with it.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<&'static str, String>,
+}
+
+/// `GET /healthz`.
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        checks: BTreeMap::new(),
+    })
+}
+
+/// `GET /readyz`.
+pub async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Health>) {
+    let mut checks = BTreeMap::new();
+    checks.insert("database", database(&state).await);
+    checks.insert("redis", redis(&state).await);
+    if let Some(consumer) = &state.consumer {
+        checks.insert(
+            "consumer",
+            match consumer.assigned() {
+                Some(_) => "ok".to_owned(),
+                None => "waiting for its partition assignment".to_owned(),
+            },
+        );
+    }
+    let ready = checks.values().all(|v| v == "ok");
+    let failing: Vec<&str> = checks
+        .iter()
+        .filter(|(_, v)| *v != "ok")
+        .map(|(k, _)| *k)
+        .collect();
+    if !ready {
+        tracing::warn!(failing = ?failing, "not ready");
+    }
+    (
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(Health {
+            status: if ready { "ok" } else { "unavailable" },
+            checks,
+        }),
+    )
+}
+
+async fn database(state: &ApiState) -> String {
+    let Some(store) = state.store.get() else {
+        return "not connected yet".to_owned();
+    };
+    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(store.pool());
+    match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(_)) => "unreachable".to_owned(),
+        Err(_) => "no answer within 1s".to_owned(),
+    }
+}
+
+async fn redis(state: &ApiState) -> String {
+    let probe = async {
+        let client = redis::Client::open(state.redis.url.expose())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(_)) => "unreachable".to_owned(),
+        Err(_) => "no answer within 1s".to_owned(),
+    }
+}

@@ -1,0 +1,635 @@
+//! The HTTP side against the real services: the /v1 read API after a known
+//! stream, authentication, limits, the OpenAPI description checked against
+//! the server, readiness with a Redis that goes away, exact metric counts,
+//! and logs that never show a password.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{free_addr, http_request, wait_until, Env, HttpResponse, OwnRedis, TestDb, TestRedis};
+use order_lifecycle::config::{HttpConfig, RedisConfig, SecretUrl};
+use order_lifecycle::domain::OrderEvent;
+use order_lifecycle::http::{self, ApiState};
+use order_lifecycle::ingest::{process_batch, PipelineConfig};
+use order_lifecycle::testing::EventScript;
+use order_lifecycle::wire::{self, Encoding};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The known stream: an order whose stop-loss is replaced twice (A by B, B
+/// by C), then executed late under its first id; a take-profit; a second
+/// order.
+fn known_stream() -> (Vec<OrderEvent>, Vec<OrderEvent>) {
+    let mut o = EventScript::new("API1");
+    let first = vec![
+        o.place(),
+        o.sl("API1-SL-A"),
+        o.sl("API1-SL-B"),
+        o.sl("API1-SL-C"),
+        o.tp("API1-TP-1"),
+    ];
+    let mut p = EventScript::new("API2");
+    let mut second = vec![p.place()];
+    second.push(o.confirm("API1-SL-A", "EXECUTED"));
+    (first, second)
+}
+
+fn resolved(
+    id: &str,
+    id_type: &str,
+    status: &str,
+    by: Option<&str>,
+    active: Option<&str>,
+    created: i64,
+    updated: i64,
+) -> Value {
+    json!({
+        "lifecycle_id": id,
+        "order_id": "API1",
+        "id_type": id_type,
+        "status": status,
+        "replaced_by": by,
+        "target_id": null,
+        "active_id": active,
+        "created_at_ms": created,
+        "updated_at_ms": updated,
+    })
+}
+
+/// Every /v1 endpoint against a real database fed through Kafka: exact
+/// bodies, including an id replaced twice and a late executed one; 404s and
+/// 400s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_api_answers_exactly_after_a_known_stream() {
+    let env = Env::new().await;
+    let addr = free_addr();
+    let mut config = env.run_config();
+    config.http.listen = order_lifecycle::config::Listen(Some(addr));
+    let consumer = env.start(config);
+    let (first, second) = known_stream();
+    env.send(&first, Encoding::Protobuf).await;
+    env.wait_for_log(5, 0).await;
+    env.send(&second, Encoding::Json).await;
+    env.wait_for_log(7, 0).await;
+    let t = |e: &OrderEvent| e.occurred_at_ms;
+    let (placed, sl_a, sl_b, sl_c, tp) = (
+        t(&first[0]),
+        t(&first[1]),
+        t(&first[2]),
+        t(&first[3]),
+        t(&first[4]),
+    );
+    let executed = t(&second[1]);
+
+    // Resolve: the first stop-loss, replaced twice along the chain, then executed late.
+    let r = http_request(addr, "GET", "/v1/ids/API1-SL-A", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        resolved(
+            "API1-SL-A",
+            "stoploss_id",
+            "executed",
+            Some("API1-SL-B"),
+            Some("API1-SL-C"),
+            sl_a,
+            executed
+        )
+    );
+    let r = http_request(addr, "GET", "/v1/ids/API1-SL-B", None, None).await;
+    assert_eq!(
+        r.json(),
+        resolved(
+            "API1-SL-B",
+            "stoploss_id",
+            "replaced",
+            Some("API1-SL-C"),
+            Some("API1-SL-C"),
+            sl_b,
+            sl_c
+        )
+    );
+
+    // The order's ids.
+    let r = http_request(addr, "GET", "/v1/orders/API1/ids", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = |lid: &str,
+              ty: &str,
+              status: &str,
+              by: Option<&str>,
+              replaces: Option<&str>,
+              created: i64,
+              updated: i64,
+              iseq: u64,
+              useq: u64| {
+        json!({
+            "lifecycle_id": lid, "id_type": ty, "status": status, "replaced_by": by,
+            "replaces": replaces, "target_id": null, "created_at_ms": created,
+            "updated_at_ms": updated, "issued_seq": iseq, "updated_seq": useq,
+        })
+    };
+    assert_eq!(
+        r.json(),
+        json!({
+            "order_id": "API1",
+            "ids": [
+                id("API1", "order_id", "active", None, None, placed, placed, 1, 1),
+                id("API1-SL-A", "stoploss_id", "executed", Some("API1-SL-B"), None, sl_a, executed, 2, 6),
+                id("API1-SL-B", "stoploss_id", "replaced", Some("API1-SL-C"), Some("API1-SL-A"), sl_b, sl_c, 3, 4),
+                id("API1-SL-C", "stoploss_id", "active", None, Some("API1-SL-B"), sl_c, sl_c, 4, 4),
+                id("API1-TP-1", "takeprofit_id", "active", None, None, tp, tp, 5, 5),
+            ],
+            "active": {"order_id": "API1", "stoploss_id": "API1-SL-C", "takeprofit_id": "API1-TP-1"},
+        })
+    );
+
+    // The order's events, two pages.
+    let page = http_request(addr, "GET", "/v1/orders/API1/events?limit=4", None, None).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let page = page.json();
+    assert_eq!(page["next_after_seq"], 4);
+    let events: Vec<&OrderEvent> = first.iter().chain([&second[1]]).collect();
+    let seqs: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    for (entry, event) in page["events"].as_array().unwrap().iter().zip(&events) {
+        assert_eq!(entry["event_id"], event.event_id.to_string());
+        assert_eq!(entry["kind"], event.kind.name());
+        assert_eq!(entry["outcome"], "applied");
+        assert_eq!(entry["occurred_at_ms"], event.occurred_at_ms);
+        let payload: Value = serde_json::from_str(&wire::json::encode(event)).unwrap();
+        assert_eq!(entry["event"], payload);
+        assert_eq!(entry["source"]["topic"], env.topics.orders.as_str());
+    }
+    assert_eq!(
+        page["events"][2]["transitions"],
+        json!([
+            {"op": "replaced", "lifecycle_id": "API1-SL-A", "by": "API1-SL-B"},
+            {"op": "issued", "lifecycle_id": "API1-SL-B", "id_type": "stoploss_id"},
+        ])
+    );
+    let rest = http_request(
+        addr,
+        "GET",
+        "/v1/orders/API1/events?after_seq=4",
+        None,
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(rest["next_after_seq"], Value::Null);
+    let seqs: Vec<u64> = rest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![5, 6]);
+    assert_eq!(
+        rest["events"][1]["transitions"],
+        json!([{"op": "status_changed", "lifecycle_id": "API1-SL-A", "from": "replaced", "to": "executed"}])
+    );
+    assert_eq!(
+        rest["events"][1]["source"]["topic"],
+        env.topics.confirmations.as_str()
+    );
+
+    // Batch resolution, in request order, with the failures in place.
+    let r = http_request(
+        addr,
+        "POST",
+        "/v1/ids/resolve",
+        None,
+        Some(r#"{"ids": ["API1-SL-C", "NOPE", "bad id", "API1-SL-A"]}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"results": [
+            resolved("API1-SL-C", "stoploss_id", "active", None, Some("API1-SL-C"), sl_c, sl_c),
+            {"lifecycle_id": "NOPE", "error": {"code": "unknown_id", "message": "no order has the id NOPE"}},
+            {"lifecycle_id": "bad id", "error": {"code": "invalid_id", "message": "not a lifecycle id: contains whitespace at character 3"}},
+            resolved("API1-SL-A", "stoploss_id", "executed", Some("API1-SL-B"), Some("API1-SL-C"), sl_a, executed),
+        ]})
+    );
+
+    // 404 and 400.
+    let r = http_request(addr, "GET", "/v1/ids/NOPE", None, None).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            404,
+            json!({"error": {"code": "unknown_id", "message": "no order has the id NOPE"}})
+        )
+    );
+    let r = http_request(addr, "GET", "/v1/orders/NOPE/ids", None, None).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (404, json!("unknown_order"))
+    );
+    let r = http_request(addr, "GET", "/v1/ids/bad%20id", None, None).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("invalid_id"))
+    );
+    let long = "L".repeat(80);
+    let r = http_request(addr, "GET", &format!("/v1/ids/{long}"), None, None).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("invalid_id"))
+    );
+    let many: Vec<String> = (0..501).map(|i| format!("ID{i}")).collect();
+    let r = http_request(
+        addr,
+        "POST",
+        "/v1/ids/resolve",
+        None,
+        Some(&json!({"ids": many}).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            400,
+            json!({"error": {"code": "batch_too_large", "message": "501 ids asked; at most 500 per request"}})
+        )
+    );
+    let r = http_request(
+        addr,
+        "POST",
+        "/v1/ids/resolve",
+        None,
+        Some(r#"{"ids": "SL1"}"#),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("invalid_body"))
+    );
+    let huge = format!(r#"{{"ids": ["{}"]}}"#, "x".repeat(300 * 1024));
+    let r = http_request(addr, "POST", "/v1/ids/resolve", None, Some(&huge)).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("body_too_large"))
+    );
+    let r = http_request(addr, "GET", "/v1/orders/API1/events?limit=0", None, None).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("invalid_query"))
+    );
+    let r = http_request(
+        addr,
+        "GET",
+        "/v1/orders/API1/events?after_seq=-1",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("invalid_query"))
+    );
+    let r = http_request(addr, "GET", "/v2/anything", None, None).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (404, json!("no_such_route"))
+    );
+
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// A store fed through the pipeline (no broker needed) and an API server on
+/// it, optionally with a token.
+async fn api_on_store(token: Option<&str>) -> (TestDb, std::net::SocketAddr) {
+    let db = TestDb::new().await;
+    let (first, second) = known_stream();
+    let messages = common::inbound_messages(
+        "order-events",
+        0,
+        first.iter().chain(&second).map(|e| (e, Encoding::Protobuf)),
+    );
+    let pipeline = PipelineConfig {
+        offsets_group: Some("api-test".into()),
+        park_timeout: Duration::from_secs(60),
+    };
+    process_batch(&db.store, &pipeline, &messages)
+        .await
+        .expect("known stream");
+    let mut config = HttpConfig::off();
+    config.api_token = token.map(|t| t.parse().expect("token"));
+    let redis = RedisConfig {
+        url: SecretUrl::new(common::redis_url()),
+        key_prefix: String::new(),
+    };
+    let state = ApiState::new(&config, redis, None);
+    let _ = state.store.set(db.store.clone());
+    let addr = free_addr();
+    http::start(addr, state, std::future::pending())
+        .await
+        .expect("bind");
+    (db, addr)
+}
+
+/// With a token configured, /v1 wants it; health stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_token_is_required_by_the_api() {
+    let (db, addr) = api_on_store(Some(TOKEN)).await;
+    for token in [None, Some("wrong-token-0123456789abcdef"), Some("")] {
+        let r = http_request(addr, "GET", "/v1/ids/API1-SL-A", token, None).await;
+        assert_eq!(r.status, 401, "token {token:?}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "unauthorized");
+        assert!(
+            r.headers
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{}",
+            r.headers
+        );
+        let r = http_request(
+            addr,
+            "POST",
+            "/v1/ids/resolve",
+            token,
+            Some(r#"{"ids": []}"#),
+        )
+        .await;
+        assert_eq!(r.status, 401);
+    }
+    let r = http_request(addr, "GET", "/v1/ids/API1-SL-A", Some(TOKEN), None).await;
+    assert_eq!(
+        (r.status, r.json()["order_id"].clone()),
+        (200, json!("API1"))
+    );
+    let r = http_request(addr, "GET", "/healthz", None, None).await;
+    assert_eq!((r.status, r.json()), (200, json!({"status": "ok"})));
+    db.drop().await;
+}
+
+/// `openapi.json` lists exactly the server's routes, and every documented
+/// operation answers with a documented status and the documented fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_description_matches_the_server() {
+    let spec: Value =
+        serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON");
+    let documented: BTreeSet<(String, String)> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.clone(), path.clone()))
+        })
+        .collect();
+    let served: BTreeSet<(String, String)> = http::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served, "openapi.json and the router differ");
+
+    let (db, addr) = api_on_store(None).await;
+    for (method, template) in &documented {
+        let op = &spec["paths"][template][method];
+        let mut path = template.clone();
+        for p in op["parameters"].as_array().into_iter().flatten() {
+            if p["in"] == "path" {
+                let example = match p["name"].as_str().unwrap() {
+                    "lifecycle_id" => "API1-SL-A",
+                    _ => "API1",
+                };
+                path = path.replace(&format!("{{{}}}", p["name"].as_str().unwrap()), example);
+            }
+        }
+        let body = op["requestBody"]["content"]["application/json"]["example"].to_string();
+        let r: HttpResponse = http_request(
+            addr,
+            &method.to_uppercase(),
+            &path,
+            None,
+            (method == "post").then_some(body.as_str()),
+        )
+        .await;
+        let documented = &op["responses"][r.status.to_string()];
+        assert!(
+            documented.is_object(),
+            "{method} {path} answered {} which openapi.json does not document: {}",
+            r.status,
+            r.body
+        );
+        let content = &documented["content"];
+        if let Some(schema) = content["application/json"]["schema"].as_object() {
+            let schema = match schema.get("$ref").and_then(Value::as_str) {
+                Some(reference) => {
+                    &spec["components"]["schemas"][reference.rsplit('/').next().unwrap()]
+                }
+                None => &content["application/json"]["schema"],
+            };
+            let body = r.json();
+            for field in schema["required"].as_array().into_iter().flatten() {
+                assert!(
+                    body.get(field.as_str().unwrap()).is_some(),
+                    "{method} {path}: {field} missing in {body}"
+                );
+            }
+        }
+    }
+    db.drop().await;
+}
+
+/// /readyz names Redis while a test-owned Redis is down, and recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_redis_while_it_is_down() {
+    let mut own = OwnRedis::start().await;
+    let env = Env::with_services(2, TestDb::new().await, TestRedis::at(&own.url())).await;
+    let addr = free_addr();
+    let mut config = env.run_config();
+    config.http.listen = order_lifecycle::config::Listen(Some(addr));
+    let consumer = env.start(config);
+    let ready = || async { http_request(addr, "GET", "/readyz", None, None).await };
+    wait_until("the HTTP server", Duration::from_secs(10), || async {
+        common::port_answers(addr.port())
+    })
+    .await;
+    wait_until("ready", Duration::from_secs(30), || async {
+        ready().await.status == 200
+    })
+    .await;
+    assert_eq!(
+        ready().await.json(),
+        json!({"status": "ok", "checks": {"consumer": "ok", "database": "ok", "redis": "ok"}})
+    );
+
+    own.stop();
+    let r = ready().await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let body = r.json();
+    assert_eq!(body["status"], "unavailable");
+    assert_ne!(body["checks"]["redis"], "ok", "{body}");
+    assert_eq!(body["checks"]["database"], "ok");
+    assert_eq!(
+        http_request(addr, "GET", "/healthz", None, None)
+            .await
+            .status,
+        200
+    );
+
+    own.restart().await;
+    wait_until("ready again", Duration::from_secs(15), || async {
+        ready().await.status == 200
+    })
+    .await;
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// The value of a sample line `name{labels} value` in the exposition.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// After a known stream, /metrics counts exactly what was consumed,
+/// applied, ignored as duplicate and dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_known_stream_exactly() {
+    let env = Env::new().await;
+    let addr = free_addr();
+    let mut config = env.run_config();
+    config.http.listen = order_lifecycle::config::Listen(Some(addr));
+    let binary = env.spawn_binary(&config, "metrics");
+    let (first, second) = known_stream();
+    env.send(&first, Encoding::Protobuf).await;
+    env.wait_for_log(5, 0).await;
+    env.send(&second, Encoding::Json).await;
+    // The same events again (a producer retry), and one undecodable message.
+    env.send(&first[..2], Encoding::Protobuf).await;
+    let orders = env.topics.orders.clone();
+    env.send_raw(&orders, "API1", b"\xff\xff garbage", None)
+        .await;
+    env.wait_for_log(7, 1).await;
+    let scrape = || async { http_request(addr, "GET", "/metrics", None, None).await };
+    wait_until("the counters", Duration::from_secs(20), || async {
+        sample(
+            &scrape().await.body,
+            "order_lifecycle_events_consumed_total",
+        ) == Some(10.0)
+    })
+    .await;
+    let m = scrape().await;
+    assert_eq!(m.status, 200);
+    assert!(m.headers.contains("text/plain"), "{}", m.headers);
+    let body = m.body;
+    assert_eq!(
+        sample(&body, "order_lifecycle_events_consumed_total"),
+        Some(10.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "order_lifecycle_events_recorded_total{outcome=\"applied\"}"
+        ),
+        Some(7.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "order_lifecycle_events_duplicate_total"),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "order_lifecycle_dead_letters_total{reason=\"undecodable_protobuf\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    for series in [
+        "order_lifecycle_batch_duration_seconds_bucket",
+        "order_lifecycle_batch_messages_bucket",
+        "order_lifecycle_assigned_partitions",
+        "order_lifecycle_http_requests_total",
+    ] {
+        assert!(body.contains(series), "{series} missing:\n{body}");
+    }
+    // Lag gauges: the consumer's per partition (librdkafka statistics, every
+    // 5 s) and the Redis projection's.
+    wait_until("lag gauges", Duration::from_secs(20), || async {
+        let b = scrape().await.body;
+        b.contains("order_lifecycle_consumer_lag_messages{")
+            && b.contains("order_lifecycle_redis_projection_lag_entries 0")
+    })
+    .await;
+    let (code, _) = binary.terminate(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    env.cleanup().await;
+}
+
+/// Start-up logs name the database but never its password, in either
+/// format; JSON logs are one object per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_logs_never_show_the_password() {
+    let secret = "Pa55w0rdNeverLogged";
+    let unreachable = common::free_port();
+    for format in ["json", "text"] {
+        let log = std::env::temp_dir().join(format!("olt-redaction-{format}-{unreachable}.log"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_order-lifecycle"))
+            .args(["--log-format", format, "run"])
+            .env(
+                "OL_DATABASE_URL",
+                format!("mysql://app:{secret}@127.0.0.1:{unreachable}/ol"),
+            )
+            .env(
+                "OL_REDIS_URL",
+                format!("redis://:{secret}@127.0.0.1:{unreachable}/0"),
+            )
+            .env("OL_API_TOKEN", format!("{secret}-token"))
+            .env("OL_HTTP_LISTEN", "off")
+            .env("RUST_LOG", "debug")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start run");
+        wait_until("the retry log line", Duration::from_secs(20), || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("database unreachable")
+        })
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !text.contains(secret),
+            "{format} log shows the password:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("mysql://app:***@127.0.0.1:{unreachable}/ol")),
+            "{text}"
+        );
+        if format == "json" {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(
+                    v.get("level").is_some() && v.get("timestamp").is_some(),
+                    "{line}"
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&log);
+    }
+}
