@@ -22,7 +22,6 @@ pub struct Progress {
     started: Instant,
     last_shown: Instant,
     terminal: bool,
-    drawn: bool,
 }
 
 impl Progress {
@@ -46,7 +45,6 @@ impl Progress {
             started: now,
             last_shown: now,
             terminal,
-            drawn: false,
         }
     }
 
@@ -80,9 +78,10 @@ impl Progress {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// Clears the bar (a summary line follows).
+    /// Draws the bar once more, complete, and ends its line (a summary
+    /// follows).
     pub fn finish(&mut self) {
-        if self.terminal && self.drawn {
+        if self.terminal {
             self.show();
             let _ = writeln!(std::io::stderr());
         }
@@ -90,7 +89,6 @@ impl Progress {
 
     fn show(&mut self) {
         if self.terminal {
-            self.drawn = true;
             let _ = write!(std::io::stderr(), "\r{}", self.line());
             let _ = std::io::stderr().flush();
         } else {

@@ -87,7 +87,8 @@ pub struct ReplaySummary {
     pub duplicates: u64,
     /// Events parked to wait for an id.
     pub parked: u64,
-    /// Messages newly dead-lettered.
+    /// Messages rejected (undecodable, or breaking a rule); a message
+    /// dead-lettered before is not recorded again.
     pub dead_letters: u64,
     /// Rows of `order_lifecycle_ids` written.
     pub rows: u64,
@@ -128,7 +129,8 @@ pub async fn run(config: ReplayConfig) -> Result<(), ReplayError> {
     let s = replay(&store, &redis, &config).await?;
     println!(
         "replay: {} messages in {:.1} s ({}/s): {} log entries appended, {} already logged, \
-         {} parked, {} dead-lettered, {} rows written, {} log entries re-projected into Redis",
+         {} parked, {} rejected (each recorded once in dead_letters), {} rows written, \
+         {} log entries re-projected into Redis",
         grouped(s.messages),
         s.seconds,
         grouped((s.messages as f64 / s.seconds.max(1e-9)) as u64),
