@@ -72,5 +72,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
-    tracing::info!("signal received; finishing the batch in flight");
+    tracing::info!("signal received; stopping (a batch in flight is finished first)");
 }
