@@ -92,6 +92,8 @@ pub struct ReplaySummary {
     pub dead_letters: u64,
     /// Rows of `order_lifecycle_ids` written.
     pub rows: u64,
+    /// Messages read but older than `--since`, skipped.
+    pub before_since: u64,
     /// Log entries re-projected into Redis (0 when the log did not change).
     pub redis_entries: u64,
     pub seconds: f64,
@@ -127,6 +129,12 @@ pub async fn run(config: ReplayConfig) -> Result<(), ReplayError> {
     let redis =
         RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
     let s = replay(&store, &redis, &config).await?;
+    if s.before_since > 0 {
+        println!(
+            "replay: {} messages older than --since skipped",
+            grouped(s.before_since)
+        );
+    }
     println!(
         "replay: {} messages in {:.1} s ({}/s): {} log entries appended, {} already logged, \
          {} parked, {} rejected (each recorded once in dead_letters), {} rows written, \
@@ -248,7 +256,16 @@ pub async fn replay(
                 .min_by(|(_, a), (_, b)| merge_order(a, b))
                 .map(|(i, _)| i);
             let Some(i) = next else { break };
-            batch.extend(lanes[i].head.take());
+            let message = lanes[i].head.take();
+            // The broker's time index only gives a starting point (some
+            // brokers answer offset 0 for any time): the time decides.
+            if let (Some(since), Some(m)) = (config.since, &message) {
+                if m.timestamp_ms.is_some_and(|ts| ts < since) {
+                    summary.before_since += 1;
+                    continue;
+                }
+            }
+            batch.extend(message);
             if batch.len() >= config.batch_size {
                 apply(store, &pipeline, &batch, &mut summary).await?;
                 progress.add(batch.len() as u64);
@@ -313,6 +330,26 @@ async fn start_offsets(
         }
         if since.is_some() {
             list = consumer.offsets_for_times(list, timeout)?;
+            // A partition without a message at or after the time comes back
+            // as the end, or (from some brokers) as no offset at all.
+            for e in list.elements() {
+                if !matches!(e.offset(), Offset::Offset(_)) {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "nothing at or after --since"
+                    );
+                }
+            }
+            let mut only_offsets = TopicPartitionList::new();
+            for e in list.elements() {
+                let offset = match e.offset() {
+                    Offset::Offset(o) => Offset::Offset(o),
+                    _ => Offset::End,
+                };
+                only_offsets.add_partition_offset(e.topic(), e.partition(), offset)?;
+            }
+            list = only_offsets;
         }
         let mut estimate = 0;
         let starts: Vec<(String, i32, Offset)> = list

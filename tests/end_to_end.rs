@@ -958,9 +958,25 @@ async fn replay_over_a_healthy_store_changes_nothing() {
     assert_eq!(snapshot().await, before, "the store changed");
 
     // The live consumer goes on as before.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     let mut c = EventScript::new("RPH-C");
     env.send(&[c.place()], Encoding::Protobuf).await;
     env.wait_for_log(events.len() as i64 + 4, 2).await;
+
+    // From a point in time: only what came after it.
+    let mut config = replay_config(&env);
+    config.since = Some(since);
+    let summary =
+        order_lifecycle::replay::replay(&env.db.store, &redis_projection(&env).await, &config)
+            .await
+            .expect("replay --since");
+    assert_eq!(
+        (summary.messages, summary.duplicates, summary.recorded),
+        (1, 1, 0)
+    );
     consumer.stop().await;
     env.cleanup().await;
 }
