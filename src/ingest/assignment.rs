@@ -224,7 +224,8 @@ impl OffsetGate {
             self.fresh.remove(&p);
             match stored {
                 Some(stored)
-                    if stored > m.offset && stored > high_watermark(&self.metadata, &p).await =>
+                    if stored > m.offset
+                        && stored > high_watermark(&self.metadata, &p, m.offset).await =>
                 {
                     // Beyond the partition's end: the topic was deleted and
                     // created again (or truncated). Skipping to the stored
@@ -263,15 +264,17 @@ impl OffsetGate {
 
 /// The partition's end offset, asked of the broker on a blocking thread;
 /// `i64::MAX` when it cannot be had, so that nothing is taken for a reset
-/// topic by mistake.
-async fn high_watermark(metadata: &Arc<BaseConsumer>, p: &Partition) -> i64 {
+/// topic by mistake. An answer at or below `received`, an offset just read
+/// from the partition, is evidently wrong (some Kafka-protocol brokers
+/// report the end per record batch) and counts as no answer.
+async fn high_watermark(metadata: &Arc<BaseConsumer>, p: &Partition, received: i64) -> i64 {
     let (metadata, topic, partition) = (metadata.clone(), p.0.clone(), p.1);
     let asked = tokio::task::spawn_blocking(move || {
         metadata.fetch_watermarks(&topic, partition, Duration::from_secs(5))
     })
     .await;
     match asked {
-        Ok(Ok((_, high))) if high >= 0 => high,
+        Ok(Ok((_, high))) if high > received => high,
         _ => i64::MAX,
     }
 }
