@@ -77,7 +77,7 @@ const RETIRED: &str = "order_lifecycle_ids_retired";
 /// How far back, before the rebuild started, orders are folded again: a
 /// batch commit is never later than this after its entries got their
 /// `recorded_at`.
-const COMMIT_GRACE: Duration = Duration::from_secs(15);
+pub const COMMIT_GRACE: Duration = Duration::from_secs(15);
 
 /// Runs `rebuild` as the command line asks.
 ///
@@ -165,6 +165,12 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     // held off (the exclusive projection lock, taken on its own connection
     // because RENAME commits), once more for the last few, and swap.
     let first_pass = refold_recent(store, &mut conn, SHADOW, since).await?;
+    // Fresh index statistics before readers and batches use the table: a
+    // table filled in bulk may still be estimated as nearly empty, and the
+    // optimizer then scans it whole for every lookup.
+    sqlx::query(&format!("ANALYZE TABLE {SHADOW}"))
+        .execute(&mut *conn)
+        .await?;
     let mut lock = pool.begin().await?;
     id_projection::exclusive_projection_lock(&mut lock).await?;
     refold_recent(store, &mut conn, SHADOW, first_pass).await?;
