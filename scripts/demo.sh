@@ -24,14 +24,39 @@ cargo build --locked --quiet
 BIN="${CARGO_TARGET_DIR:-target}/debug/order-lifecycle"
 
 LOG=${TMPDIR:-/tmp}/order-lifecycle-demo.log
-"$BIN" run --create-topics >"$LOG" 2>&1 &
-RUN_PID=$!
+start_consumer() {
+  "$BIN" run --create-topics >>"$LOG" 2>&1 &
+  RUN_PID=$!
+}
 stop() {
   kill -TERM "$RUN_PID" 2>/dev/null || true
   wait "$RUN_PID" 2>/dev/null || true
   echo "demo: consumer stopped (log: $LOG)"
 }
+ready() { # seconds
+  for _ in $(seq 1 "$1"); do
+    curl -sf "$API/readyz" >/dev/null 2>&1 && return 0
+    kill -0 "$RUN_PID" 2>/dev/null || return 1
+    sleep 1
+  done
+  return 1
+}
+: >"$LOG"
+start_consumer
 trap stop EXIT
+if ! ready 30; then
+  # The local tansu broker can wedge a consumer group for good when a member
+  # left it mid-join (Apache Kafka does not); a fresh group gets on with it.
+  echo "demo: /readyz: $(curl -s "$API/readyz" || echo 'no answer')"
+  WEDGED=${OL_GROUP_ID:-order-lifecycle}
+  OL_GROUP_ID=order-lifecycle-demo-$(date +%s)
+  echo "demo: the broker gave group $WEDGED no partitions within 30 s; going on with group $OL_GROUP_ID" >&2
+  stop
+  export OL_GROUP_ID
+  start_consumer
+  ready 30 || { echo "demo: the consumer is still not ready; see $LOG" >&2; exit 1; }
+fi
+echo "demo: ready: $(curl -s "$API/readyz")"
 
 sql() { mysql -uroot -N -B "$DB" -e "$1" 2>/dev/null || echo "-"; }
 progress() {
