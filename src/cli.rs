@@ -1,6 +1,14 @@
 //! The command line: one subcommand per job.
+//!
+//! Settings are layered: built-in defaults, then a configuration file
+//! (`--config FILE` or `OL_CONFIG_FILE`: `OL_NAME=value` lines, the same
+//! names as the environment variables), then environment variables, then
+//! flags. The file's values become the arguments' defaults, so clap applies
+//! the rest of the order as usual.
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::bench::BenchConfig;
 use crate::config::{DatabaseConfig, RunConfig};
@@ -25,8 +33,147 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Configuration file of `OL_NAME=value` lines (below environment
+    /// variables and flags, above the defaults).
+    #[arg(long, env = "OL_CONFIG_FILE", global = true, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Why the command line or the configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    #[error("configuration file {path}: {problem}")]
+    ConfigFile { path: String, problem: String },
+}
+
+/// Parses `args` with the configuration file, if one is named, as the
+/// arguments' defaults.
+///
+/// # Errors
+/// [`CliError`]: bad flags (including `--help`, which clap reports as an
+/// error to print), an unreadable file, a malformed line, or a name no
+/// setting has.
+pub fn parse_from<I, T>(args: I, env_config: Option<OsString>) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let mut command = Cli::command();
+    if let Some(path) = config_path(&args).or(env_config) {
+        let shown = path.to_string_lossy().into_owned();
+        let bad = |problem: String| CliError::ConfigFile {
+            path: shown.clone(),
+            problem,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let entries = parse_config_file(&text).map_err(bad)?;
+        command = with_defaults(command, &entries).map_err(bad)?;
+    }
+    let matches = command.try_get_matches_from(args)?;
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// Parses the process's command line (see [`parse_from`]).
+///
+/// # Errors
+/// [`CliError`].
+pub fn parse() -> Result<Cli, CliError> {
+    parse_from(std::env::args_os(), std::env::var_os("OL_CONFIG_FILE"))
+}
+
+/// `--config FILE` or `--config=FILE`, found before clap parses.
+fn config_path(args: &[OsString]) -> Option<OsString> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            return it.next().cloned();
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(v.into());
+        }
+    }
+    None
+}
+
+/// `OL_NAME=value` lines; blank lines and `#` comments skipped; values
+/// may be quoted.
+fn parse_config_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut entries = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: expected OL_NAME=value", n + 1))?;
+        let key = key.trim();
+        if !key.starts_with("OL_") || key == "OL_CONFIG_FILE" {
+            return Err(format!("line {}: {key:?} is not a setting", n + 1));
+        }
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        entries.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(entries)
+}
+
+/// Sets each entry as the default of every argument read from that
+/// environment variable, in every subcommand.
+fn with_defaults(
+    mut command: clap::Command,
+    entries: &[(String, String)],
+) -> Result<clap::Command, String> {
+    for (key, value) in entries {
+        let top: Vec<clap::Id> = ids_with_env(&command, key);
+        let subs: Vec<(String, Vec<clap::Id>)> = command
+            .get_subcommands()
+            .map(|s| (s.get_name().to_owned(), ids_with_env(s, key)))
+            .filter(|(_, ids)| !ids.is_empty())
+            .collect();
+        if top.is_empty() && subs.is_empty() {
+            return Err(format!("{key} is not a setting of any command"));
+        }
+        for id in top {
+            let v = value.clone();
+            command = command.mut_arg(id, move |a| file_default(a, v));
+        }
+        for (name, ids) in subs {
+            let value = value.clone();
+            command = command.mut_subcommand(name, move |mut sub| {
+                for id in ids {
+                    let v = value.clone();
+                    sub = sub.mut_arg(id, move |a| file_default(a, v));
+                }
+                sub
+            });
+        }
+    }
+    Ok(command)
+}
+
+/// The file's value as the default; kept out of `--help` where the
+/// environment's value is (secrets: URLs with passwords, the API token).
+fn file_default(arg: clap::Arg, value: String) -> clap::Arg {
+    let secret = arg.is_hide_env_values_set();
+    arg.default_value(value).hide_default_value(secret)
+}
+
+fn ids_with_env(command: &clap::Command, key: &str) -> Vec<clap::Id> {
+    command
+        .get_arguments()
+        .filter(|a| a.get_env().is_some_and(|e| e == key))
+        .map(|a| a.get_id().clone())
+        .collect()
 }
 
 /// The jobs.
@@ -62,5 +209,49 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    fn run_config(args: &[&str], file: &str) -> crate::config::RunConfig {
+        let path = std::env::temp_dir().join(format!(
+            "ol-config-test-{}-{}.env",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::write(&path, file).unwrap();
+        let mut argv = vec!["order-lifecycle".to_owned(), "--config".to_owned()];
+        argv.push(path.to_string_lossy().into_owned());
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let cli = super::parse_from(argv, None).expect("parses");
+        let _ = std::fs::remove_file(&path);
+        match cli.command {
+            super::Command::Run(c) => *c,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_config_file_sits_between_defaults_and_flags() {
+        let file = "# tuned for the big cluster\nOL_BATCH_SIZE=42\nOL_GROUP_ID = \"from-file\"\n\nOL_PARK_TIMEOUT=2m\n";
+        let c = run_config(&["run"], file);
+        assert_eq!(c.batch_size, 42);
+        assert_eq!(c.group_id, "from-file");
+        assert_eq!(c.park_timeout, std::time::Duration::from_secs(120));
+        assert_eq!(
+            c.shutdown_timeout,
+            std::time::Duration::from_secs(5),
+            "a default"
+        );
+        let c = run_config(&["run", "--batch-size", "7"], file);
+        assert_eq!(c.batch_size, 7, "a flag wins over the file");
+    }
+
+    #[test]
+    fn a_bad_config_file_is_refused_with_its_line() {
+        let bad = |text: &str| super::parse_config_file(text).unwrap_err();
+        assert!(bad("OL_BATCH_SIZE 42").contains("line 1"));
+        assert!(bad("\nPATH=/bin").contains("line 2"));
+        let command = super::Cli::command();
+        let unknown = super::with_defaults(command, &[("OL_BATCH_SIZ".into(), "1".into())]);
+        assert!(unknown.unwrap_err().contains("OL_BATCH_SIZ"));
     }
 }

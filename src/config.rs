@@ -192,6 +192,7 @@ pub struct DatabaseConfig {
         id = "database_url",
         long = "database-url",
         env = "OL_DATABASE_URL",
+        hide_env_values = true,
         default_value = "mysql://root@127.0.0.1:3306/order_lifecycle"
     )]
     pub url: SecretUrl,
@@ -213,6 +214,7 @@ pub struct RedisConfig {
         id = "redis_url",
         long = "redis-url",
         env = "OL_REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379/0"
     )]
     pub url: SecretUrl,

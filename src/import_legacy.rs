@@ -65,7 +65,11 @@ pub struct ImportConfig {
     #[command(flatten)]
     pub redis: RedisConfig,
     /// Database holding the legacy tables (default: the service's own).
-    #[arg(long = "legacy-database-url", env = "OL_LEGACY_DATABASE_URL")]
+    #[arg(
+        long = "legacy-database-url",
+        env = "OL_LEGACY_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub legacy_database_url: Option<SecretUrl>,
     #[command(flatten)]
     pub tables: LegacyTables,

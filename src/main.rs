@@ -2,15 +2,21 @@
 //! dispatch. Everything else lives in the library.
 
 use anyhow::Context;
-use clap::Parser;
-use order_lifecycle::cli::{Cli, Command};
+use order_lifecycle::cli::{self, Command};
 use order_lifecycle::{
     bench, http, import_legacy, ingest, rebuild, replay, simulate, store, telemetry, verify,
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = match cli::parse() {
+        Ok(cli) => cli,
+        Err(cli::CliError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("order-lifecycle: {e}");
+            std::process::exit(2);
+        }
+    };
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Run(config) => {
