@@ -116,8 +116,8 @@ async fn measure(config: &BenchConfig, store: &Store, prefix: &str) -> anyhow::R
         summary.seconds,
         summary.events as f64 / summary.seconds
     );
-    if let Some(peak) = peak_memory_kib() {
-        println!("bench-rebuild: peak resident memory {} MiB", peak / 1024);
+    if let Some(peak) = crate::telemetry::peak_memory_mib() {
+        println!("bench-rebuild: peak resident memory {peak} MiB");
     }
     Ok(())
 }
@@ -140,16 +140,4 @@ async fn remove_keys(redis: &RedisProjection) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Peak resident set size of this process (Linux), in KiB.
-fn peak_memory_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }

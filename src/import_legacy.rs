@@ -43,6 +43,7 @@ use crate::rebuild::{self, RebuildError};
 use crate::store::event_log::{self, NewEntry};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{id_projection, Store, StoreError};
+use crate::telemetry;
 use crate::wire;
 
 /// The id columns of a legacy table, in the order they are imported (after
@@ -244,23 +245,11 @@ pub fn report(s: &ImportSummary, dry_run: bool) -> String {
         s.seconds,
         grouped((s.imported_total() as f64 / s.seconds.max(1e-9)) as u64),
         grouped(s.redis_entries),
-        peak_memory()
+        telemetry::peak_memory_mib()
+            .map(|mib| format!("{mib} MiB"))
+            .unwrap_or_else(|| "unknown".to_owned())
     );
     out
-}
-
-/// The process's peak resident memory, where the platform tells it.
-pub fn peak_memory() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| format!("{} MiB", kb / 1024))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Imports both tables.

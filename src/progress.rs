@@ -48,11 +48,6 @@ impl Progress {
         }
     }
 
-    /// Changes the total (it may grow while the job runs).
-    pub fn set_total(&mut self, total: u64) {
-        self.total = Some(total);
-    }
-
     /// Counts `n` more units and shows progress when it is time to.
     pub fn add(&mut self, n: u64) {
         self.done += n;
@@ -71,11 +66,6 @@ impl Progress {
     /// Units per second so far.
     pub fn rate(&self) -> f64 {
         self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
-    }
-
-    /// Seconds since the job started.
-    pub fn seconds(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
     }
 
     /// Draws the bar once more, complete, and ends its line (a summary

@@ -19,14 +19,13 @@
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use crate::config::{DatabaseConfig, RedisConfig};
 use crate::domain::{IdRecord, OrderId, OrderLifecycle};
 use crate::ingest::redis_follower::{self, FollowError};
 use crate::progress::Progress;
-use crate::store::fold::{self, OrderFolder};
+use crate::store::fold::{self, FoldedChunks};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
@@ -113,10 +112,6 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
     Ok(())
 }
 
-fn rows_of(order: &OrderLifecycle) -> impl Iterator<Item = (&OrderId, &IdRecord)> {
-    order.ids().iter().map(move |r| (order.order_id(), r))
-}
-
 /// Rebuilds `order_lifecycle_ids` beside the live table and swaps it in.
 ///
 /// # Errors
@@ -136,30 +131,16 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
         .await?;
 
     let mut summary = Summary::default();
-    let mut buffer: Vec<OrderLifecycle> = Vec::new();
-    let mut buffered_rows = 0;
     let mut progress = Progress::new("rebuild mysql", "events", Some(head.max(0) as u64));
-    let mut folder = OrderFolder::default();
-    let mut entries = fold::entries(pool, head);
-    while let Some(row) = entries.try_next().await? {
-        summary.events += 1;
-        if let Some(done) = folder.push(&row)? {
-            buffered_rows += done.ids().len();
-            buffer.push(done);
-            if buffered_rows >= MAX_ROWS_PER_STATEMENT {
-                summary.rows += write(&mut conn, SHADOW, &buffer).await?;
-                summary.orders += buffer.len() as u64;
-                buffer.clear();
-                buffered_rows = 0;
-            }
-        }
-        progress.add(1);
+    let mut chunks = FoldedChunks::new(pool, head, MAX_ROWS_PER_STATEMENT);
+    while let Some(chunk) = chunks.next_chunk().await? {
+        summary.rows += write(&mut conn, SHADOW, &chunk).await?;
+        summary.orders += chunk.len() as u64;
+        progress.add(chunks.entries_read - summary.events);
+        summary.events = chunks.entries_read;
     }
     progress.finish();
-    drop(entries);
-    buffer.extend(folder.finish());
-    summary.orders += buffer.len() as u64;
-    summary.rows += write(&mut conn, SHADOW, &buffer).await?;
+    drop(chunks);
 
     // Orders that moved while we read: fold them again; then, with batches
     // held off (the exclusive projection lock, taken on its own connection
@@ -192,7 +173,7 @@ async fn write(
     table: &'static str,
     orders: &[OrderLifecycle],
 ) -> Result<u64, StoreError> {
-    let rows: Vec<(&OrderId, &IdRecord)> = orders.iter().flat_map(rows_of).collect();
+    let rows: Vec<(&OrderId, &IdRecord)> = orders.iter().flat_map(OrderLifecycle::rows).collect();
     id_projection::upsert_into(conn, table, &rows).await?;
     Ok(rows.len() as u64)
 }
@@ -282,46 +263,90 @@ pub async fn catch_up_to_head(
 /// Deletes lookup keys of ids no order holds and active-id hashes of orders
 /// without active ids.
 async fn remove_stale_keys(store: &Store, redis: &RedisProjection) -> Result<u64, RebuildError> {
-    let keys = redis.keys();
     let mut removed = 0;
-    for (pattern, kind) in [
-        (keys.lookup_pattern(), KeyKind::Lookup),
-        (keys.active_pattern(), KeyKind::Active),
-    ] {
-        let mut cursor = 0u64;
-        loop {
-            let (next, batch) = redis.scan(cursor, &pattern).await?;
-            let suffixes: Vec<String> = batch
-                .iter()
-                .map(|k| k[pattern.len() - 1..].to_owned())
-                .collect();
-            let live = match kind {
-                KeyKind::Lookup => existing(store, "SELECT CAST(lifecycle_id AS CHAR) FROM order_lifecycle_ids WHERE lifecycle_id IN", &suffixes).await?,
-                KeyKind::Active => existing(store, "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids WHERE status = 'active' AND order_id IN", &suffixes).await?,
-            };
-            let stale: Vec<&String> = batch
-                .iter()
-                .zip(&suffixes)
-                .filter(|(_, s)| !live.contains(*s))
-                .map(|(k, _)| k)
-                .collect();
-            removed += redis.delete(&stale).await?;
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
+    for kind in [KeyKind::Lookup, KeyKind::Active] {
+        let mut scan = StrayKeys::new(store, redis, kind);
+        while let Some(stale) = scan.next_batch().await? {
+            removed += redis.delete(&stale.iter().collect::<Vec<_>>()).await?;
         }
     }
     Ok(removed)
 }
 
-enum KeyKind {
+/// The two kinds of Redis key projected per id or per order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyKind {
+    /// `global_order_lookup:{id}`: live while the id has a row.
     Lookup,
+    /// `order_lifecycle_active:{order}`: live while the order has an active id.
     Active,
 }
 
+impl KeyKind {
+    fn pattern(self, redis: &RedisProjection) -> String {
+        match self {
+            KeyKind::Lookup => redis.keys().lookup_pattern(),
+            KeyKind::Active => redis.keys().active_pattern(),
+        }
+    }
+
+    /// Finds which key suffixes are live (completed with an `IN` list).
+    fn live_query(self) -> &'static str {
+        match self {
+            KeyKind::Lookup => "SELECT CAST(lifecycle_id AS CHAR) FROM order_lifecycle_ids WHERE lifecycle_id IN",
+            KeyKind::Active => "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids WHERE status = 'active' AND order_id IN",
+        }
+    }
+}
+
+/// Keys of one kind that nothing in `order_lifecycle_ids` accounts for,
+/// one SCAN step at a time (memory holds one step).
+pub(crate) struct StrayKeys<'a> {
+    store: &'a Store,
+    redis: &'a RedisProjection,
+    kind: KeyKind,
+    pattern: String,
+    /// `None` once the scan has come round.
+    cursor: Option<u64>,
+}
+
+impl<'a> StrayKeys<'a> {
+    pub(crate) fn new(store: &'a Store, redis: &'a RedisProjection, kind: KeyKind) -> Self {
+        StrayKeys {
+            store,
+            redis,
+            kind,
+            pattern: kind.pattern(redis),
+            cursor: Some(0),
+        }
+    }
+
+    /// The stray keys of the next SCAN step (possibly none); `None` when the
+    /// scan is complete.
+    pub(crate) async fn next_batch(&mut self) -> Result<Option<Vec<String>>, RebuildError> {
+        let Some(cursor) = self.cursor else {
+            return Ok(None);
+        };
+        let (next, batch) = self.redis.scan(cursor, &self.pattern).await?;
+        self.cursor = (next != 0).then_some(next);
+        let suffixes: Vec<String> = batch
+            .iter()
+            .map(|k| k[self.pattern.len() - 1..].to_owned())
+            .collect();
+        let live = existing(self.store, self.kind.live_query(), &suffixes).await?;
+        Ok(Some(
+            batch
+                .into_iter()
+                .zip(&suffixes)
+                .filter(|(_, s)| !live.contains(*s))
+                .map(|(k, _)| k)
+                .collect(),
+        ))
+    }
+}
+
 /// Which of `values` a `SELECT ... WHERE column IN` query finds.
-pub(crate) async fn existing(
+async fn existing(
     store: &Store,
     select_in: &str,
     values: &[String],

@@ -29,9 +29,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{parse_duration, parse_timestamp_ms, DatabaseConfig, KafkaConfig, RedisConfig};
-use crate::ingest::ordering::merge_order;
+use crate::ingest::ordering::earliest;
 use crate::ingest::pipeline::{
-    process_batch, record_poison, BatchReport, InboundMessage, PipelineConfig,
+    process_batch, process_isolating, BatchReport, InboundMessage, PipelineConfig,
 };
 use crate::kafka;
 use crate::progress::{grouped, Progress};
@@ -249,13 +249,9 @@ pub async fn replay(
                     pause(&consumer, lane);
                 }
             }
-            let next = lanes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, l)| l.head.as_ref().map(|m| (i, m)))
-                .min_by(|(_, a), (_, b)| merge_order(a, b))
-                .map(|(i, _)| i);
-            let Some(i) = next else { break };
+            let Some(i) = earliest(lanes.iter().map(|l| l.head.as_ref())) else {
+                break;
+            };
             let message = lanes[i].head.take();
             // The broker's time index only gives a starting point (some
             // brokers answer offset 0 for any time): the time decides.
@@ -406,8 +402,8 @@ fn pause(consumer: &StreamConsumer, lane: &Lane) {
 }
 
 /// Processes a batch, retrying transient failures; a batch the database
-/// refuses is processed message by message, and the message it refuses is
-/// dead-lettered as `storage_rejected` (as `run` does).
+/// refuses is isolated message by message as `run` does
+/// ([`process_isolating`]).
 async fn apply(
     store: &Store,
     pipeline: &PipelineConfig,
@@ -417,24 +413,13 @@ async fn apply(
     if batch.is_empty() {
         return Ok(());
     }
-    let report = match with_retries(|| process_batch(store, pipeline, batch)).await {
-        Ok(report) => report,
-        Err(e) if !e.is_transient() || e.is_conflict() => {
-            tracing::error!(error = %e, "the database refused a batch; replaying its messages one at a time");
-            let mut merged = BatchReport::default();
-            for m in batch {
-                let one = std::slice::from_ref(m);
-                match with_retries(|| process_batch(store, pipeline, one)).await {
-                    Ok(r) => merged.merge(r),
-                    Err(e) if !e.is_transient() || e.is_conflict() => {
-                        merged.merge(record_poison(store, pipeline, m, &e).await?)
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            merged
-        }
-        Err(e) => return Err(e.into()),
+    let attempt = |messages| async move {
+        with_retries(|| process_batch(store, pipeline, messages))
+            .await
+            .map(Some)
+    };
+    let Some(report) = process_isolating(store, pipeline, batch, attempt).await? else {
+        return Ok(());
     };
     summary.messages += report.consumed as u64;
     summary.recorded += report.recorded_total() as u64;

@@ -31,3 +31,17 @@ pub fn init(format: LogFormat) {
         eprintln!("logging already initialised: {e}");
     }
 }
+
+/// This process's peak resident memory in MiB (`VmHWM`), where the platform
+/// tells it (Linux); for the long jobs' summaries.
+pub fn peak_memory_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}

@@ -23,14 +23,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use clap::Args;
-use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
 use crate::config::{DatabaseConfig, LegacyTables, RedisConfig};
 use crate::domain::{IdRecord, IdStatus, LifecycleId, OrderId, OrderLifecycle};
-use crate::rebuild::existing;
-use crate::store::fold::{self, OrderFolder};
+use crate::rebuild::{KeyKind, RebuildError, StrayKeys};
+use crate::store::fold::{self, FoldedChunks};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
@@ -111,6 +110,8 @@ pub enum VerifyError {
     Store(#[from] StoreError),
     #[error("redis: {0}")]
     Redis(#[from] RedisError),
+    #[error(transparent)]
+    Scan(#[from] RebuildError),
     #[error("invalid setting: {0}")]
     Invalid(String),
 }
@@ -286,6 +287,8 @@ async fn wait_for_redis(
     )))
 }
 
+/// A text column for a report. Unlike the store's strict reader, a value
+/// that is not UTF-8 is shown lossily instead of failing the whole check.
 fn text_at(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<String, StoreError> {
     let raw: Vec<u8> = row.try_get(i)?;
     Ok(String::from_utf8_lossy(&raw).into_owned())
@@ -423,21 +426,11 @@ async fn mysql_matches_log(
     let pool = store.pool();
     let head = event_log::head(pool).await?;
     let mut suspects: Vec<OrderId> = Vec::new();
-    let mut buffer: Vec<OrderLifecycle> = Vec::new();
-    let mut folder = OrderFolder::default();
-    let mut entries = fold::entries(pool, head);
-    while let Some(row) = entries.try_next().await.map_err(StoreError::from)? {
-        if let Some(done) = folder.push(&row)? {
-            buffer.push(done);
-            if buffer.len() >= MAX_ROWS_PER_STATEMENT {
-                suspects.extend(differing(pool, &buffer).await?);
-                buffer.clear();
-            }
-        }
+    let mut chunks = FoldedChunks::new(pool, head, MAX_ROWS_PER_STATEMENT);
+    while let Some(chunk) = chunks.next_chunk().await? {
+        suspects.extend(differing(pool, &chunk).await?);
     }
-    drop(entries);
-    buffer.extend(folder.finish());
-    suspects.extend(differing(pool, &buffer).await?);
+    drop(chunks);
     suspects.truncate(MAX_REPAIR_ORDERS);
     let again = fold::orders_of(pool, &suspects).await?;
     let mut wrong = differing(pool, &again).await?;
@@ -511,23 +504,14 @@ async fn redis_lookup_keys(
             }
         }
     }
-    let pattern = redis.keys().lookup_pattern();
-    let extra = stray_keys(
-        store,
-        redis,
-        &pattern,
-        "SELECT CAST(lifecycle_id AS CHAR) FROM order_lifecycle_ids WHERE lifecycle_id IN",
-        findings,
-    )
-    .await?;
-    for key in extra.iter().take(n.saturating_sub(examples.len())) {
-        examples.push(format!("{key} belongs to no id"));
-    }
+    let room = n.saturating_sub(examples.len());
+    let (extra, keys) = stray_keys(store, redis, KeyKind::Lookup, room, findings).await?;
+    examples.extend(keys.iter().map(|key| format!("{key} belongs to no id")));
     Ok(key_check(
         "redis_lookup_keys",
         missing,
         wrong,
-        extra.len() as u64,
+        extra,
         examples,
     ))
 }
@@ -545,37 +529,29 @@ fn key_check(
     c
 }
 
-/// Keys matching `pattern` whose suffix the query does not find; they are
-/// kept for a repair.
+/// Counts the keys of `kind` that belong to nothing; the first `n` are
+/// returned as examples, and (up to the repair's limit) kept for a repair.
 async fn stray_keys(
     store: &Store,
     redis: &RedisProjection,
-    pattern: &str,
-    select_in: &str,
+    kind: KeyKind,
+    n: usize,
     findings: &mut Findings,
-) -> Result<Vec<String>, VerifyError> {
-    let mut stray = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, batch) = redis.scan(cursor, pattern).await?;
-        let suffixes: Vec<String> = batch
-            .iter()
-            .map(|k| k[pattern.len() - 1..].to_owned())
-            .collect();
-        let live = existing(store, select_in, &suffixes).await?;
-        for (key, suffix) in batch.iter().zip(&suffixes) {
-            if !live.contains(suffix) {
-                stray.push(key.clone());
-                if findings.stray_keys.len() < MAX_REPAIR_ORDERS {
-                    findings.stray_keys.push(key.clone());
-                }
+) -> Result<(u64, Vec<String>), VerifyError> {
+    let (mut count, mut examples) = (0, Vec::new());
+    let mut scan = StrayKeys::new(store, redis, kind);
+    while let Some(stray) = scan.next_batch().await? {
+        count += stray.len() as u64;
+        for key in stray {
+            if examples.len() < n {
+                examples.push(key.clone());
+            }
+            if findings.stray_keys.len() < MAX_REPAIR_ORDERS {
+                findings.stray_keys.push(key);
             }
         }
-        cursor = next;
-        if cursor == 0 {
-            return Ok(stray);
-        }
     }
+    Ok((count, examples))
 }
 
 /// Every order with active ids has its hash, equal to MySQL's active ids;
@@ -626,16 +602,17 @@ async fn redis_active_ids(
             }
         }
     }
-    let pattern = redis.keys().active_pattern();
-    let extra = stray_keys(store, redis, &pattern, "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids WHERE status = 'active' AND order_id IN", findings).await?;
-    for key in extra.iter().take(n.saturating_sub(examples.len())) {
-        examples.push(format!("{key} exists, but the order has no active id"));
-    }
+    let room = n.saturating_sub(examples.len());
+    let (extra, keys) = stray_keys(store, redis, KeyKind::Active, room, findings).await?;
+    examples.extend(
+        keys.iter()
+            .map(|key| format!("{key} exists, but the order has no active id")),
+    );
     Ok(key_check(
         "redis_active_ids",
         missing,
         wrong,
-        extra.len() as u64,
+        extra,
         examples,
     ))
 }
@@ -779,10 +756,8 @@ async fn repair(
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from)?;
-        let rows: Vec<(&OrderId, &IdRecord)> = folded
-            .iter()
-            .flat_map(|o| o.ids().iter().map(move |r| (o.order_id(), r)))
-            .collect();
+        let rows: Vec<(&OrderId, &IdRecord)> =
+            folded.iter().flat_map(OrderLifecycle::rows).collect();
         id_projection::upsert(&mut tx, &rows).await?;
         tx.commit().await.map_err(StoreError::from)?;
         repaired.orders += chunk.len() as u64;

@@ -690,12 +690,7 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
         let mysql = order_lifecycle::rebuild::rebuild_mysql(&env.db.store)
             .await
             .unwrap();
-        let projection = order_lifecycle::store::redis_projection::RedisProjection::connect(
-            &env.redis.url,
-            &env.redis.prefix,
-        )
-        .await
-        .unwrap();
+        let projection = env.redis.projection().await;
         let redis = order_lifecycle::rebuild::rebuild_redis(&env.db.store, &projection)
             .await
             .unwrap();
@@ -799,13 +794,14 @@ fn replay_config(env: &Env) -> order_lifecycle::replay::ReplayConfig {
     }
 }
 
-async fn redis_projection(env: &Env) -> order_lifecycle::store::redis_projection::RedisProjection {
-    order_lifecycle::store::redis_projection::RedisProjection::connect(
-        &env.redis.url,
-        &env.redis.prefix,
-    )
-    .await
-    .expect("redis")
+/// `replay` with `config` into the test's database and Redis prefix.
+async fn replay(
+    env: &Env,
+    config: &order_lifecycle::replay::ReplayConfig,
+) -> order_lifecycle::replay::ReplaySummary {
+    order_lifecycle::replay::replay(&env.db.store, &env.redis.projection().await, config)
+        .await
+        .expect("replay")
 }
 
 /// The read keys, without the projection's own bookkeeping.
@@ -872,13 +868,7 @@ async fn replay_into_an_empty_database_restores_the_log_and_projections() {
     env.redis.cleanup().await;
     assert_eq!(env.logged().await, 0);
 
-    let summary = order_lifecycle::replay::replay(
-        &env.db.store,
-        &redis_projection(&env).await,
-        &replay_config(&env),
-    )
-    .await
-    .expect("replay");
+    let summary = replay(&env, &replay_config(&env)).await;
     assert_eq!(summary.messages, sent as u64);
     assert_eq!(summary.recorded, log.len() as u64);
     assert_eq!(summary.duplicates, 0);
@@ -938,13 +928,7 @@ async fn replay_over_a_healthy_store_changes_nothing() {
     };
     let before = snapshot().await;
 
-    let summary = order_lifecycle::replay::replay(
-        &env.db.store,
-        &redis_projection(&env).await,
-        &replay_config(&env),
-    )
-    .await
-    .expect("replay");
+    let summary = replay(&env, &replay_config(&env)).await;
     let total = events.len() as u64 + 5;
     assert_eq!(summary.messages, total, "every message read again");
     assert_eq!(summary.recorded, 0);
@@ -969,10 +953,7 @@ async fn replay_over_a_healthy_store_changes_nothing() {
     // From a point in time: only what came after it.
     let mut config = replay_config(&env);
     config.since = Some(since);
-    let summary =
-        order_lifecycle::replay::replay(&env.db.store, &redis_projection(&env).await, &config)
-            .await
-            .expect("replay --since");
+    let summary = replay(&env, &config).await;
     assert_eq!(
         (summary.messages, summary.duplicates, summary.recorded),
         (1, 1, 0)

@@ -80,13 +80,24 @@ async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
             "the stream ended before kill {kills}; make it longer"
         );
     }
-    let consumer = env.spawn_binary(&config, "final");
-    env.wait_until_logged(events.len(), Duration::from_secs(240))
-        .await;
+    finish_with_binary(env, &config, "final", &events, Duration::from_secs(240)).await;
+}
+
+/// Starts one more binary, lets it consume the rest, stops it with SIGTERM
+/// (exit 0), and checks the store holds every event exactly once.
+async fn finish_with_binary(
+    env: Env,
+    config: &order_lifecycle::config::RunConfig,
+    name: &str,
+    events: &[(OrderEvent, Encoding)],
+    within: Duration,
+) {
+    let consumer = env.spawn_binary(config, name);
+    env.wait_until_logged(events.len(), within).await;
     env.wait_for_redis().await;
     let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0), "{log}");
-    assert_exactly_once(&env, &events).await;
+    assert_exactly_once(&env, events).await;
     env.cleanup().await;
 }
 
@@ -161,14 +172,7 @@ async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
         env.logged().await < events.len() as i64,
         "stopped mid-stream"
     );
-    let consumer = env.spawn_binary(&config, "second");
-    env.wait_until_logged(events.len(), Duration::from_secs(120))
-        .await;
-    env.wait_for_redis().await;
-    let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
-    assert_eq!(code, Some(0), "{log}");
-    assert_exactly_once(&env, &events).await;
-    env.cleanup().await;
+    finish_with_binary(env, &config, "second", &events, Duration::from_secs(120)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

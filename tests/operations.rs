@@ -341,19 +341,11 @@ async fn healthy_store(seed: u64) -> (TestDb, TestRedis) {
             .await
             .expect("healthy batch");
     }
-    let projection = projection(&redis).await;
+    let projection = redis.projection().await;
     order_lifecycle::rebuild::catch_up_to_head(&db.store, &projection, "test")
         .await
         .expect("redis catch-up");
     (db, redis)
-}
-
-async fn projection(
-    redis: &TestRedis,
-) -> order_lifecycle::store::redis_projection::RedisProjection {
-    order_lifecycle::store::redis_projection::RedisProjection::connect(&redis.url, &redis.prefix)
-        .await
-        .expect("redis")
 }
 
 fn verify_config(
@@ -383,7 +375,7 @@ fn verify_config(
 async fn run_verify(db: &TestDb, redis: &TestRedis) -> order_lifecycle::verify::Report {
     order_lifecycle::verify::verify(
         &db.store,
-        &projection(redis).await,
+        &redis.projection().await,
         &verify_config(db, redis, false),
     )
     .await
@@ -398,14 +390,16 @@ async fn exec(db: &TestDb, sql: &str) -> u64 {
         .rows_affected()
 }
 
-async fn redis_cmd(redis: &TestRedis, args: &[&str]) {
+/// Runs `command` on the key `prefix + key`, with `args` after it.
+async fn redis_cmd(redis: &TestRedis, command: &str, key: &str, args: &[&str]) {
     let mut conn = redis
         .client
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(format!("{}{key}", redis.prefix));
+    for a in args {
         cmd.arg(*a);
     }
     let _: redis::Value = cmd.query_async(&mut conn).await.unwrap();
@@ -545,32 +539,15 @@ async fn each_verify_check_fails_on_its_fault_with_the_right_count() {
     let (db, redis) = healthy_store(604).await;
     let (gone, _) = some_row(&db, "id_type = 'takeprofit_id'").await;
     let (altered, _) = some_row(&db, "id_type = 'order_id'").await;
+    redis_cmd(&redis, "DEL", &format!("global_order_lookup:{gone}"), &[]).await;
     redis_cmd(
         &redis,
-        &[
-            "DEL",
-            &format!("{}global_order_lookup:{gone}", redis.prefix),
-        ],
+        "SET",
+        &format!("global_order_lookup:{altered}"),
+        &["999"],
     )
     .await;
-    redis_cmd(
-        &redis,
-        &[
-            "SET",
-            &format!("{}global_order_lookup:{altered}", redis.prefix),
-            "999",
-        ],
-    )
-    .await;
-    redis_cmd(
-        &redis,
-        &[
-            "SET",
-            &format!("{}global_order_lookup:NO-SUCH-ID", redis.prefix),
-            "1",
-        ],
-    )
-    .await;
+    redis_cmd(&redis, "SET", "global_order_lookup:NO-SUCH-ID", &["1"]).await;
     let report = run_verify(&db, &redis).await;
     assert_fails(&report, "redis_lookup_keys", 3);
     assert_eq!(
@@ -590,30 +567,23 @@ async fn each_verify_check_fails_on_its_fault_with_the_right_count() {
     .await;
     redis_cmd(
         &redis,
-        &[
-            "DEL",
-            &format!("{}order_lifecycle_active:{order_a}", redis.prefix),
-        ],
+        "DEL",
+        &format!("order_lifecycle_active:{order_a}"),
+        &[],
     )
     .await;
     redis_cmd(
         &redis,
-        &[
-            "HSET",
-            &format!("{}order_lifecycle_active:{order_b}", redis.prefix),
-            "stoploss_id",
-            "NOT-IT",
-        ],
+        "HSET",
+        &format!("order_lifecycle_active:{order_b}"),
+        &["stoploss_id", "NOT-IT"],
     )
     .await;
     redis_cmd(
         &redis,
-        &[
-            "HSET",
-            &format!("{}order_lifecycle_active:NO-SUCH-ORDER", redis.prefix),
-            "order_id",
-            "x",
-        ],
+        "HSET",
+        "order_lifecycle_active:NO-SUCH-ORDER",
+        &["order_id", "x"],
     )
     .await;
     let report = run_verify(&db, &redis).await;
@@ -682,31 +652,13 @@ async fn verify_repair_makes_a_corrupted_store_pass() {
         "id_type = 'order_id' AND lifecycle_id <> 'NO-LOG-ORDER'",
     )
     .await;
+    redis_cmd(&redis, "DEL", &format!("global_order_lookup:{gone}"), &[]).await;
+    redis_cmd(&redis, "SET", "global_order_lookup:NO-SUCH-ID", &["1"]).await;
     redis_cmd(
         &redis,
-        &[
-            "DEL",
-            &format!("{}global_order_lookup:{gone}", redis.prefix),
-        ],
-    )
-    .await;
-    redis_cmd(
-        &redis,
-        &[
-            "SET",
-            &format!("{}global_order_lookup:NO-SUCH-ID", redis.prefix),
-            "1",
-        ],
-    )
-    .await;
-    redis_cmd(
-        &redis,
-        &[
-            "HSET",
-            &format!("{}order_lifecycle_active:NO-SUCH-ORDER", redis.prefix),
-            "order_id",
-            "x",
-        ],
+        "HSET",
+        "order_lifecycle_active:NO-SUCH-ORDER",
+        &["order_id", "x"],
     )
     .await;
     let before = run_verify(&db, &redis).await;

@@ -171,9 +171,7 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
         ],
     );
     process_batch(&db.store, &cfg, &batch).await.unwrap();
-    let projection = RedisProjection::connect(&common::redis_url(), &redis.prefix)
-        .await
-        .expect("Redis");
+    let projection = redis.projection().await;
     assert_eq!(
         redis_follower::catch_up(&db.store, &projection)
             .await
@@ -305,9 +303,7 @@ async fn incremental(db: &TestDb, projection: &RedisProjection, orders: usize) {
 async fn rebuild_reproduces_the_incremental_projection_exactly() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
-    let projection = RedisProjection::connect(&common::redis_url(), &redis.prefix)
-        .await
-        .unwrap();
+    let projection = redis.projection().await;
     incremental(&db, &projection, 150).await;
     let rows = db.full_rows().await;
     let keys = redis.snapshot().await;
@@ -331,9 +327,7 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
 async fn rebuild_repairs_a_corrupted_projection() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
-    let projection = RedisProjection::connect(&common::redis_url(), &redis.prefix)
-        .await
-        .unwrap();
+    let projection = redis.projection().await;
     incremental(&db, &projection, 60).await;
     let rows = db.full_rows().await;
     let keys = redis.snapshot().await;

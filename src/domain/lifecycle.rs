@@ -259,6 +259,11 @@ impl OrderLifecycle {
         &self.ids
     }
 
+    /// Every id with this order: the order's rows in the read model.
+    pub fn rows(&self) -> impl Iterator<Item = (&OrderId, &IdRecord)> {
+        self.ids.iter().map(move |r| (&self.order_id, r))
+    }
+
     /// One id of this order.
     pub fn get(&self, id: &LifecycleId) -> Option<&IdRecord> {
         self.index.get(id).map(|&i| &self.ids[i])

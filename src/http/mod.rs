@@ -73,7 +73,7 @@ impl ApiState {
             store: Arc::new(OnceLock::new()),
             redis,
             consumer,
-            metrics: installed_metrics(),
+            metrics: METRICS.get().cloned(),
             api_token: config.api_token.clone(),
             max_batch_ids: config.max_batch_ids,
         }
@@ -117,10 +117,6 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
             None
         }
     }
-}
-
-fn installed_metrics() -> Option<PrometheusHandle> {
-    METRICS.get().cloned()
 }
 
 /// The router: `/v1` behind the optional bearer token, health and metrics

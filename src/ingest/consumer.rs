@@ -31,7 +31,7 @@ use super::backoff::Backoff;
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::ordering::merge_by_time;
 use super::pipeline::{
-    expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
+    expire_parked, process_batch, process_isolating, release_stranded, BatchReport, InboundMessage,
     PipelineConfig,
 };
 use super::redis_follower;
@@ -295,34 +295,19 @@ impl Ingest<'_> {
     }
 
     /// Processes, publishes dead letters, commits.
-    async fn handle(
+    async fn handle<'m>(
         &self,
-        batch: &[InboundMessage],
+        batch: &'m [InboundMessage],
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Handled> {
         let started = Instant::now();
-        let report = match self.process(batch, shutdown).await {
+        let attempt = |messages: &'m [InboundMessage]| {
+            let mut shutdown = shutdown.clone();
+            async move { self.process(messages, &mut shutdown).await }
+        };
+        let report = match process_isolating(self.store, &self.pipeline, batch, attempt).await {
             Ok(Some(report)) => report,
             Ok(None) => return Ok(Handled::Abandoned),
-            Err(e) if !e.is_transient() || e.is_conflict() => {
-                tracing::error!(error = %e, "the database refused the batch; processing its messages one at a time");
-                let mut merged = BatchReport::default();
-                for m in batch {
-                    match self.process(std::slice::from_ref(m), shutdown).await {
-                        Ok(Some(r)) => merged.merge(r),
-                        Ok(None) => return Ok(Handled::Abandoned),
-                        Err(e) => {
-                            tracing::error!(error = %e, topic = %m.topic, partition = m.partition, offset = m.offset, "the database refused a message; dead-lettering it");
-                            merged.merge(
-                                record_poison(self.store, &self.pipeline, m, &e)
-                                    .await
-                                    .context("recording a message the database refused")?,
-                            );
-                        }
-                    }
-                }
-                merged
-            }
             Err(e) => return Err(e).context("processing a batch"),
         };
         commit(self.consumer, &report);

@@ -13,7 +13,7 @@
 //! batch the same way).
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use super::pipeline::InboundMessage;
 
@@ -31,29 +31,35 @@ pub fn merge_order(a: &InboundMessage, b: &InboundMessage) -> Ordering {
 /// Reorders a batch: its partitions merged by timestamp, each partition's
 /// messages kept in their order.
 pub fn merge_by_time(batch: Vec<InboundMessage>) -> Vec<InboundMessage> {
-    let mut lanes: BTreeMap<(String, i32), std::collections::VecDeque<InboundMessage>> =
-        BTreeMap::new();
+    // One lane per partition; a batch spans few partitions, so a linear
+    // search beats hashing (and cloning) every message's topic.
     let total = batch.len();
+    let mut lanes: Vec<VecDeque<InboundMessage>> = Vec::new();
     for m in batch {
-        lanes
-            .entry((m.topic.clone(), m.partition))
-            .or_default()
-            .push_back(m);
-    }
-    let mut lanes: Vec<_> = lanes.into_values().collect();
-    let mut merged = Vec::with_capacity(total);
-    loop {
-        let next = lanes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, lane)| lane.front().map(|m| (i, m)))
-            .min_by(|(_, a), (_, b)| merge_order(a, b))
-            .map(|(i, _)| i);
-        match next {
-            Some(i) => merged.extend(lanes[i].pop_front()),
-            None => return merged,
+        let lane = lanes.iter_mut().find(|lane| {
+            lane.front()
+                .is_some_and(|f| f.partition == m.partition && f.topic == m.topic)
+        });
+        match lane {
+            Some(lane) => lane.push_back(m),
+            None => lanes.push(VecDeque::from([m])),
         }
     }
+    let mut merged = Vec::with_capacity(total);
+    while let Some(i) = earliest(lanes.iter().map(VecDeque::front)) {
+        merged.extend(lanes[i].pop_front());
+    }
+    merged
+}
+
+/// The index of the head to apply next among partitions' heads (`None`
+/// for a partition with nothing waiting); `None` when all are empty.
+pub fn earliest<'a>(heads: impl Iterator<Item = Option<&'a InboundMessage>>) -> Option<usize> {
+    heads
+        .enumerate()
+        .filter_map(|(i, head)| head.map(|m| (i, m)))
+        .min_by(|(_, a), (_, b)| merge_order(a, b))
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]

@@ -401,6 +401,47 @@ async fn run_batch(
     Ok(report)
 }
 
+/// Processes a batch through `attempt` (which retries transient failures as
+/// its caller sees fit, and answers `Ok(None)` when it gives up, e.g. on
+/// shutdown). If the database refuses the batch, each message is processed
+/// alone, and a message it still refuses is dead-lettered as
+/// `storage_rejected` ([`record_poison`]): one message never blocks a
+/// partition. `run` and `replay` both go through here.
+///
+/// # Errors
+/// [`StoreError`] when the database is unavailable beyond what `attempt`
+/// waits for, or refuses even the dead letter.
+pub async fn process_isolating<'m, F, Fut>(
+    store: &Store,
+    config: &PipelineConfig,
+    batch: &'m [InboundMessage],
+    mut attempt: F,
+) -> Result<Option<BatchReport>, StoreError>
+where
+    F: FnMut(&'m [InboundMessage]) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<BatchReport>, StoreError>>,
+{
+    match attempt(batch).await {
+        Err(e) if e.is_refusal() => {
+            tracing::error!(error = %e, "the database refused the batch; processing its messages one at a time");
+            let mut merged = BatchReport::default();
+            for m in batch {
+                match attempt(std::slice::from_ref(m)).await {
+                    Ok(Some(r)) => merged.merge(r),
+                    Ok(None) => return Ok(None),
+                    Err(e) if e.is_refusal() => {
+                        tracing::error!(error = %e, topic = %m.topic, partition = m.partition, offset = m.offset, "the database refused a message; dead-lettering it");
+                        merged.merge(record_poison(store, config, m, &e).await?);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Some(merged))
+        }
+        other => other,
+    }
+}
+
 /// Dead-letters one message the database refused to store (reason
 /// `storage_rejected`) and moves its partition past it, in one transaction.
 ///

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use futures_util::{Stream, TryStreamExt};
+use futures_util::stream::BoxStream;
+use futures_util::TryStreamExt;
 use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlPool, Row};
 
@@ -14,17 +15,64 @@ use crate::domain::{OrderId, OrderLifecycle, Transition};
 const TABLE: &str = "lifecycle_events";
 
 /// Log entries in `(order_id, seq)` order, up to log position `up_to`.
-/// Stream them through an [`OrderFolder`].
-pub fn entries(
-    pool: &MySqlPool,
-    up_to: i64,
-) -> impl Stream<Item = Result<MySqlRow, sqlx::Error>> + '_ {
+fn entries(pool: &MySqlPool, up_to: i64) -> BoxStream<'_, Result<MySqlRow, sqlx::Error>> {
     sqlx::query(
         "SELECT order_id, seq, occurred_at_ms, transitions FROM lifecycle_events \
          WHERE position <= ? ORDER BY order_id, seq",
     )
     .bind(up_to)
     .fetch(pool)
+}
+
+/// The whole log (up to a position) streamed in key order and folded, handed
+/// out in chunks of whole orders holding about `rows` read-model rows:
+/// memory holds one chunk, whatever the log's size. `rebuild`, `verify` and
+/// the tests' checks read the log this way.
+pub struct FoldedChunks<'p> {
+    entries: BoxStream<'p, Result<MySqlRow, sqlx::Error>>,
+    folder: OrderFolder,
+    rows: usize,
+    /// Log entries read so far.
+    pub entries_read: u64,
+    finished: bool,
+}
+
+impl<'p> FoldedChunks<'p> {
+    /// Entries up to log position `up_to`, in chunks of about `rows` rows.
+    pub fn new(pool: &'p MySqlPool, up_to: i64, rows: usize) -> FoldedChunks<'p> {
+        FoldedChunks {
+            entries: entries(pool, up_to),
+            folder: OrderFolder::default(),
+            rows: rows.max(1),
+            entries_read: 0,
+            finished: false,
+        }
+    }
+
+    /// The next chunk; `None` after the last.
+    ///
+    /// # Errors
+    /// [`StoreError`] from the database, or an entry this version cannot read.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<OrderLifecycle>>, StoreError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let mut chunk = Vec::new();
+        let mut rows = 0;
+        while let Some(row) = self.entries.try_next().await? {
+            self.entries_read += 1;
+            if let Some(done) = self.folder.push(&row)? {
+                rows += done.ids().len();
+                chunk.push(done);
+                if rows >= self.rows {
+                    return Ok(Some(chunk));
+                }
+            }
+        }
+        self.finished = true;
+        chunk.extend(std::mem::take(&mut self.folder).finish());
+        Ok(Some(chunk))
+    }
 }
 
 /// Folds a stream of entries sorted by order, handing out each order as
@@ -99,15 +147,9 @@ pub async fn orders_from_log(
     pool: &MySqlPool,
 ) -> Result<BTreeMap<OrderId, OrderLifecycle>, StoreError> {
     let mut orders = BTreeMap::new();
-    let mut folder = OrderFolder::default();
-    let mut rows = entries(pool, i64::MAX);
-    while let Some(row) = rows.try_next().await? {
-        if let Some(done) = folder.push(&row)? {
-            orders.insert(done.order_id().clone(), done);
-        }
-    }
-    if let Some(last) = folder.finish() {
-        orders.insert(last.order_id().clone(), last);
+    let mut chunks = FoldedChunks::new(pool, i64::MAX, super::MAX_ROWS_PER_STATEMENT);
+    while let Some(chunk) = chunks.next_chunk().await? {
+        orders.extend(chunk.into_iter().map(|o| (o.order_id().clone(), o)));
     }
     Ok(orders)
 }

@@ -56,6 +56,13 @@ impl StoreError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict(_))
     }
+
+    /// Whether the database refused the data itself (anything not
+    /// transient, or a conflict that retries did not resolve), rather than
+    /// being unavailable.
+    pub fn is_refusal(&self) -> bool {
+        !self.is_transient() || self.is_conflict()
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

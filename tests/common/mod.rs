@@ -283,6 +283,13 @@ impl TestRedis {
             .unwrap()
     }
 
+    /// The product's projection on this prefix.
+    pub async fn projection(&self) -> order_lifecycle::store::redis_projection::RedisProjection {
+        order_lifecycle::store::redis_projection::RedisProjection::connect(&self.url, &self.prefix)
+            .await
+            .unwrap_or_else(|e| panic!("Redis at {} is required: {e}", self.url))
+    }
+
     /// Every key under the prefix, by SCAN (KEYS would block a shared
     /// Redis holding other tests' hundreds of thousands of keys).
     async fn keys(&self, conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
