@@ -89,16 +89,6 @@ async fn measure(config: &BenchConfig, store: &Store, prefix: &str) -> anyhow::R
         "bench-rebuild: generated {written} log entries in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // A rebuild folds again every order written in the last
-    // COMMIT_GRACE before it started (their batches may still have been
-    // committing). Right after a bulk load at full speed that is tens of
-    // thousands of orders, which no log at rest has: wait it out, so that
-    // the figure is the rebuild's own.
-    println!(
-        "bench-rebuild: waiting {} s so that the log is at rest",
-        rebuild::COMMIT_GRACE.as_secs()
-    );
-    tokio::time::sleep(rebuild::COMMIT_GRACE).await;
     let mysql = rebuild::rebuild_mysql(store).await?;
     println!(
         "bench-rebuild: mysql  {} events, {} orders, {} rows in {:.1} s = {:.0} events/s",
@@ -122,12 +112,13 @@ async fn measure(config: &BenchConfig, store: &Store, prefix: &str) -> anyhow::R
     Ok(())
 }
 
-async fn remove_keys(redis: &RedisProjection) -> anyhow::Result<()> {
+/// Removes every key of the projection's prefix (a scratch prefix).
+pub(crate) async fn remove_keys(redis: &RedisProjection) -> anyhow::Result<()> {
     let keys = redis.keys();
     for pattern in [
         keys.lookup_pattern(),
         keys.active_pattern(),
-        keys.position(),
+        keys.projection(),
     ] {
         let mut cursor = 0;
         loop {

@@ -200,6 +200,9 @@ pub enum Command {
     Verify(Box<VerifyConfig>),
     /// Measure `rebuild` on a synthetic log in a scratch database.
     BenchRebuild(Box<BenchConfig>),
+    /// Measure event-to-Redis latency at a steady rate through the real
+    /// broker, in a scratch database, key prefix and topics.
+    BenchLatency(Box<crate::bench_latency::LatencyConfig>),
 }
 
 #[cfg(test)]

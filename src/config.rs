@@ -327,7 +327,12 @@ pub struct RunConfig {
     pub redis: RedisConfig,
     #[command(flatten)]
     pub http: HttpConfig,
-    /// Topics to consume, comma-separated. Any event kind may arrive on any of them.
+    /// Topics to consume, comma-separated. Any event kind may arrive on any of
+    /// them; their messages are applied in production order (rule R11). Order
+    /// events on several topics must be co-partitioned (same partition count,
+    /// keyed by order id): if the counts differ, an ERROR naming the topics is
+    /// logged at start-up and on every assignment, and consumption goes on
+    /// (one instance still orders correctly; several may not).
     #[arg(
         long = "topics",
         env = "OL_TOPICS",
@@ -362,9 +367,16 @@ pub struct RunConfig {
     #[arg(long = "shutdown-timeout", env = "OL_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
     /// How long an event waits for an id not issued yet (a confirmation that
-    /// overtook its request) before it is dead-lettered as `unknown_lifecycle_id`.
+    /// overtook its request) before it is dead-lettered as
+    /// `unknown_lifecycle_id`; counted in stream time (Kafka timestamps of
+    /// the consumed partitions), so a backlog parks as it would have live.
     #[arg(long = "park-timeout", env = "OL_PARK_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub park_timeout: Duration,
+    /// Longest wait for a partition that is behind (empty, not at its end)
+    /// before messages of other partitions go ahead of it (rule R11). A
+    /// partition caught up to its end is never waited for.
+    #[arg(long = "max-partition-idle", env = "OL_MAX_PARTITION_IDLE", default_value = "100ms", value_parser = parse_duration)]
+    pub max_partition_idle: Duration,
     /// Create the consumed and dead-letter topics when missing (development;
     /// production topics are usually managed elsewhere).
     #[arg(long = "create-topics", env = "OL_CREATE_TOPICS")]
@@ -449,6 +461,9 @@ impl RunConfig {
         }
         if self.park_timeout.is_zero() {
             return bad("--park-timeout must be positive");
+        }
+        if self.max_partition_idle >= self.session_timeout {
+            return bad("--max-partition-idle must be shorter than --session-timeout");
         }
         if self.group_id.trim().is_empty() {
             return bad("--group-id is empty");

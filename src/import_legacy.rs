@@ -419,10 +419,7 @@ fn events_of(
     summary: &mut ImportSummary,
     show: usize,
 ) -> Vec<(OrderEvent, IdType)> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(1);
+    let now_ms = crate::clock::now_ms();
     let error = |summary: &mut ImportSummary, order: &str, column: &'static str, e: String| {
         summary.errors += 1;
         if summary.error_examples.len() < show {
@@ -556,8 +553,9 @@ async fn apply(
     }
     let touched = unique(touched);
     let rows = book.records(&touched);
-    event_log::append(&mut tx, &entries).await?;
     id_projection::upsert(&mut tx, &rows).await?;
+    // Last: the append holds the log head's lock until the commit (R12).
+    event_log::append(&mut tx, &entries).await?;
     if config.dry_run {
         tx.rollback().await.map_err(StoreError::from)?;
     } else {

@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
             }
         },
         Command::BenchRebuild(config) => bench::run(*config).await,
+        Command::BenchLatency(config) => order_lifecycle::bench_latency::run(*config).await,
     }
 }
 

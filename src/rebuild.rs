@@ -5,14 +5,17 @@
 //!   `order_lifecycle_ids_rebuild`, which then replaces the live table in one
 //!   `RENAME TABLE` (atomic: a reader sees the old table or the new one,
 //!   never an empty one). Orders that received events while the rebuild ran
-//!   are folded again from the log. Batches read order state from this table,
+//!   (entries past the log head it started from: positions become visible
+//!   in commit order, rule R12, so nothing committed earlier can appear
+//!   below that head later) are folded again from the log. Batches read
+//!   order state from this table,
 //!   so for the last fold and the swap they are held off by the projection
 //!   lock (a row they take in share mode, the rebuild exclusively): no batch
 //!   ever reads a table missing its latest rows. The hold lasts as long as
 //!   folding the orders touched during the rebuild takes.
 //! - **Redis**: keys are overwritten in place, never deleted first, so a
-//!   reader never gets a miss: the projection's position is set back to 0
-//!   and the follower logic re-projects the whole log (a running `run`
+//!   reader never gets a miss: the projection's record is dropped and the
+//!   follower logic re-projects the whole log (a running `run`
 //!   notices and joins in; the writes are the same); then keys that no longer
 //!   belong to any order are removed.
 
@@ -26,7 +29,7 @@ use crate::domain::{IdRecord, OrderId, OrderLifecycle};
 use crate::ingest::redis_follower::{self, FollowError};
 use crate::progress::Progress;
 use crate::store::fold::{self, FoldedChunks};
-use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::redis_projection::{Projected, RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// Which read model to rebuild.
@@ -73,11 +76,6 @@ pub enum RebuildError {
 const SHADOW: &str = "order_lifecycle_ids_rebuild";
 const RETIRED: &str = "order_lifecycle_ids_retired";
 
-/// How far back, before the rebuild started, orders are folded again: a
-/// batch commit is never later than this after its entries got their
-/// `recorded_at`.
-pub const COMMIT_GRACE: Duration = Duration::from_secs(15);
-
 /// Runs `rebuild` as the command line asks.
 ///
 /// # Errors
@@ -119,7 +117,6 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
 pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     let started = Instant::now();
     let pool = store.pool();
-    let since = db_now_micros(store).await? - COMMIT_GRACE.as_micros() as i64;
     let head = event_log::head(pool).await?;
 
     let mut conn = pool.acquire().await?;
@@ -145,7 +142,7 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     // Orders that moved while we read: fold them again; then, with batches
     // held off (the exclusive projection lock, taken on its own connection
     // because RENAME commits), once more for the last few, and swap.
-    let first_pass = refold_recent(store, &mut conn, SHADOW, since).await?;
+    let first_pass = refold_recent(store, &mut conn, SHADOW, head).await?;
     // Fresh index statistics before readers and batches use the table: a
     // table filled in bulk may still be estimated as nearly empty, and the
     // optimizer then scans it whole for every lookup.
@@ -178,21 +175,20 @@ async fn write(
     Ok(rows.len() as u64)
 }
 
-/// Folds again, from the log, every order with entries recorded since
-/// `since_micros`, and writes them to `table`. Returns the point from which
-/// a later pass must look again: this pass's start, less [`COMMIT_GRACE`].
+/// Folds again, from the log, every order with entries after log position
+/// `since`, and writes them to `table`. Returns the head this pass saw
+/// before it looked, from which a later pass must look again.
 async fn refold_recent(
     store: &Store,
     conn: &mut sqlx::MySqlConnection,
     table: &'static str,
-    since_micros: i64,
+    since: i64,
 ) -> Result<i64, StoreError> {
-    let next = db_now_micros(store).await? - COMMIT_GRACE.as_micros() as i64;
+    let next = event_log::head(store.pool()).await?;
     let recent: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT CAST(order_id AS CHAR) FROM lifecycle_events \
-         WHERE recorded_at >= FROM_UNIXTIME(? / 1000000)",
+        "SELECT DISTINCT CAST(order_id AS CHAR) FROM lifecycle_events WHERE position > ?",
     )
-    .bind(since_micros)
+    .bind(since)
     .fetch_all(store.pool())
     .await?;
     let orders: Vec<OrderId> = recent
@@ -202,16 +198,6 @@ async fn refold_recent(
     let folded = fold::orders_of(store.pool(), &orders).await?;
     write(conn, table, &folded).await?;
     Ok(next)
-}
-
-/// The database's clock, in microseconds since the epoch (log entries are
-/// stamped with it).
-async fn db_now_micros(store: &Store) -> Result<i64, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)")
-            .fetch_one(store.pool())
-            .await?,
-    )
 }
 
 /// Re-projects the whole log into Redis in place, then removes keys that
@@ -225,7 +211,7 @@ pub async fn rebuild_redis(
 ) -> Result<Summary, RebuildError> {
     let started = Instant::now();
     let mut summary = Summary::default();
-    redis.set_position(0).await?;
+    redis.reset().await?;
     summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
     summary.keys_removed = remove_stale_keys(store, redis).await?;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -243,17 +229,19 @@ pub async fn catch_up_to_head(
     what: &'static str,
 ) -> Result<u64, RebuildError> {
     let head = event_log::head(store.pool()).await?;
-    let from = redis.position().await?.unwrap_or(0);
+    let position = |at: Option<Projected>| at.map_or(0, |p| p.position);
+    let from = position(redis.projected().await?);
     let mut progress = Progress::new(what, "events", Some((head - from).max(0) as u64));
     loop {
         let n = redis_follower::catch_up(store, redis).await?;
         progress.add(n as u64);
         if n == 0 {
-            if redis.position().await?.unwrap_or(0) >= head {
+            if position(redis.projected().await?) >= head {
                 break;
             }
-            // A gap in log positions not yet old enough to pass.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Another writer (a running `run`) changed the record between
+            // our read and our write: read it again.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     progress.finish();

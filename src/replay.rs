@@ -7,9 +7,10 @@
 //!   nothing; a replay into an empty database reconstructs it.
 //! - It reads under its own consumer group with partitions assigned
 //!   directly: it never joins, rebalances or commits for the live group.
-//! - Partitions are merged by Kafka timestamp, in the order the live
-//!   consumer applies them (see [`crate::ingest::ordering`]), so that
-//!   per-order sequences come out as the live consumer made them.
+//! - Partitions are merged in the order the live consumer applies them
+//!   (rule R11, [`crate::ingest::ordering`]): every partition's next message
+//!   is at hand, so the merge is exact, and for a stream produced in order
+//!   the per-order sequences come out as the live consumer made them.
 //! - Each partition is read up to its end as of when the replay reaches it
 //!   (librdkafka's partition-EOF event, taken from the fetch responses; the
 //!   broker's offset listing is not trusted, as some Kafka-protocol brokers
@@ -29,7 +30,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{parse_duration, parse_timestamp_ms, DatabaseConfig, KafkaConfig, RedisConfig};
-use crate::ingest::ordering::earliest;
+use crate::ingest::ordering::{earliest, Keyed};
 use crate::ingest::pipeline::{
     process_batch, process_isolating, BatchReport, InboundMessage, PipelineConfig,
 };
@@ -160,7 +161,7 @@ struct Lane {
         rdkafka::consumer::DefaultConsumerContext,
     >,
     /// The next message, read but not yet merged.
-    head: Option<InboundMessage>,
+    head: Option<Keyed>,
     /// The end of the partition was reached.
     finished: bool,
 }
@@ -252,7 +253,7 @@ pub async fn replay(
             let Some(i) = earliest(lanes.iter().map(|l| l.head.as_ref())) else {
                 break;
             };
-            let message = lanes[i].head.take();
+            let message = lanes[i].head.take().map(|k| k.message);
             // The broker's time index only gives a starting point (some
             // brokers answer offset 0 for any time): the time decides.
             if let (Some(since), Some(m)) = (config.since, &message) {
@@ -375,7 +376,7 @@ async fn fill(lane: &mut Lane) -> Result<(), ReplayError> {
     loop {
         match lane.queue.recv().await {
             Ok(m) => {
-                lane.head = Some(InboundMessage::from_kafka(&m));
+                lane.head = Some(Keyed::new(InboundMessage::from_kafka(&m)));
                 return Ok(());
             }
             Err(KafkaError::PartitionEOF(_)) => {

@@ -9,10 +9,11 @@
 //! | `one_active_per_type` | an (order, type) has more than one active id | yes |
 //! | `orphan_ids` | an id's order is in neither legacy table (skipped when the tables are absent) | no: an operator question |
 //! | `mysql_matches_log` | an order's rows differ from the log folded alone | yes |
+//! | `redis_follows_log` | Redis's projection record names another log, or another history of this one (rule R12) | yes: re-projected from the start |
 //! | `redis_lookup_keys` | `global_order_lookup:{id}` missing, wrong, or for no id | yes |
 //! | `redis_active_ids` | `order_lifecycle_active:{order}` missing, wrong or extra | yes |
 //! | `sequences` | an order's log sequence is not 1..n | no: the log is append-only |
-//! | `parked_overdue` | a parked event is a minute past its time limit (no consumer expires them) | no: start `run` |
+//! | `parked_overdue` | a parked event is a minute of stream time past its limit (no consumer expires them) | no: start `run` |
 //! | `dead_letters` | a dead letter waits unpublished for over five minutes (counts by reason shown) | no: start `run` |
 //!
 //! Checks read while `run` may be writing: orders that look wrong are
@@ -28,9 +29,10 @@ use sqlx::{MySqlPool, Row};
 
 use crate::config::{DatabaseConfig, LegacyTables, RedisConfig};
 use crate::domain::{IdRecord, IdStatus, LifecycleId, OrderId, OrderLifecycle};
-use crate::rebuild::{KeyKind, RebuildError, StrayKeys};
+use crate::ingest::redis_follower;
+use crate::rebuild::{self, KeyKind, RebuildError, StrayKeys};
 use crate::store::fold::{self, FoldedChunks};
-use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::redis_projection::{Projected, RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// Orders the repair may hold in memory; beyond it, `rebuild` is the tool.
@@ -101,6 +103,8 @@ pub struct Repaired {
     pub orders: u64,
     pub rows: u64,
     pub redis_keys_removed: u64,
+    /// Log entries re-projected into a Redis that followed another log.
+    pub redis_entries: u64,
 }
 
 /// Why the checks could not run.
@@ -145,8 +149,9 @@ pub fn human(report: &Report) -> String {
     if let Some(r) = &report.repaired {
         let _ = writeln!(
             out,
-            "repaired: {} orders re-projected ({} rows), {} stray Redis keys removed; checked again:",
-            r.orders, r.rows, r.redis_keys_removed
+            "repaired: {} orders re-projected ({} rows), {} stray Redis keys removed, \
+             {} log entries re-projected into Redis; checked again:",
+            r.orders, r.rows, r.redis_keys_removed, r.redis_entries
         );
     }
     let failed = report
@@ -187,6 +192,8 @@ pub fn human(report: &Report) -> String {
 struct Findings {
     orders: BTreeSet<OrderId>,
     stray_keys: Vec<String>,
+    /// Redis follows another log or history: re-project it whole.
+    redis_diverged: bool,
 }
 
 impl Findings {
@@ -229,11 +236,17 @@ async fn check_all(
 ) -> Result<Report, VerifyError> {
     let n = config.examples;
     let pool = store.pool();
-    let lag_note = wait_for_redis(store, redis).await?;
+    let follows = redis_follows_log(store, redis, findings).await?;
+    let lag_note = if findings.redis_diverged {
+        None
+    } else {
+        wait_for_redis(store, redis).await?
+    };
     let mut checks = vec![
         one_active_per_type(pool, n, findings).await?,
         orphan_ids(pool, config, n).await?,
         mysql_matches_log(store, n, findings).await?,
+        follows,
     ];
     let mut lookups = redis_lookup_keys(store, redis, n, findings).await?;
     let mut active = redis_active_ids(store, redis, n, findings).await?;
@@ -267,6 +280,30 @@ fn check(name: &'static str, count: u64, examples: Vec<String>) -> Check {
     }
 }
 
+/// Rule R12: Redis's projection record names this log, and at its
+/// position the entry it recorded.
+async fn redis_follows_log(
+    store: &Store,
+    redis: &RedisProjection,
+    findings: &mut Findings,
+) -> Result<Check, VerifyError> {
+    let log = event_log::log_head(store.pool()).await?;
+    let at = redis.projected().await?;
+    let examples = match redis_follower::resume_point(store, &log, at.as_ref()).await? {
+        Ok(_) => Vec::new(),
+        // No record yet: nothing projected, which the key checks report.
+        Err(_) if at.is_none() => Vec::new(),
+        Err(why) => {
+            findings.redis_diverged = true;
+            vec![format!(
+                "{why}: redis records {at:?}; this log is {} at position {}",
+                log.log_id, log.position
+            )]
+        }
+    };
+    Ok(check("redis_follows_log", examples.len() as u64, examples))
+}
+
 /// Waits up to ten seconds for the Redis follower to reach the log's head;
 /// a note when it did not.
 async fn wait_for_redis(
@@ -274,13 +311,14 @@ async fn wait_for_redis(
     redis: &RedisProjection,
 ) -> Result<Option<String>, VerifyError> {
     let head = event_log::head(store.pool()).await?;
+    let position = |at: Option<Projected>| at.map_or(0, |p| p.position);
     for _ in 0..50 {
-        if redis.position().await?.unwrap_or(0) >= head {
+        if position(redis.projected().await?) >= head {
             return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let at = redis.position().await?.unwrap_or(0);
+    let at = position(redis.projected().await?);
     Ok(Some(format!(
         "Redis is {} log entries behind (position {at}, log head {head}); is `run` running?",
         head - at
@@ -641,19 +679,21 @@ async fn sequences(pool: &MySqlPool, n: usize) -> Result<Check, VerifyError> {
     Ok(check("sequences", rows.len() as u64, examples))
 }
 
-/// Parked events more than a minute past their time limit: nothing is
-/// expiring them (no `run` is up).
+/// Parked events more than a minute of stream time past their limit:
+/// nothing is expiring them (no `run` is up). Stream time is the lowest
+/// of every consumer group's partitions (rule R7).
 async fn parked_overdue(pool: &MySqlPool, n: usize) -> Result<Check, VerifyError> {
     counted_check(
         pool,
         "parked_overdue",
-        "FROM parked_events WHERE expires_at < NOW(3) - INTERVAL 1 MINUTE",
-        "event_id, awaited_id, CAST(expires_at AS CHAR)",
-        "expires_at",
+        "FROM parked_events WHERE expires_at_ms < \
+         (SELECT MIN(COALESCE(stream_time_ms, 0)) FROM consumer_offsets) - 60000",
+        "event_id, awaited_id, CAST(expires_at_ms AS CHAR)",
+        "expires_at_ms",
         n,
         |r| {
             Ok(format!(
-                "event {} waits for {} since its limit {}",
+                "event {} waits for {} since its limit {} (Unix ms, stream time)",
                 text_at(r, 0)?,
                 text_at(r, 1)?,
                 text_at(r, 2)?
@@ -739,6 +779,11 @@ async fn repair(
 ) -> Result<Repaired, VerifyError> {
     let pool = store.pool();
     let mut repaired = Repaired::default();
+    if findings.redis_diverged {
+        redis.reset().await?;
+        repaired.redis_entries =
+            rebuild::catch_up_to_head(store, redis, "re-project redis").await?;
+    }
     let orders: Vec<OrderId> = findings.orders.iter().cloned().collect();
     // Keys the repair writes: a "stray" key of an id whose row was missing
     // is right again once its order is re-projected.

@@ -80,7 +80,14 @@ async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
             "the stream ended before kill {kills}; make it longer"
         );
     }
-    finish_with_binary(env, &config, "final", &events, Duration::from_secs(240)).await;
+    let redis_behind =
+        finish_with_binary(env, &config, "final", &events, Duration::from_secs(240)).await;
+    // Rule R12: the rolled-back batches of five SIGKILLs left no hole for
+    // the Redis follower to wait on.
+    assert!(
+        redis_behind < Duration::from_secs(2),
+        "Redis reached the log head {redis_behind:?} after MySQL"
+    );
 }
 
 /// Starts one more binary, lets it consume the rest, stops it with SIGTERM
@@ -91,14 +98,23 @@ async fn finish_with_binary(
     name: &str,
     events: &[(OrderEvent, Encoding)],
     within: Duration,
-) {
+) -> Duration {
     let consumer = env.spawn_binary(config, name);
     env.wait_until_logged(events.len(), within).await;
+    let logged = Instant::now();
     env.wait_for_redis().await;
+    let redis_behind = logged.elapsed();
     let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0), "{log}");
+    // Rule R12: after SIGTERM, Redis is at the log head.
+    let head = order_lifecycle::store::event_log::head(env.db.store.pool())
+        .await
+        .unwrap();
+    let at = env.redis.projection().await.projected().await.unwrap();
+    assert_eq!(at.map(|p| p.position), Some(head), "Redis at the log head");
     assert_exactly_once(&env, events).await;
     env.cleanup().await;
+    redis_behind
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -457,6 +457,7 @@ async fn verify_passes_a_healthy_store() {
             expect("one_active_per_type", "pass"),
             expect("orphan_ids", "skip"),
             expect("mysql_matches_log", "pass"),
+            expect("redis_follows_log", "pass"),
             expect("redis_lookup_keys", "pass"),
             expect("redis_active_ids", "pass"),
             expect("sequences", "pass"),
@@ -599,21 +600,47 @@ async fn each_verify_check_fails_on_its_fault_with_the_right_count() {
     let (db, redis) = healthy_store(606).await;
     let (_, order) = some_row(&db, "1 = 1").await;
     exec(&db, &format!(
-        "INSERT INTO lifecycle_events (order_id, seq, event_id, kind, outcome, transitions, payload, occurred_at_ms) \
-         SELECT order_id, MAX(seq) + 2, 'gap-event', 'order_placed', 'duplicate', '[]', '{{}}', 1 \
+        "INSERT INTO lifecycle_events (position, order_id, seq, event_id, kind, outcome, transitions, payload, occurred_at_ms) \
+         SELECT (SELECT position + 1 FROM log_head), order_id, MAX(seq) + 2, 'gap-event', 'order_placed', 'duplicate', '[]', '{{}}', 1 \
          FROM lifecycle_events WHERE order_id = '{order}' GROUP BY order_id"
     )).await;
+    exec(&db, "UPDATE log_head SET position = position + 1").await;
     assert_fails(&run_verify(&db, &redis).await, "sequences", 1);
+    redis.cleanup().await;
+    db.drop().await;
+
+    // Redis following another log (its record names another log identity,
+    // as after the database was recreated): reported, and --repair
+    // re-projects it from the start.
+    let (db, redis) = healthy_store(608).await;
+    redis_cmd(
+        &redis,
+        "HSET",
+        "order_lifecycle:projection",
+        &["log_id", "another-log"],
+    )
+    .await;
+    assert_fails(&run_verify(&db, &redis).await, "redis_follows_log", 1);
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify", "--repair"]);
+    assert!(ok, "verify --repair did not end healthy:\n{out}\n{err}");
+    assert!(out.contains("log entries re-projected into Redis"), "{out}");
     redis.cleanup().await;
     db.drop().await;
 
     // Parked events past their limit, and dead letters stuck in the outbox.
     let (db, redis) = healthy_store(607).await;
+    // The consumer is caught up (stream time now); the limits passed two
+    // minutes of stream time ago.
+    exec(
+        &db,
+        "UPDATE consumer_offsets SET stream_time_ms = UNIX_TIMESTAMP() * 1000",
+    )
+    .await;
     for i in 0..2 {
         exec(&db, &format!(
             "INSERT INTO parked_events (awaited_id, event_id, event, source_topic, source_partition, \
-             source_offset, expires_at) VALUES ('SL-LATE', 'late-{i}', '{{}}', 'order-events', 0, {i}, \
-             NOW(3) - INTERVAL 2 MINUTE)"
+             source_offset, expires_at_ms) VALUES ('SL-LATE', 'late-{i}', '{{}}', 'order-events', 0, {i}, \
+             UNIX_TIMESTAMP() * 1000 - 120000)"
         )).await;
     }
     exec(&db,

@@ -71,15 +71,20 @@ async fn a_parked_event_whose_id_never_comes_is_dead_lettered_after_its_time() {
     let cfg = config(Duration::from_millis(300));
     let mut s = EventScript::new("P2");
     let orphan = s.confirm("NEVER", "EXECUTED");
-    process_batch(&db.store, &cfg, &messages("c", 7, &[orphan]))
-        .await
-        .unwrap();
-    assert!(expire_parked(&db.store, cfg.park_timeout, 100)
-        .await
-        .unwrap()
-        .is_empty());
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let letters = expire_parked(&db.store, cfg.park_timeout, 100)
+    // Stamped by Kafka at T: it expires once stream time reaches T + 300 ms
+    // (rule R7, in stream time), however late that is by the wall clock.
+    let stamped = 1_764_300_000_000;
+    let mut batch = messages("c", 7, &[orphan]);
+    batch[0].timestamp_ms = Some(stamped);
+    process_batch(&db.store, &cfg, &batch).await.unwrap();
+    assert!(
+        expire_parked(&db.store, cfg.park_timeout, stamped + 299, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not yet expired 299 ms of stream time after it"
+    );
+    let letters = expire_parked(&db.store, cfg.park_timeout, stamped + 300, 100)
         .await
         .unwrap();
     assert_eq!(letters.len(), 1);
@@ -202,7 +207,20 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
             .collect::<Vec<_>>(),
         expected
     );
-    assert_eq!(keys["order_lifecycle:projected_position"], "5");
+    let log = order_lifecycle::store::event_log::log_head(db.store.pool())
+        .await
+        .unwrap();
+    let fifth: String = sqlx::query_scalar(
+        "SELECT CAST(event_id AS CHAR) FROM lifecycle_events WHERE position = 5",
+    )
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        keys["order_lifecycle:projection"],
+        format!("event_id={fifth},log_id={},position=5", log.log_id),
+        "the record names the log, the position and the entry there"
+    );
 
     // A flushed Redis (its keys and its position gone) is repaired from the
     // log on the next round.
@@ -217,10 +235,10 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
 
     // A flush between reading the position and writing: the write is
     // abandoned, so the position never claims keys that are not there.
-    let position = projection.watch_position().await.unwrap();
-    assert_eq!(position, Some(5));
+    let at = projection.watch_projected().await.unwrap().unwrap();
+    assert_eq!(at.position, 5);
     redis.cleanup().await;
-    let written = projection.write(&[], &[], 5).await.unwrap();
+    let written = projection.write(&[], &[], &at).await.unwrap();
     assert!(!written, "the write after a flush is abandoned");
     assert!(redis.snapshot().await.is_empty());
     assert_eq!(

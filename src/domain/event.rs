@@ -234,6 +234,26 @@ impl EventKind {
     }
 }
 
+impl EventKind {
+    /// Where this kind stands in the causal order of rule R11, which breaks
+    /// ties between events stamped at the same moment on different
+    /// partitions: a placement (0) comes before the protective orders added
+    /// to it (1), which come before cancels, closes and modifications (2),
+    /// which come before the provider's confirmations of any of them (3).
+    pub fn causal_rank(&self) -> u8 {
+        match self {
+            EventKind::OrderPlaced(_) | EventKind::LegacyIdImported(_) => 0,
+            EventKind::StopLossAdded(_) | EventKind::TakeProfitAdded(_) => 1,
+            EventKind::StopLossCancelled(_)
+            | EventKind::TakeProfitCancelled(_)
+            | EventKind::CloseRequested(_)
+            | EventKind::PendingCancelled(_)
+            | EventKind::PendingModified(_) => 2,
+            EventKind::ProviderConfirmation(_) => 3,
+        }
+    }
+}
+
 impl OrderEvent {
     /// The ids this event issues, with their types, in the order they are
     /// recorded. The order's own id counts for `order_placed`.

@@ -23,6 +23,20 @@
 //! | `pending_modified` | issue `modify_id` (R5, R2) |
 //! | `provider_confirmation` | see the table on [`OrderLifecycle::confirm`] (R6) |
 //!
+//! # The order of the log (rule R11)
+//!
+//! This machine is applied to events in the order they happened, so that
+//! the same stream gives the same log whatever the topic layout: Kafka
+//! timestamp, then `occurred_at_ms`, then causal rank
+//! ([`super::EventKind::causal_rank`]: placement, additions,
+//! cancels/closes/modifications, confirmations), then partition and
+//! offset. The consumer merges its partitions that way, waiting briefly for
+//! a partition that is behind (`crate::ingest::ordering`). A producer gets
+//! that order by stamping each event when it happens, keying order events
+//! by order id on co-partitioned topics, and sending an order's events in
+//! order; an event that still arrives before the one issuing its id waits
+//! for it (rule R7).
+//!
 //! An id this order already holds with the same type is a repeated binding
 //! and changes nothing (R1); with another type it is rejected. Binding an id
 //! held by another order is rejected one level up, in [`super::book`], which

@@ -25,10 +25,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientContext, Offset, Statistics};
 
+use super::ordering::Partition;
 use super::pipeline::InboundMessage;
 use crate::store::{offsets, Store};
-
-type Partition = (String, i32);
 
 /// What readiness needs to know about the consumer.
 #[derive(Debug)]
@@ -72,10 +71,11 @@ pub struct AssignmentContext {
     status: Arc<ConsumerStatus>,
 }
 
-#[derive(Default)]
-struct Changes {
-    assigned: Vec<Partition>,
-    revoked: Vec<Partition>,
+/// Partitions assigned and revoked since the last look.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub assigned: Vec<Partition>,
+    pub revoked: Vec<Partition>,
 }
 
 impl ClientContext for AssignmentContext {
@@ -164,10 +164,10 @@ pub struct OffsetGate {
 
 impl OffsetGate {
     /// A gate for the consumer group whose offsets are stored.
-    pub fn new(group_id: &str, metadata: BaseConsumer) -> OffsetGate {
+    pub fn new(group_id: &str, metadata: Arc<BaseConsumer>) -> OffsetGate {
         OffsetGate {
             group_id: group_id.to_owned(),
-            metadata: Arc::new(metadata),
+            metadata,
             fresh: HashSet::new(),
             floor: HashMap::new(),
             barrier: HashMap::new(),
@@ -175,8 +175,13 @@ impl OffsetGate {
     }
 
     /// Applies the rebalances recorded since the last call; drops messages
-    /// of revoked partitions from `batch`.
-    pub fn observe(&mut self, context: &AssignmentContext, batch: &mut Vec<InboundMessage>) {
+    /// of revoked partitions from `batch`. Returns the changes, for the
+    /// caller's other state.
+    pub fn observe(
+        &mut self,
+        context: &AssignmentContext,
+        batch: &mut Vec<InboundMessage>,
+    ) -> Changes {
         let changes = context.take();
         for p in &changes.revoked {
             self.fresh.remove(p);
@@ -193,11 +198,12 @@ impl OffsetGate {
                 );
             }
         }
-        for p in changes.assigned {
-            self.floor.remove(&p);
-            self.barrier.remove(&p);
-            self.fresh.insert(p);
+        for p in &changes.assigned {
+            self.floor.remove(p);
+            self.barrier.remove(p);
+            self.fresh.insert(p.clone());
         }
+        changes
     }
 
     /// Whether `m` belongs in the batch. When the stored offset cannot be

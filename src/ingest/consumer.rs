@@ -26,20 +26,24 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
-use super::assignment::{AssignmentContext, ConsumerStatus, OffsetGate};
+use futures_util::FutureExt;
+use rdkafka::consumer::BaseConsumer;
+
+use super::assignment::{AssignmentContext, Changes, ConsumerStatus, OffsetGate};
 use super::backoff::Backoff;
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
-use super::ordering::merge_by_time;
+use super::ordering::{copartitioning_problem, Merger};
 use super::pipeline::{
     expire_parked, process_batch, process_isolating, release_stranded, BatchReport, InboundMessage,
     PipelineConfig,
 };
 use super::redis_follower;
+use crate::clock;
 use crate::config::RunConfig;
 use crate::http::{self, ApiState};
 use crate::kafka;
 use crate::store::dead_letters::DeadLetter;
-use crate::store::{Store, StoreError};
+use crate::store::{offsets, Store, StoreError};
 
 /// Retries of a batch that hits another writer's committed keys before it
 /// is treated as refused.
@@ -211,86 +215,174 @@ enum Handled {
 impl Ingest<'_> {
     async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
-        let metadata = kafka::consumer_config(
-            &self.config.kafka,
-            &self.config.group_id,
-            self.config.session_timeout,
-        )
-        .create()
-        .context("creating the metadata client")?;
-        let mut gate = OffsetGate::new(&self.config.group_id, metadata);
+        let metadata = Arc::new(
+            kafka::consumer_config(
+                &self.config.kafka,
+                &self.config.group_id,
+                self.config.session_timeout,
+            )
+            .create()
+            .context("creating the metadata client")?,
+        );
+        self.check_copartitioning(&metadata).await;
+        let mut gate = OffsetGate::new(&self.config.group_id, metadata.clone());
+        let mut merger = Merger::new(self.config.max_partition_idle);
         let mut periodic_round = tokio::time::interval(std::time::Duration::from_secs(1));
         periodic_round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end =
+            |topic: &str, partition: i32| kafka::cached_end_offset(self.consumer, topic, partition);
+        let mut batch: Vec<InboundMessage> = Vec::new();
+        // When the batch being gathered must go, full or not.
+        let mut linger_until: Option<tokio::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 tracing::info!("shutdown requested; no batch in flight");
                 return Ok(());
             }
-            let first = tokio::select! {
+            self.rebalanced(&mut gate, &mut merger, &mut batch, &metadata)
+                .await;
+
+            // What the watermark lets go joins the batch; the batch goes
+            // when full, when its linger is over, or at once when every
+            // partition is caught up (more waiting would gather nothing).
+            let now = tokio::time::Instant::now();
+            while batch.len() < self.config.batch_size {
+                match merger.pop_ready(now.into_std(), end) {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+            if !batch.is_empty() {
+                let linger = *linger_until.get_or_insert(now + self.config.batch_linger);
+                if batch.len() >= self.config.batch_size
+                    || now >= linger
+                    || (merger.buffered() == 0 && merger.all_caught_up(end))
+                {
+                    linger_until = None;
+                    let ready = std::mem::take(&mut batch);
+                    let span = tracing::info_span!("batch", size = ready.len(), partitions = %describe(&ready));
+                    match self.handle(&ready, &mut shutdown).instrument(span).await? {
+                        Handled::Committed => self.wake.notify_one(),
+                        Handled::Abandoned => {
+                            tracing::warn!(
+                                "shutdown while the database is unreachable; batch left uncommitted"
+                            );
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
+            }
+
+            // Wait for more: a message, the end of the batch's linger or of
+            // the merger's wait for a partition that is behind, the periodic
+            // round, or shutdown.
+            let deadline = [
+                linger_until,
+                merger.wake_at().map(tokio::time::Instant::from_std),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let received = tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
                 _ = periodic_round.tick() => {
-                    self.periodic().await?;
+                    self.periodic(&merger).await?;
                     continue;
                 }
-                m = self.consumer.recv() => m,
+                m = recv_until(self.consumer, deadline) => m,
             };
-            let mut batch = Vec::new();
-            match first {
-                Ok(m) => {
-                    self.gather(&mut gate, &mut batch, InboundMessage::from_kafka(&m))
-                        .await
-                }
-                Err(e) => {
+            match received {
+                None => {}
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka receive failed; retrying");
                     backoff.wait(&mut shutdown).await;
-                    continue;
                 }
-            };
-            backoff.reset();
-            let deadline = tokio::time::Instant::now() + self.config.batch_linger;
-            while batch.len() < self.config.batch_size {
-                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(Ok(m)) => {
-                        self.gather(&mut gate, &mut batch, InboundMessage::from_kafka(&m))
-                            .await
+                Some(Ok(m)) => {
+                    backoff.reset();
+                    self.admit(&mut gate, &mut merger, &mut batch, m).await;
+                    // Take what is already here without waiting, so that the
+                    // watermark judges partitions on everything received.
+                    for _ in 0..self.config.batch_size {
+                        match self.consumer.recv().now_or_never() {
+                            Some(Ok(m)) => {
+                                let m = InboundMessage::from_kafka(&m);
+                                self.admit(&mut gate, &mut merger, &mut batch, m).await;
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "kafka receive failed");
+                                break;
+                            }
+                            None => break,
+                        }
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "kafka receive failed mid-batch");
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            gate.observe(self.consumer.context(), &mut batch);
-            if batch.is_empty() {
-                continue;
-            }
-            let batch = merge_by_time(batch);
-            let span =
-                tracing::info_span!("batch", size = batch.len(), partitions = %describe(&batch));
-            match self.handle(&batch, &mut shutdown).instrument(span).await? {
-                Handled::Committed => self.wake.notify_one(),
-                Handled::Abandoned => {
-                    tracing::warn!(
-                        "shutdown while the database is unreachable; batch left uncommitted"
-                    );
-                    return Ok(());
                 }
             }
         }
     }
 
-    /// Adds a received message to the batch if the offset gate admits it.
-    async fn gather(
+    /// Hands a received message to the merger if the offset gate admits it.
+    async fn admit(
         &self,
         gate: &mut OffsetGate,
+        merger: &mut Merger,
         batch: &mut Vec<InboundMessage>,
         m: InboundMessage,
     ) {
-        gate.observe(self.consumer.context(), batch);
+        let changes = gate.observe(self.consumer.context(), batch);
+        apply_to_merger(&changes, merger);
         if gate.admit(self.store, self.consumer, &m).await {
-            batch.push(m);
+            merger.push(m);
+        }
+    }
+
+    /// Takes in the rebalances since the last look: revoked partitions'
+    /// messages leave the batch and the merger; assigned partitions are
+    /// waited for from their stored offsets, and the topics' partition
+    /// counts are checked again (rule R11).
+    async fn rebalanced(
+        &self,
+        gate: &mut OffsetGate,
+        merger: &mut Merger,
+        batch: &mut Vec<InboundMessage>,
+        metadata: &Arc<BaseConsumer>,
+    ) {
+        let changes = gate.observe(self.consumer.context(), batch);
+        apply_to_merger(&changes, merger);
+        if changes.assigned.is_empty() {
+            return;
+        }
+        match offsets::load_many(self.store.pool(), &self.config.group_id, &changes.assigned).await
+        {
+            Ok(stored) => {
+                for ((topic, partition), next) in stored {
+                    merger.start_at(&topic, partition, next);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read stored offsets; new partitions are waited for until they deliver or idle")
+            }
+        }
+        self.check_copartitioning(metadata).await;
+    }
+
+    /// Logs an ERROR naming the topics when they are not co-partitioned.
+    async fn check_copartitioning(&self, metadata: &Arc<BaseConsumer>) {
+        let (client, topics) = (metadata.clone(), self.config.topics.clone());
+        let counts = tokio::task::spawn_blocking(move || {
+            kafka::partition_counts(&client, &topics, std::time::Duration::from_secs(5))
+        })
+        .await
+        .unwrap_or_default();
+        let problem = copartitioning_problem(&counts);
+        metrics::gauge!("order_lifecycle_topics_copartitioned").set(if problem.is_some() {
+            0.0
+        } else {
+            1.0
+        });
+        if let Some(problem) = problem {
+            tracing::error!("{problem}");
         }
     }
 
@@ -368,9 +460,10 @@ impl Ingest<'_> {
         }
     }
 
-    /// The periodic round: release stranded parked events, expire parked
-    /// events, publish the outbox.
-    async fn periodic(&self) -> anyhow::Result<()> {
+    /// The periodic round: release stranded parked events, move the stream
+    /// time of caught-up partitions to now, expire parked events in stream
+    /// time (rule R7), publish the outbox.
+    async fn periodic(&self, merger: &Merger) -> anyhow::Result<()> {
         match release_stranded(self.store, &self.pipeline).await {
             Ok(report) if report.unparked > 0 => {
                 tracing::info!(
@@ -385,7 +478,7 @@ impl Ingest<'_> {
             }
             Err(e) => return Err(e).context("releasing stranded parked events"),
         }
-        let letters = match expire_parked(self.store, self.config.park_timeout, 500).await {
+        let letters = match self.expire_parked(merger).await {
             Ok(letters) => letters,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "database unavailable; parked events expire later");
@@ -402,6 +495,59 @@ impl Ingest<'_> {
             tracing::warn!(error = %e, "dead letters not published yet; they wait in the dead_letters table");
         }
         Ok(())
+    }
+
+    /// Stream time moves on for partitions at their end (nothing older can
+    /// still arrive there); parked events whose limit the group's stream
+    /// time has passed are dead-lettered.
+    async fn expire_parked(&self, merger: &Merger) -> Result<Vec<DeadLetter>, StoreError> {
+        let pool = self.store.pool();
+        let group = &self.config.group_id;
+        let at_end = merger.idle_at_end(|t, p| kafka::cached_end_offset(self.consumer, t, p));
+        let now_ms = clock::now_ms();
+        offsets::advance_stream_time(pool, group, &at_end, now_ms).await?;
+        let Some(stream_time) = offsets::stream_time(pool, group, &self.config.topics).await?
+        else {
+            return Ok(Vec::new());
+        };
+        metrics::gauge!("order_lifecycle_stream_time_lag_seconds")
+            .set((now_ms - stream_time).max(0) as f64 / 1000.0);
+        expire_parked(self.store, self.config.park_timeout, stream_time, 500).await
+    }
+}
+
+/// Applies assignment changes to the merger.
+fn apply_to_merger(changes: &Changes, merger: &mut Merger) {
+    for (topic, partition) in &changes.revoked {
+        let dropped = merger.revoke(topic, *partition);
+        if dropped > 0 {
+            tracing::info!(
+                topic,
+                partition,
+                dropped,
+                "dropped waiting messages of a revoked partition"
+            );
+        }
+    }
+    for (topic, partition) in &changes.assigned {
+        merger.assign(topic, *partition);
+    }
+}
+
+/// The next message, or `None` once `deadline` passes first.
+async fn recv_until(
+    consumer: &StreamConsumer<AssignmentContext>,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<Result<InboundMessage, rdkafka::error::KafkaError>> {
+    let received = async {
+        consumer
+            .recv()
+            .await
+            .map(|m| InboundMessage::from_kafka(&m))
+    };
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, received).await.ok(),
+        None => Some(received.await),
     }
 }
 

@@ -165,7 +165,10 @@ impl BatchReport {
                 .iter_mut()
                 .find(|x| x.topic == o.topic && x.partition == o.partition)
             {
-                Some(x) => x.next_offset = x.next_offset.max(o.next_offset),
+                Some(x) => {
+                    x.next_offset = x.next_offset.max(o.next_offset);
+                    x.stream_time_ms = x.stream_time_ms.max(o.stream_time_ms);
+                }
                 None => self.offsets.push(o),
             }
         }
@@ -386,7 +389,6 @@ async fn run_batch(
     let rows = book.records(&touched);
     report.rows_written = rows.len();
 
-    event_log::append(&mut tx, &entries).await?;
     id_projection::upsert(&mut tx, &rows).await?;
     parked::delete(&mut tx, &done_rows).await?;
     for (row, id) in repoint {
@@ -397,6 +399,8 @@ async fn run_batch(
     if let Some(group) = &config.offsets_group {
         offsets::save(&mut tx, group, &report.offsets).await?;
     }
+    // Last: the append holds the log head's lock until the commit (R12).
+    event_log::append(&mut tx, &entries).await?;
     tx.commit().await?;
     Ok(report)
 }
@@ -545,18 +549,21 @@ pub(crate) async fn load_book<'e>(
     Ok(book)
 }
 
-/// Dead-letters parked events whose time is up (rule R7), up to `limit`, in
-/// one transaction. Returns the letters, for the dead-letter topic.
+/// Dead-letters parked events whose time is up in stream time (rule R7):
+/// those whose limit is at or before `stream_time_ms`
+/// ([`crate::store::offsets::stream_time`]), up to `limit`, in one
+/// transaction. Returns the letters, for the dead-letter topic.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn expire_parked(
     store: &Store,
     park_timeout: Duration,
+    stream_time_ms: i64,
     limit: u32,
 ) -> Result<Vec<DeadLetter>, StoreError> {
     let mut tx = store.pool().begin().await?;
-    let rows = parked::expired(&mut tx, limit).await?;
+    let rows = parked::expired(&mut tx, stream_time_ms, limit).await?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -571,9 +578,10 @@ pub async fn expire_parked(
             row.message.dead_letter(
                 "unknown_lifecycle_id",
                 format!(
-                    "{what} waited {}s for {}, which no event issued (rule R7)",
-                    park_timeout.as_secs(),
-                    row.awaited
+                    "{what} waited for {}, which no event issued within {} s of stream time \
+                     after it (rule R7)",
+                    row.awaited,
+                    park_timeout.as_secs_f64()
                 ),
                 event.as_ref(),
             )
@@ -586,21 +594,29 @@ pub async fn expire_parked(
     Ok(letters)
 }
 
-/// The next offset to read for each partition in the batch.
+/// The next offset to read for each partition in the batch, with the
+/// newest Kafka timestamp the batch applies from it.
 fn next_offsets(messages: &[InboundMessage]) -> Vec<PartitionOffset> {
-    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    let mut offsets: Vec<PartitionOffset> = Vec::new();
     for m in messages {
-        let slot = next.entry((m.topic.as_str(), m.partition)).or_insert(0);
-        *slot = (*slot).max(m.offset + 1);
+        let slot = match offsets
+            .iter_mut()
+            .find(|o| o.partition == m.partition && o.topic == m.topic)
+        {
+            Some(slot) => slot,
+            None => {
+                offsets.push(PartitionOffset {
+                    topic: m.topic.clone(),
+                    partition: m.partition,
+                    next_offset: 0,
+                    stream_time_ms: None,
+                });
+                offsets.last_mut().expect("just pushed")
+            }
+        };
+        slot.next_offset = slot.next_offset.max(m.offset + 1);
+        slot.stream_time_ms = slot.stream_time_ms.max(m.timestamp_ms);
     }
-    let mut offsets: Vec<PartitionOffset> = next
-        .into_iter()
-        .map(|((topic, partition), next_offset)| PartitionOffset {
-            topic: topic.to_owned(),
-            partition,
-            next_offset,
-        })
-        .collect();
     offsets.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
     offsets
 }

@@ -3,17 +3,19 @@
 //! behind and retries; when it returns, the follower catches up.
 //!
 //! The checkpoint is kept in Redis itself, written atomically with the keys
-//! (`order_lifecycle:projected_position`), so a flushed Redis, or one restored
-//! from an old snapshot, is repaired from the log without anyone noticing. A
-//! copy goes to `projection_checkpoints` (name `redis`) for monitoring.
+//! (`order_lifecycle:projection`: log identity, position, event id), so a
+//! flushed Redis, or one restored from an old snapshot, is repaired from the
+//! log without anyone noticing. A copy of the position goes to
+//! `projection_checkpoints` (name `redis`) for monitoring.
 //!
-//! Log positions come from an auto-increment column, and concurrent writers
-//! (several instances) may commit them out of order. The follower therefore
-//! only moves over a gap in positions once the entry after the gap is older
-//! than [`GAP_GRACE_SECONDS`]: by then the writer that took the missing
-//! position has committed (and the entry is visible) or rolled back (and the
-//! gap is permanent). Batch transactions last milliseconds and lock waits are
-//! capped at 10 s per session.
+//! Rule R12: log positions are dense and become visible in commit order
+//! (see [`event_log::append`]), so the follower reads whatever follows its
+//! position and never waits on a gap or skips an entry: there is no timer.
+//! Before each round it checks that Redis follows this log: the same log
+//! identity, and at its position an entry with the event id it recorded. A
+//! Redis that followed another log (a recreated database) or another history
+//! of this one (a database restored from a backup and refilled) is
+//! re-projected from the start.
 //!
 //! Lookup keys are written from the log's `issued` transitions (bindings
 //! never change, rule R1). Active-id hashes are written from the MySQL read
@@ -30,7 +32,8 @@ use super::backoff::Backoff;
 
 use crate::config::RedisConfig;
 use crate::domain::{LifecycleId, OrderId, Transition};
-use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::event_log::LogHead;
+use crate::store::redis_projection::{Projected, RedisError, RedisProjection};
 use crate::store::{checkpoints, event_log, id_projection, Store, StoreError};
 
 /// Checkpoint name of this projection.
@@ -38,10 +41,6 @@ pub const CHECKPOINT: &str = "redis";
 
 /// Log entries projected per round.
 const ROUND: u32 = 1000;
-
-/// How long a gap in log positions is waited for before it is taken as a
-/// rolled-back transaction.
-pub const GAP_GRACE_SECONDS: f64 = 15.0;
 
 /// Why a round failed; both are retried.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +51,34 @@ pub enum FollowError {
     Redis(#[from] RedisError),
 }
 
+/// Where Redis's record says the projection stands, judged against the log:
+/// the position to follow from, or the reason to start over.
+///
+/// # Errors
+/// [`StoreError`] from the log.
+pub async fn resume_point(
+    store: &Store,
+    log: &LogHead,
+    at: Option<&Projected>,
+) -> Result<Result<i64, &'static str>, StoreError> {
+    let Some(at) = at else {
+        return Ok(Err("redis has no projection record"));
+    };
+    if at.log_id != log.log_id {
+        return Ok(Err("redis follows another log"));
+    }
+    if at.position == 0 {
+        return Ok(Ok(0));
+    }
+    if at.position > log.position {
+        return Ok(Err("redis is ahead of the log"));
+    }
+    match event_log::event_id_at(store.pool(), at.position).await? {
+        Some(id) if id == at.event_id => Ok(Ok(at.position)),
+        _ => Ok(Err("redis followed another history of this log")),
+    }
+}
+
 /// Projects log entries after the checkpoint, one round of at most 1,000.
 /// Returns how many entries it projected (0 when caught up).
 ///
@@ -59,30 +86,40 @@ pub enum FollowError {
 /// [`FollowError`]; the checkpoint is then unchanged, so the round is
 /// repeated in full next time (writes are idempotent).
 pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, FollowError> {
-    let mut from = redis.watch_position().await?.unwrap_or(0);
-    let mut entries = event_log::read_after(store.pool(), from, ROUND).await?;
-    if entries.is_empty() && from > 0 && event_log::head(store.pool()).await? < from {
-        // Redis reflects a log this database no longer has (it was
-        // recreated or replayed): project everything again.
-        tracing::warn!(
-            redis_position = from,
-            "redis is ahead of the log; re-projecting from the start"
-        );
-        from = 0;
-        entries = event_log::read_after(store.pool(), from, ROUND).await?;
-    }
-    let mut next = from + 1;
-    let contiguous = entries
-        .iter()
-        .take_while(|e| {
-            let ok = e.position == next || e.age_seconds >= GAP_GRACE_SECONDS;
-            next = e.position + 1;
-            ok
-        })
-        .count();
-    entries.truncate(contiguous);
-    let Some(last) = entries.last().map(|e| e.position) else {
+    let at = redis.watch_projected().await?;
+    let log = event_log::log_head(store.pool()).await?;
+    let resume = resume_point(store, &log, at.as_ref()).await?;
+    let from = match resume {
+        Ok(from) => from,
+        Err(why) => {
+            if at.is_some() {
+                tracing::warn!(
+                    redis = ?at,
+                    log_id = %log.log_id,
+                    log_head = log.position,
+                    "{why}; re-projecting the whole log"
+                );
+            }
+            0
+        }
+    };
+    let entries = event_log::read_after(store.pool(), from, ROUND).await?;
+    let Some(last) = entries.last() else {
+        if resume.is_err() {
+            // An empty log: record that Redis follows it now.
+            let start = Projected {
+                log_id: log.log_id,
+                position: 0,
+                event_id: String::new(),
+            };
+            redis.write(&[], &[], &start).await?;
+        }
         return Ok(0);
+    };
+    let projected = Projected {
+        log_id: log.log_id,
+        position: last.position,
+        event_id: last.event_id.clone(),
     };
     let mut lookups: Vec<(LifecycleId, OrderId)> = Vec::new();
     let mut orders: Vec<OrderId> = Vec::new();
@@ -108,23 +145,24 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
             (o, ids)
         })
         .collect();
-    if !redis.write(&lookups, &hashes, last).await? {
+    if !redis.write(&lookups, &hashes, &projected).await? {
         // Redis changed under us (flushed, say): the next round starts over
         // from whatever position it now has.
         return Ok(0);
     }
-    if let Err(e) = checkpoints::set(store.pool(), CHECKPOINT, last).await {
+    if let Err(e) = checkpoints::set(store.pool(), CHECKPOINT, projected.position).await {
         tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL");
     }
     Ok(entries.len())
 }
 
 /// Sets `order_lifecycle_redis_projection_lag_entries`: log entries not
-/// yet in Redis (by position; a rolled-back gap counts until passed).
+/// yet in Redis.
 async fn record_lag(store: &Store, redis: &RedisProjection) {
-    if let (Ok(head), Ok(at)) = (event_log::head(store.pool()).await, redis.position().await) {
+    if let (Ok(head), Ok(at)) = (event_log::head(store.pool()).await, redis.projected().await) {
+        let at = at.map_or(0, |p| p.position);
         metrics::gauge!("order_lifecycle_redis_projection_lag_entries")
-            .set((head - at.unwrap_or(0)).max(0) as f64);
+            .set((head - at).max(0) as f64);
     }
 }
 

@@ -50,7 +50,10 @@ pub fn consumer_config(
                 "heartbeat.interval.ms",
                 (session_ms / 6).max(500).to_string(),
             ),
-            ("partition.assignment.strategy", "range,roundrobin".into()),
+            // Range gives the same-numbered partitions of co-partitioned
+            // topics to the same member, so that one instance applies all
+            // of an order's events in order (rule R11).
+            ("partition.assignment.strategy", "range".into()),
         ],
     )
 }
@@ -153,4 +156,59 @@ pub fn content_type_headers(content_type: Option<&str>) -> OwnedHeaders {
         }),
         None => headers,
     }
+}
+
+/// A partition's end offset (high watermark) as the consumer last heard it
+/// in a fetch response: a local read of librdkafka's cache, no broker round
+/// trip. `None` until the partition was fetched once.
+pub fn cached_end_offset<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    use rdkafka::consumer::Consumer;
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the topic
+    // is a NUL-terminated string that outlives the call; low and high are
+    // valid out-pointers. The call only reads librdkafka's cached offsets
+    // under its own lock (rd_kafka_get_watermark_offsets, which rust-rdkafka
+    // does not wrap).
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
+/// Each topic's partition count as the broker reports it (`None`: the topic
+/// does not exist). Blocking: call it from a blocking thread.
+pub fn partition_counts(
+    client: &rdkafka::consumer::BaseConsumer,
+    topics: &[String],
+    timeout: Duration,
+) -> Vec<(String, Option<usize>)> {
+    use rdkafka::consumer::Consumer;
+    topics
+        .iter()
+        .map(|topic| {
+            let count = client
+                .fetch_metadata(Some(topic), timeout)
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                        .filter(|n| *n > 0)
+                });
+            (topic.clone(), count)
+        })
+        .collect()
 }

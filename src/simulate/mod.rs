@@ -69,10 +69,7 @@ pub async fn run(config: SimulateConfig) -> anyhow::Result<()> {
     let producer: FutureProducer = kafka::producer_config(&config.kafka)
         .create()
         .context("creating the producer")?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now_ms = crate::clock::now_ms();
     let run_id = config
         .run_id
         .clone()

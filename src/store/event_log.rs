@@ -87,22 +87,56 @@ pub async fn last_seqs(
     Ok(seqs)
 }
 
-/// Appends entries with multi-row inserts.
+/// Appends entries at the next log positions (rule R12).
+///
+/// Positions come from the one-row counter `log_head`, taken with an
+/// `UPDATE` whose row lock is held until the transaction ends. So this must
+/// be the **last write of its transaction**: every other appender waits
+/// from here until this transaction commits or rolls back, which makes
+/// positions
+///
+/// - dense: a rolled-back append returns its positions to the next writer,
+///   so the log has no hole;
+/// - visible in order: an entry with a higher position is committed after
+///   every entry with a lower one, so a reader that sees position `p` sees
+///   everything below `p`.
+///
+/// The lock is held only for the inserts and the commit, never while a
+/// batch loads state or decides.
 ///
 /// # Errors
 /// [`StoreError`] from the database; a duplicate `event_id` or
 /// `(order_id, seq)` means another writer got there first, and the caller's
 /// transaction must be rolled back.
 pub async fn append(conn: &mut MySqlConnection, entries: &[NewEntry]) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let count = entries.len() as i64;
+    // LAST_INSERT_ID(expr) hands the new head back in the OK packet: one
+    // round trip takes the lock and reserves the positions.
+    let head =
+        sqlx::query("UPDATE log_head SET position = LAST_INSERT_ID(position + ?) WHERE id = 1")
+            .bind(count)
+            .execute(&mut *conn)
+            .await?
+            .last_insert_id();
+    let head = i64::try_from(head).map_err(|_| StoreError::Corrupt {
+        table: "log_head",
+        detail: format!("position {head} out of range"),
+    })?;
+    let mut position = head - count;
     for chunk in entries.chunks(MAX_ROWS_PER_STATEMENT) {
         let mut qb = QueryBuilder::<MySql>::new(
-            "INSERT INTO lifecycle_events (order_id, seq, event_id, kind, outcome, transitions, \
-             payload, occurred_at_ms, source_topic, source_partition, source_offset) ",
+            "INSERT INTO lifecycle_events (position, order_id, seq, event_id, kind, outcome, \
+             transitions, payload, occurred_at_ms, source_topic, source_partition, source_offset) ",
         );
         qb.push_values(chunk, |mut row, e| {
+            position += 1;
             let transitions =
                 serde_json::to_string(&e.transitions).unwrap_or_else(|_| "[]".to_owned());
-            row.push_bind(e.order_id.as_str())
+            row.push_bind(position)
+                .push_bind(e.order_id.as_str())
                 .push_bind(e.seq as i64)
                 .push_bind(e.event_id.as_str())
                 .push_bind(e.kind)
@@ -119,15 +153,56 @@ pub async fn append(conn: &mut MySqlConnection, entries: &[NewEntry]) -> Result<
     Ok(())
 }
 
+/// Which log a database holds, and how far it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogHead {
+    /// The log's identity, created with the database and never changed: a
+    /// read model that recorded another identity followed another log.
+    pub log_id: String,
+    /// The highest committed position (0 for an empty log).
+    pub position: i64,
+}
+
+/// The log's identity and committed head.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn log_head(pool: &sqlx::MySqlPool) -> Result<LogHead, StoreError> {
+    let (log_id, position): (String, i64) =
+        sqlx::query_as("SELECT CAST(log_id AS CHAR), position FROM log_head WHERE id = 1")
+            .fetch_one(pool)
+            .await?;
+    Ok(LogHead { log_id, position })
+}
+
+/// The `event_id` of the entry at `position`, if there is one: a read model
+/// that recorded another event id there followed a different history (a
+/// database restored from a backup and refilled).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn event_id_at(
+    pool: &sqlx::MySqlPool,
+    position: i64,
+) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar(
+            "SELECT CAST(event_id AS CHAR) FROM lifecycle_events WHERE position = ?",
+        )
+        .bind(position)
+        .fetch_optional(pool)
+        .await?,
+    )
+}
+
 /// A log entry as a follower projection reads it.
 #[derive(Debug, Clone)]
 pub struct LoggedEntry {
     pub position: i64,
     pub order_id: OrderId,
     pub seq: u64,
+    pub event_id: String,
     pub transitions: Vec<Transition>,
-    /// Seconds since the row was inserted, by the database's clock.
-    pub age_seconds: f64,
 }
 
 /// Up to `limit` entries after `position`, in log order.
@@ -140,8 +215,7 @@ pub async fn read_after(
     limit: u32,
 ) -> Result<Vec<LoggedEntry>, StoreError> {
     let rows = sqlx::query(
-        "SELECT position, order_id, seq, transitions, \
-         CAST(TIMESTAMPDIFF(MICROSECOND, recorded_at, NOW(6)) AS DOUBLE) / 1e6 \
+        "SELECT position, order_id, seq, transitions, event_id \
          FROM lifecycle_events WHERE position > ? ORDER BY position LIMIT ?",
     )
     .bind(position)
@@ -162,21 +236,18 @@ pub async fn read_after(
                 seq: u64::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
                 transitions: serde_json::from_str(transitions)
                     .map_err(|e| corrupt(format!("transitions: {e}")))?,
-                age_seconds: row.try_get(4)?,
+                event_id: text(row, 4, TABLE)?.to_owned(),
             })
         })
         .collect()
 }
 
-/// The highest log position (0 for an empty log).
+/// The highest committed log position (0 for an empty log).
 ///
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn head(pool: &sqlx::MySqlPool) -> Result<i64, StoreError> {
-    let head: Option<i64> = sqlx::query_scalar("SELECT MAX(position) FROM lifecycle_events")
-        .fetch_one(pool)
-        .await?;
-    Ok(head.unwrap_or(0))
+    Ok(log_head(pool).await?.position)
 }
 
 /// One log entry as the read API shows it.

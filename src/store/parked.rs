@@ -94,7 +94,9 @@ pub async fn awaiting(
     Ok(rows)
 }
 
-/// Parks events until `timeout` from now.
+/// Parks events until `timeout` after their message's Kafka timestamp, in
+/// stream time (rule R7; see [`expired`]). A message without a timestamp
+/// counts from now.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
@@ -104,13 +106,15 @@ pub async fn insert(
     timeout: Duration,
 ) -> Result<(), StoreError> {
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let now_ms = crate::clock::now_ms();
     for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
         let mut qb = QueryBuilder::<MySql>::new(
             "INSERT INTO parked_events (awaited_id, event_id, event, source_topic, \
-             source_partition, source_offset, message_key, payload, content_type, expires_at) ",
+             source_partition, source_offset, message_key, payload, content_type, expires_at_ms) ",
         );
         qb.push_values(chunk, |mut row, p| {
             let m = p.message;
+            let expires_at_ms = m.timestamp_ms.unwrap_or(now_ms).saturating_add(timeout_ms);
             row.push_bind(p.awaited.as_str())
                 .push_bind(p.event_id.as_str())
                 .push_bind(p.event_json.as_str())
@@ -125,9 +129,7 @@ pub async fn insert(
                         .take(255)
                         .collect::<String>()
                 }))
-                .push_unseparated(", NOW(3) + INTERVAL ")
-                .push_bind_unseparated(timeout_ms)
-                .push_unseparated(" * 1000 MICROSECOND");
+                .push_bind(expires_at_ms);
         });
         qb.build().execute(&mut *conn).await?;
     }
@@ -169,14 +171,22 @@ pub async fn set_awaited(
     Ok(())
 }
 
-/// Up to `limit` rows whose time is up, oldest first, locked.
+/// Up to `limit` rows whose time is up in stream time, oldest first,
+/// locked: their limit is at or before `stream_time_ms`, the point up to
+/// which every partition that could still issue their id has been consumed
+/// ([`super::offsets::stream_time`]).
 ///
 /// # Errors
 /// [`StoreError`] from the database.
-pub async fn expired(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<ParkedRow>, StoreError> {
+pub async fn expired(
+    conn: &mut MySqlConnection,
+    stream_time_ms: i64,
+    limit: u32,
+) -> Result<Vec<ParkedRow>, StoreError> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM parked_events WHERE expires_at <= NOW(3) ORDER BY id LIMIT ? FOR UPDATE"
+        "SELECT {COLUMNS} FROM parked_events WHERE expires_at_ms <= ? ORDER BY id LIMIT ? FOR UPDATE"
     ))
+    .bind(stream_time_ms)
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;

@@ -5,10 +5,14 @@
 //! - `order_lifecycle_active:{order_id}` (hash) -> `id_type` -> the active
 //!   `lifecycle_id` of that type; absent when the order has no active id.
 //!
-//! - `order_lifecycle:projected_position` (string): the log position the keys
-//!   reflect, written in the same MULTI/EXEC as the keys. The projection's
-//!   checkpoint lives with its data: a flushed or replaced Redis has no (or an
-//!   older) position, and the follower re-projects from there.
+//! - `order_lifecycle:projection` (hash): where the keys stand in the log,
+//!   written in the same MULTI/EXEC as the keys: `log_id` (the identity of
+//!   the log followed), `position` (the last log position reflected) and
+//!   `event_id` (that entry's event id). The projection's checkpoint lives
+//!   with its data: a flushed or replaced Redis has no (or an older)
+//!   position, and the follower re-projects from there; a Redis that
+//!   followed another log, or another history of this one, is re-projected
+//!   from the start (rule R12).
 //!
 //! Every key is prefixed with the configured key prefix (empty in
 //! production, so the names are exactly the legacy ones).
@@ -62,14 +66,42 @@ impl RedisKeys {
         format!("{}order_lifecycle_active:*", self.prefix)
     }
 
-    /// `order_lifecycle:projected_position`.
-    pub fn position(&self) -> String {
-        format!("{}order_lifecycle:projected_position", self.prefix)
+    /// `order_lifecycle:projection`.
+    pub fn projection(&self) -> String {
+        format!("{}order_lifecycle:projection", self.prefix)
     }
 }
 
 /// The active ids of one order, as the hash holds them.
 pub type ActiveIds = Vec<(IdType, LifecycleId)>;
+
+/// Where the projection stands in the log it follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projected {
+    /// The identity of the log (`log_head.log_id`).
+    pub log_id: String,
+    /// The last log position the keys reflect.
+    pub position: i64,
+    /// The `event_id` of the entry at `position` (empty at position 0): a
+    /// fingerprint of the history followed.
+    pub event_id: String,
+}
+
+const PROJECTION_FIELDS: [&str; 3] = ["log_id", "position", "event_id"];
+
+/// The record from an HMGET of [`PROJECTION_FIELDS`]; `None` unless whole.
+fn projected(fields: Vec<Option<String>>) -> Option<Projected> {
+    let [Some(log_id), Some(position), Some(event_id)] =
+        <[Option<String>; 3]>::try_from(fields).ok()?
+    else {
+        return None;
+    };
+    Some(Projected {
+        log_id,
+        position: position.parse().ok()?,
+        event_id,
+    })
+}
 
 impl RedisProjection {
     /// Connects with a connection manager that reconnects by itself.
@@ -94,48 +126,51 @@ impl RedisProjection {
         RedisKeys::new(&self.prefix)
     }
 
-    /// The log position the keys reflect; `None` when Redis has none (new
-    /// or flushed).
+    /// Where the keys stand; `None` when Redis has no record (new, flushed,
+    /// or written by a version that kept no log identity).
     ///
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
-    pub async fn position(&self) -> Result<Option<i64>, RedisError> {
+    pub async fn projected(&self) -> Result<Option<Projected>, RedisError> {
         let mut conn = self.conn.clone();
-        redis::cmd("GET")
-            .arg(self.keys().position())
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys().projection())
+            .arg(&PROJECTION_FIELDS[..])
             .query_async(&mut conn)
-            .await
+            .await?;
+        Ok(projected(fields))
     }
 
-    /// [`RedisProjection::position`], and WATCHes the position key, so that
-    /// the next [`RedisProjection::write`] is abandoned if the key changes
-    /// (a FLUSHALL, another writer) in between.
+    /// [`RedisProjection::projected`], and WATCHes the record, so that the
+    /// next [`RedisProjection::write`] is abandoned if it changes (a
+    /// FLUSHALL, a rebuild, another writer) in between.
     ///
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
-    pub async fn watch_position(&self) -> Result<Option<i64>, RedisError> {
+    pub async fn watch_projected(&self) -> Result<Option<Projected>, RedisError> {
         let mut conn = self.conn.clone();
         // UNWATCH first: a round that ended without writing left its WATCH
         // (and possibly its "changed" mark) on the connection.
-        let key = self.keys().position();
-        let (position,): (Option<i64>,) = redis::pipe()
+        let key = self.keys().projection();
+        let (fields,): (Vec<Option<String>>,) = redis::pipe()
             .cmd("UNWATCH")
             .ignore()
             .cmd("WATCH")
             .arg(&key)
             .ignore()
-            .cmd("GET")
+            .cmd("HMGET")
             .arg(&key)
+            .arg(&PROJECTION_FIELDS[..])
             .query_async(&mut conn)
             .await?;
-        Ok(position)
+        Ok(projected(fields))
     }
 
     /// Sets lookups, replaces the active-id hashes of `orders` and records
-    /// `position`, in one MULTI/EXEC: a reader never sees a hash half
-    /// rewritten, and the position never claims more than was written.
-    /// Returns `false`, having written nothing, when the position key changed
-    /// since [`RedisProjection::watch_position`].
+    /// `at`, in one MULTI/EXEC: a reader never sees a hash half rewritten,
+    /// and the record never claims more than was written. Returns `false`,
+    /// having written nothing, when the record changed since
+    /// [`RedisProjection::watch_projected`].
     ///
     /// # Errors
     /// [`RedisError`] when Redis is unreachable; nothing is assumed written.
@@ -143,26 +178,34 @@ impl RedisProjection {
         &self,
         lookups: &[(LifecycleId, OrderId)],
         orders: &[(OrderId, ActiveIds)],
-        position: i64,
+        at: &Projected,
     ) -> Result<bool, RedisError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.set(self.keys().position(), position).ignore();
+        pipe.hset_multiple(
+            self.keys().projection(),
+            &[
+                (PROJECTION_FIELDS[0], at.log_id.clone()),
+                (PROJECTION_FIELDS[1], at.position.to_string()),
+                (PROJECTION_FIELDS[2], at.event_id.clone()),
+            ],
+        )
+        .ignore();
         self.add_key_writes(&mut pipe, lookups, orders);
         let mut conn = self.conn.clone();
         let reply: redis::Value = pipe.query_async(&mut conn).await?;
         Ok(reply != redis::Value::Nil)
     }
 
-    /// Sets the projected position (0: re-project everything).
+    /// Forgets where the projection stands, so that the next round
+    /// re-projects the whole log (keys are overwritten, never deleted).
     ///
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
-    pub async fn set_position(&self, position: i64) -> Result<(), RedisError> {
+    pub async fn reset(&self) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.keys().position())
-            .arg(position)
+        redis::cmd("DEL")
+            .arg(self.keys().projection())
             .query_async(&mut conn)
             .await
     }

@@ -452,6 +452,7 @@ impl Env {
             session_timeout: Duration::from_secs(6),
             shutdown_timeout: Duration::from_secs(3),
             park_timeout: Duration::from_secs(60),
+            max_partition_idle: Duration::from_millis(100),
             create_topics: false,
             topic_partitions: 2,
         }
