@@ -140,6 +140,9 @@ async fn measure(
         create_topics: false,
         topic_partitions: config.partitions,
     };
+    // The database exists and is migrated before the consumer starts.
+    let store = crate::store::Store::connect(url, 2).await?;
+    store.migrate().await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer = tokio::spawn(crate::ingest::run(run, async {
         let _ = stopped.await;
@@ -150,7 +153,6 @@ async fn measure(
         .create()
         .context("creating the producer")?;
     let redis = RedisProjection::connect(config.redis_url.expose(), prefix).await?;
-    let store = crate::store::Store::connect(url, 2).await?;
     let topic_of = |kind: &EventKind| -> &str {
         let i = match (config.layout, kind) {
             (_, EventKind::ProviderConfirmation(_)) => topics.len() - 1,

@@ -134,9 +134,14 @@ impl Lane {
     }
 
     /// Everything the broker had (as of its last fetch response) was
-    /// received.
+    /// received. A partition that never held a message is caught up even
+    /// before its start offset is known.
     fn caught_up(&self, end: Option<i64>) -> bool {
-        matches!((self.next_offset, end), (Some(next), Some(end)) if next >= end)
+        match (self.next_offset, end) {
+            (Some(next), Some(end)) => next >= end,
+            (None, Some(end)) => end == 0,
+            _ => false,
+        }
     }
 }
 
@@ -441,6 +446,16 @@ mod tests {
             merger.idle_at_end(|_, _| Some(17)),
             vec![("orders".to_owned(), 3)]
         );
+    }
+
+    #[test]
+    fn an_empty_partition_never_holds_back() {
+        let mut merger = Merger::new(Duration::from_secs(3600));
+        merger.assign("orders", 1);
+        merger.push(message("orders", 0, 5, 100));
+        let ends = |_: &str, p: i32| Some(if p == 1 { 0 } else { 6 });
+        assert!(merger.pop_ready(Instant::now(), ends).is_some());
+        assert!(merger.all_caught_up(ends));
     }
 
     #[test]

@@ -124,7 +124,11 @@ impl Store {
     /// [`StoreError`] when the server cannot be reached or refuses.
     pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<Store, StoreError> {
         if !MySql::database_exists(url.expose()).await? {
-            MySql::create_database(url.expose()).await?;
+            match MySql::create_database(url.expose()).await {
+                // 1007: another instance created it since we looked.
+                Err(e) if mysql_error_number(&e) == Some(1007) => {}
+                other => other?,
+            }
         }
         let options: MySqlConnectOptions = url.expose().parse()?;
         // Session time zone UTC: event times are stored as UTC DATETIMEs.
