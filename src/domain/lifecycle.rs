@@ -31,7 +31,7 @@
 //! ([`super::EventKind::causal_rank`]: placement, additions,
 //! cancels/closes/modifications, confirmations), then partition and
 //! offset. The consumer merges its partitions that way, waiting briefly for
-//! a partition that is behind (`crate::ingest::ordering`). A producer gets
+//! a partition that is behind (`src/ingest/ordering.rs`). A producer gets
 //! that order by stamping each event when it happens, keying order events
 //! by order id on co-partitioned topics, and sending an order's events in
 //! order; an event that still arrives before the one issuing its id waits
