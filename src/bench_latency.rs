@@ -321,7 +321,7 @@ async fn send<'t>(
 }
 
 async fn projected(redis: &RedisProjection) -> anyhow::Result<i64> {
-    Ok(redis.projected().await?.map_or(0, |p| p.position))
+    Ok(redis.position().await?)
 }
 
 /// Waits until Redis covers `position`; false after `within`.

@@ -29,7 +29,7 @@ use crate::domain::{IdRecord, OrderId, OrderLifecycle};
 use crate::ingest::redis_follower::{self, FollowError};
 use crate::progress::Progress;
 use crate::store::fold::{self, FoldedChunks};
-use crate::store::redis_projection::{Projected, RedisError, RedisProjection};
+use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// Which read model to rebuild.
@@ -229,14 +229,13 @@ pub async fn catch_up_to_head(
     what: &'static str,
 ) -> Result<u64, RebuildError> {
     let head = event_log::head(store.pool()).await?;
-    let position = |at: Option<Projected>| at.map_or(0, |p| p.position);
-    let from = position(redis.projected().await?);
+    let from = redis.position().await?;
     let mut progress = Progress::new(what, "events", Some((head - from).max(0) as u64));
     loop {
         let n = redis_follower::catch_up(store, redis).await?;
         progress.add(n as u64);
         if n == 0 {
-            if position(redis.projected().await?) >= head {
+            if redis.position().await? >= head {
                 break;
             }
             // Another writer (a running `run`) changed the record between

@@ -29,10 +29,10 @@ use sqlx::{MySqlPool, Row};
 
 use crate::config::{DatabaseConfig, LegacyTables, RedisConfig};
 use crate::domain::{IdRecord, IdStatus, LifecycleId, OrderId, OrderLifecycle};
-use crate::ingest::redis_follower;
+use crate::ingest::redis_follower::{self, Resume};
 use crate::rebuild::{self, KeyKind, RebuildError, StrayKeys};
 use crate::store::fold::{self, FoldedChunks};
-use crate::store::redis_projection::{Projected, RedisError, RedisProjection};
+use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// Orders the repair may hold in memory; beyond it, `rebuild` is the tool.
@@ -290,10 +290,10 @@ async fn redis_follows_log(
     let log = event_log::log_head(store.pool()).await?;
     let at = redis.projected().await?;
     let examples = match redis_follower::resume_point(store, &log, at.as_ref()).await? {
-        Ok(_) => Vec::new(),
+        Resume::After(_) => Vec::new(),
         // No record yet: nothing projected, which the key checks report.
-        Err(_) if at.is_none() => Vec::new(),
-        Err(why) => {
+        Resume::Restart(_) if at.is_none() => Vec::new(),
+        Resume::Restart(why) => {
             findings.redis_diverged = true;
             vec![format!(
                 "{why}: redis records {at:?}; this log is {} at position {}",
@@ -311,14 +311,13 @@ async fn wait_for_redis(
     redis: &RedisProjection,
 ) -> Result<Option<String>, VerifyError> {
     let head = event_log::head(store.pool()).await?;
-    let position = |at: Option<Projected>| at.map_or(0, |p| p.position);
     for _ in 0..50 {
-        if position(redis.projected().await?) >= head {
+        if redis.position().await? >= head {
             return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let at = position(redis.projected().await?);
+    let at = redis.position().await?;
     Ok(Some(format!(
         "Redis is {} log entries behind (position {at}, log head {head}); is `run` running?",
         head - at

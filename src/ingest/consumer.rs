@@ -229,8 +229,7 @@ impl Ingest<'_> {
         let mut merger = Merger::new(self.config.max_partition_idle);
         let mut periodic_round = tokio::time::interval(std::time::Duration::from_secs(1));
         periodic_round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let end =
-            |topic: &str, partition: i32| kafka::cached_end_offset(self.consumer, topic, partition);
+        let end = |topic: &str, partition: i32| self.end_offset(topic, partition);
         let mut batch: Vec<InboundMessage> = Vec::new();
         // When the batch being gathered must go, full or not.
         let mut linger_until: Option<tokio::time::Instant> = None;
@@ -301,14 +300,16 @@ impl Ingest<'_> {
                 }
                 Some(Ok(m)) => {
                     backoff.reset();
-                    self.admit(&mut gate, &mut merger, &mut batch, m).await;
+                    self.admit(&mut gate, &mut merger, &mut batch, &metadata, m)
+                        .await;
                     // Take what is already here without waiting, so that the
                     // watermark judges partitions on everything received.
                     for _ in 0..self.config.batch_size {
                         match self.consumer.recv().now_or_never() {
                             Some(Ok(m)) => {
                                 let m = InboundMessage::from_kafka(&m);
-                                self.admit(&mut gate, &mut merger, &mut batch, m).await;
+                                self.admit(&mut gate, &mut merger, &mut batch, &metadata, m)
+                                    .await;
                             }
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "kafka receive failed");
@@ -322,16 +323,17 @@ impl Ingest<'_> {
         }
     }
 
-    /// Hands a received message to the merger if the offset gate admits it.
+    /// Hands a received message to the merger if the offset gate admits it,
+    /// after taking in the rebalances its receipt may have run.
     async fn admit(
         &self,
         gate: &mut OffsetGate,
         merger: &mut Merger,
         batch: &mut Vec<InboundMessage>,
+        metadata: &Arc<BaseConsumer>,
         m: InboundMessage,
     ) {
-        let changes = gate.observe(self.consumer.context(), batch);
-        apply_to_merger(&changes, merger);
+        self.rebalanced(gate, merger, batch, metadata).await;
         if gate.admit(self.store, self.consumer, &m).await {
             merger.push(m);
         }
@@ -365,6 +367,11 @@ impl Ingest<'_> {
             }
         }
         self.check_copartitioning(metadata).await;
+    }
+
+    /// A partition's end offset as the last fetch response gave it.
+    fn end_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        kafka::cached_end_offset(self.consumer, topic, partition)
     }
 
     /// Logs an ERROR naming the topics when they are not co-partitioned.
@@ -503,7 +510,7 @@ impl Ingest<'_> {
     async fn expire_parked(&self, merger: &Merger) -> Result<Vec<DeadLetter>, StoreError> {
         let pool = self.store.pool();
         let group = &self.config.group_id;
-        let at_end = merger.idle_at_end(|t, p| kafka::cached_end_offset(self.consumer, t, p));
+        let at_end = merger.idle_at_end(|t, p| self.end_offset(t, p));
         let now_ms = clock::now_ms();
         offsets::advance_stream_time(pool, group, &at_end, now_ms).await?;
         let Some(stream_time) = offsets::stream_time(pool, group, &self.config.topics).await?

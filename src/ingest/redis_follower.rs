@@ -51,8 +51,16 @@ pub enum FollowError {
     Redis(#[from] RedisError),
 }
 
-/// Where Redis's record says the projection stands, judged against the log:
-/// the position to follow from, or the reason to start over.
+/// Where a projection resumes, judged against the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Redis follows this log: go on after this position.
+    After(i64),
+    /// Redis does not follow this log (the reason given): start over.
+    Restart(&'static str),
+}
+
+/// Where Redis's record says the projection stands, judged against the log.
 ///
 /// # Errors
 /// [`StoreError`] from the log.
@@ -60,23 +68,25 @@ pub async fn resume_point(
     store: &Store,
     log: &LogHead,
     at: Option<&Projected>,
-) -> Result<Result<i64, &'static str>, StoreError> {
+) -> Result<Resume, StoreError> {
     let Some(at) = at else {
-        return Ok(Err("redis has no projection record"));
+        return Ok(Resume::Restart("redis has no projection record"));
     };
     if at.log_id != log.log_id {
-        return Ok(Err("redis follows another log"));
+        return Ok(Resume::Restart("redis follows another log"));
     }
     if at.position == 0 {
-        return Ok(Ok(0));
+        return Ok(Resume::After(0));
     }
     if at.position > log.position {
-        return Ok(Err("redis is ahead of the log"));
+        return Ok(Resume::Restart("redis is ahead of the log"));
     }
-    match event_log::event_id_at(store.pool(), at.position).await? {
-        Some(id) if id == at.event_id => Ok(Ok(at.position)),
-        _ => Ok(Err("redis followed another history of this log")),
-    }
+    Ok(
+        match event_log::event_id_at(store.pool(), at.position).await? {
+            Some(id) if id == at.event_id => Resume::After(at.position),
+            _ => Resume::Restart("redis followed another history of this log"),
+        },
+    )
 }
 
 /// Projects log entries after the checkpoint, one round of at most 1,000.
@@ -90,8 +100,8 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
     let log = event_log::log_head(store.pool()).await?;
     let resume = resume_point(store, &log, at.as_ref()).await?;
     let from = match resume {
-        Ok(from) => from,
-        Err(why) => {
+        Resume::After(from) => from,
+        Resume::Restart(why) => {
             if at.is_some() {
                 tracing::warn!(
                     redis = ?at,
@@ -105,7 +115,7 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
     };
     let entries = event_log::read_after(store.pool(), from, ROUND).await?;
     let Some(last) = entries.last() else {
-        if resume.is_err() {
+        if matches!(resume, Resume::Restart(_)) {
             // An empty log: record that Redis follows it now.
             let start = Projected {
                 log_id: log.log_id,
@@ -159,8 +169,7 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
 /// Sets `order_lifecycle_redis_projection_lag_entries`: log entries not
 /// yet in Redis.
 async fn record_lag(store: &Store, redis: &RedisProjection) {
-    if let (Ok(head), Ok(at)) = (event_log::head(store.pool()).await, redis.projected().await) {
-        let at = at.map_or(0, |p| p.position);
+    if let (Ok(head), Ok(at)) = (event_log::head(store.pool()).await, redis.position().await) {
         metrics::gauge!("order_lifecycle_redis_projection_lag_entries")
             .set((head - at).max(0) as f64);
     }

@@ -141,6 +141,14 @@ impl RedisProjection {
         Ok(projected(fields))
     }
 
+    /// The log position the keys reflect (0 when Redis has no record).
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn position(&self) -> Result<i64, RedisError> {
+        Ok(self.projected().await?.map_or(0, |p| p.position))
+    }
+
     /// [`RedisProjection::projected`], and WATCHes the record, so that the
     /// next [`RedisProjection::write`] is abandoned if it changes (a
     /// FLUSHALL, a rebuild, another writer) in between.
