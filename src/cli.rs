@@ -10,7 +10,7 @@ use std::ffi::OsString;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::bench::BenchConfig;
+use crate::bench::rebuild::RebuildBenchConfig;
 use crate::config::{DatabaseConfig, RunConfig};
 use crate::http::serve::ServeConfig;
 use crate::import_legacy::ImportConfig;
@@ -199,10 +199,17 @@ pub enum Command {
     /// 2 the checks could not run); --repair re-projects what is wrong.
     Verify(Box<VerifyConfig>),
     /// Measure `rebuild` on a synthetic log in a scratch database.
-    BenchRebuild(Box<BenchConfig>),
+    BenchRebuild(Box<RebuildBenchConfig>),
     /// Measure event-to-Redis latency at a steady rate through the real
     /// broker, in a scratch database, key prefix and topics.
-    BenchLatency(Box<crate::bench_latency::LatencyConfig>),
+    BenchLatency(Box<crate::bench::latency::LatencyConfig>),
+    /// Measure draining a backlog through the real broker beside the plain
+    /// multi-row ceiling of the same database, in a scratch database, key
+    /// prefix and topics.
+    BenchIngest(Box<crate::bench::ingest::IngestBenchConfig>),
+    /// Measure `import-legacy` on synthetic legacy tables in a scratch
+    /// database.
+    BenchImport(Box<crate::bench::import::ImportBenchConfig>),
 }
 
 #[cfg(test)]

@@ -17,14 +17,13 @@
 //! - [`import_legacy`]: the legacy tables' ids imported into the log.
 //! - [`verify`]: named health checks, and their repair.
 //! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
-//! - [`bench`]: `bench-rebuild`, the rebuild speed on a synthetic log;
-//!   [`bench_latency`]: `bench-latency`, event-to-Redis latency at a steady rate.
+//! - [`bench`]: the benchmarks (`bench-ingest`, `bench-latency`,
+//!   `bench-rebuild`, `bench-import`), commands that print figures.
 //! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands;
 //!   [`clock`]: the wall clock, read in one place.
 //! - [`testing`]: builders of valid events for tests and examples.
 
 pub mod bench;
-pub mod bench_latency;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -48,8 +48,10 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(2);
             }
         },
-        Command::BenchRebuild(config) => bench::run(*config).await,
-        Command::BenchLatency(config) => order_lifecycle::bench_latency::run(*config).await,
+        Command::BenchRebuild(config) => bench::rebuild::run(*config).await,
+        Command::BenchLatency(config) => bench::latency::run(*config).await,
+        Command::BenchIngest(config) => bench::ingest::run(*config).await,
+        Command::BenchImport(config) => bench::import::run(*config).await,
     }
 }
 

@@ -1,0 +1,195 @@
+//! `bench-latency`: event-to-Redis latency at a steady rate, through the
+//! real broker, MariaDB and Redis, in a scratch database, Redis key prefix
+//! and topics of its own (removed afterwards, but for the topics: the local
+//! broker keeps them in memory only). Run it on a release build:
+//!
+//! ```text
+//! cargo run --release -- bench-latency --rate 5000 --seconds 20 --layout four
+//! ```
+//!
+//! Latency is measured from the moment an event is handed to the producer
+//! to the moment Redis's projection record (written in the same MULTI/EXEC
+//! as the event's `global_order_lookup` keys) covers its log position. A
+//! poller reads the record every millisecond; afterwards each event's
+//! position is looked up in the log. Figures: p50, p99, max.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use rdkafka::producer::FutureProducer;
+
+use super::{enqueue, plan, wait_projected, BenchServices, Layout, Scratch};
+use crate::kafka;
+
+/// Options of `bench-latency`.
+#[derive(Debug, Clone, Args)]
+pub struct LatencyConfig {
+    /// Events per second to produce.
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u32,
+    /// How long to produce.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Topic layout.
+    #[arg(long, value_enum, default_value = "one")]
+    pub layout: Layout,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// The consumer's `fetch.wait.max.ms`: the local broker answers a waiting
+    /// fetch only then, even when messages arrive meanwhile.
+    #[arg(long, default_value_t = 10)]
+    pub fetch_wait_ms: u32,
+    /// The consumer's `--batch-linger`.
+    #[arg(long, default_value = "0ms", value_parser = crate::config::parse_duration)]
+    pub batch_linger: Duration,
+    /// The consumer's `--max-partition-idle` (rule R11's wait).
+    #[arg(long, default_value = "100ms", value_parser = crate::config::parse_duration)]
+    pub max_partition_idle: Duration,
+    #[command(flatten)]
+    pub services: BenchServices,
+}
+
+/// Runs the benchmark and prints its figures.
+///
+/// # Errors
+/// Any broker, database or Redis failure.
+pub async fn run(config: LatencyConfig) -> anyhow::Result<()> {
+    let scratch = Scratch::new("latency", &config.services);
+    let result = measure(&config, &scratch).await;
+    scratch.remove().await?;
+    result
+}
+
+async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()> {
+    let (url, name) = (&scratch.url, scratch.name.as_str());
+    let kafka = config.services.kafka();
+    let topics = config.layout.topics(name);
+    scratch
+        .create_topics(&kafka, &topics, config.partitions)
+        .await?;
+    let mut run = scratch.run_config(&kafka, &topics, config.partitions, config.fetch_wait_ms);
+    run.batch_linger = config.batch_linger;
+    run.max_partition_idle = config.max_partition_idle;
+    // The database exists and is migrated before the consumer starts.
+    let store = crate::store::Store::connect(url, 2).await?;
+    store.migrate().await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(crate::ingest::run(run, async {
+        let _ = stopped.await;
+    }));
+
+    let producer: FutureProducer = kafka::producer_config(&kafka)
+        .set("linger.ms", "1")
+        .create()
+        .context("creating the producer")?;
+    let redis = scratch.projection().await?;
+    let topic_of = |event: &crate::domain::OrderEvent| -> &str {
+        &topics[config.layout.topic_index(&event.kind)]
+    };
+
+    // Warm up until an event goes all the way (the group has joined).
+    let warm_up = plan(1, &format!("warm{}", crate::clock::now_ms()), 7);
+    let started = Instant::now();
+    loop {
+        let (event, encoding) = &warm_up[0];
+        let delivery = enqueue(&producer, topic_of(event), event, *encoding).await?;
+        kafka::await_deliveries(vec![delivery]).await?;
+        if wait_projected(&redis, 1, Duration::from_secs(5)).await? {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "the consumer did not start consuming within 90 s"
+        );
+    }
+    let skip = redis.position().await?;
+
+    // The poller: when the projection first covered each position.
+    let poll_redis = redis.clone();
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let poller = tokio::spawn(async move {
+        let mut seen: Vec<(Instant, i64)> = Vec::new();
+        let mut last = 0;
+        while !*done_rx.borrow() {
+            if let Ok(Some(at)) = poll_redis.projected().await {
+                if at.position > last {
+                    last = at.position;
+                    seen.push((Instant::now(), last));
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                _ = done_rx.changed() => {}
+            }
+        }
+        seen
+    });
+
+    // Produce at the rate, in the plan's order, sending each tick's due
+    // events without waiting for their deliveries.
+    let total = (u64::from(config.rate) * config.seconds) as usize;
+    let events = plan(total / 8 + 1, &format!("lat{}", crate::clock::now_ms()), 7);
+    let events = &events[..total.min(events.len())];
+    let mut sent_at: Vec<(String, Instant)> = Vec::with_capacity(events.len());
+    let mut deliveries = Vec::with_capacity(events.len());
+    let start = Instant::now();
+    let per_event = Duration::from_secs_f64(1.0 / f64::from(config.rate.max(1)));
+    for (i, (event, encoding)) in events.iter().enumerate() {
+        let due = start + per_event * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        sent_at.push((event.event_id.to_string(), Instant::now()));
+        deliveries.push(enqueue(&producer, topic_of(event), event, *encoding).await?);
+    }
+    let produced_in = start.elapsed();
+    kafka::await_deliveries(deliveries).await?;
+    let expected = skip + events.len() as i64;
+    let complete = wait_projected(&redis, expected, Duration::from_secs(120)).await?;
+    let _ = done_tx.send(true);
+    let seen = poller.await?;
+    let _ = stop.send(());
+    consumer.await??;
+    anyhow::ensure!(complete, "not every event reached Redis within 120 s");
+
+    let positions: std::collections::HashMap<String, i64> =
+        sqlx::query_as("SELECT CAST(event_id AS CHAR), position FROM lifecycle_events")
+            .fetch_all(store.pool())
+            .await?
+            .into_iter()
+            .collect();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(sent_at.len());
+    for (event_id, at) in &sent_at {
+        let Some(position) = positions.get(event_id) else {
+            continue;
+        };
+        let i = seen.partition_point(|(_, p)| p < position);
+        if let Some((visible, _)) = seen.get(i) {
+            latencies.push(visible.saturating_duration_since(*at));
+        }
+    }
+    latencies.sort();
+    let pick = |q: f64| -> f64 {
+        let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+        latencies
+            .get(i)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "bench-latency: layout {:?}, {} partitions, fetch.wait.max.ms {}: {} events at {:.0}/s \
+         (asked {}/s); event -> Redis p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} measured)",
+        config.layout,
+        config.partitions,
+        config.fetch_wait_ms,
+        events.len(),
+        events.len() as f64 / produced_in.as_secs_f64(),
+        config.rate,
+        pick(0.50),
+        pick(0.99),
+        pick(1.0),
+        latencies.len(),
+    );
+    Ok(())
+}
