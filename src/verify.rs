@@ -28,7 +28,7 @@ use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
 use crate::config::{DatabaseConfig, LegacyTables, RedisConfig};
-use crate::domain::{IdRecord, IdStatus, LifecycleId, OrderId, OrderLifecycle};
+use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
 use crate::ingest::redis_follower::{self, Resume};
 use crate::rebuild::{self, KeyKind, RebuildError, StrayKeys};
 use crate::store::fold::{self, FoldedChunks};
@@ -817,13 +817,7 @@ async fn repair(
                 let active = folded
                     .iter()
                     .find(|f| f.order_id() == o)
-                    .map(|f| {
-                        f.ids()
-                            .iter()
-                            .filter(|r| r.status == IdStatus::Active)
-                            .map(|r| (r.id_type, r.lifecycle_id.clone()))
-                            .collect()
-                    })
+                    .map(|f| f.active_ids())
                     .unwrap_or_default();
                 (o.clone(), active)
             })

@@ -159,6 +159,87 @@ async fn hostile_but_valid_ids_are_stored_verbatim_and_case_sensitively() {
 }
 
 #[tokio::test]
+async fn handed_batches_write_what_the_log_would_and_only_when_they_continue_redis() {
+    let db = TestDb::new().await;
+    let handed_redis = TestRedis::new();
+    let read_redis = TestRedis::new();
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("H1");
+    let first = messages("o", 0, &[s.place(), s.sl("SL1"), s.tp("TP1"), s.sl("SL2")]);
+    let second = messages(
+        "o",
+        4,
+        &[s.confirm("TP1", "EXECUTED"), s.close("C1", None, None)],
+    );
+    let handed = handed_redis.projection().await;
+    // Redis follows the (empty) log before anything is handed.
+    assert_eq!(
+        redis_follower::catch_up(&db.store, &handed).await.unwrap(),
+        0
+    );
+    let log_id = order_lifecycle::store::event_log::log_head(db.store.pool())
+        .await
+        .unwrap()
+        .log_id;
+    let a = process_batch(&db.store, &cfg, &first).await.unwrap().handed;
+    let b = process_batch(&db.store, &cfg, &second)
+        .await
+        .unwrap()
+        .handed;
+    assert_eq!((a.len(), b.len()), (1, 1));
+    assert_eq!((a[0].positions.first, a[0].positions.last), (1, 4));
+    assert_eq!((b[0].positions.first, b[0].positions.last), (5, 6));
+
+    // A batch that does not continue Redis (a gap: entries 1..4 are not in
+    // Redis) is refused and nothing is written.
+    let handoff = redis_follower::Handoff::new();
+    handoff.offer(b.clone());
+    assert_eq!(
+        redis_follower::project_handed(&handed, &handoff, &log_id)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(handed.position().await.unwrap(), 0);
+    // Nor under another log's identity.
+    handoff.offer(a.clone());
+    assert_eq!(
+        redis_follower::project_handed(&handed, &handoff, "another-log")
+            .await
+            .unwrap(),
+        None
+    );
+    // Contiguous batches are written at once, in one write.
+    handoff.offer(a.iter().chain(&b).cloned().collect());
+    assert_eq!(
+        redis_follower::project_handed(&handed, &handoff, &log_id)
+            .await
+            .unwrap(),
+        Some(6)
+    );
+    // What Redis has already changes nothing.
+    handoff.offer(a.clone());
+    assert_eq!(
+        redis_follower::project_handed(&handed, &handoff, &log_id)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    // The keys and the record are exactly what reading the log gives.
+    let read = read_redis.projection().await;
+    assert_eq!(redis_follower::catch_up(&db.store, &read).await.unwrap(), 6);
+    let keys = handed_redis.snapshot().await;
+    assert_eq!(keys, read_redis.snapshot().await);
+    assert_eq!(keys["global_order_lookup:C1"], "H1");
+    assert!(
+        keys["order_lifecycle_active:H1"].contains("close_id=C1"),
+        "{keys:?}"
+    );
+    handed_redis.cleanup().await;
+    read_redis.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();

@@ -283,6 +283,19 @@ impl OrderLifecycle {
         self.index.get(id).map(|&i| &self.ids[i])
     }
 
+    /// Every `active` id, by type (in the legacy `ENUM`'s order): what
+    /// Redis's `order_lifecycle_active:{order}` hash holds.
+    pub fn active_ids(&self) -> Vec<(IdType, LifecycleId)> {
+        let mut active: Vec<(IdType, LifecycleId)> = self
+            .ids
+            .iter()
+            .filter(|r| r.status == IdStatus::Active)
+            .map(|r| (r.id_type, r.lifecycle_id.clone()))
+            .collect();
+        active.sort();
+        active
+    }
+
     /// The `active` id of a type, if any. Rule R2 keeps it unique.
     pub fn active(&self, id_type: IdType) -> Option<&IdRecord> {
         self.ids

@@ -23,7 +23,7 @@ use std::time::Instant;
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use futures_util::FutureExt;
@@ -37,7 +37,7 @@ use super::pipeline::{
     expire_parked, process_batch, process_isolating, release_stranded, BatchReport, InboundMessage,
     PipelineConfig,
 };
-use super::redis_follower;
+use super::redis_follower::{self, Handoff};
 use crate::clock;
 use crate::config::RunConfig;
 use crate::http::{self, ApiState};
@@ -124,11 +124,11 @@ async fn run_until(
         .context("subscribing to the topics")?;
 
     let (follower_stop, follower_stop_rx) = watch::channel(false);
-    let wake = Arc::new(Notify::new());
+    let handoff = Arc::new(Handoff::new());
     let follower = tokio::spawn(redis_follower::run(
         store.clone(),
         config.redis.clone(),
-        wake.clone(),
+        handoff.clone(),
         follower_stop_rx,
     ));
 
@@ -141,14 +141,14 @@ async fn run_until(
         store: &store,
         consumer: &consumer,
         dead_letters: &dead_letters,
-        wake: &wake,
+        handoff: &handoff,
     };
     let result = ingest.consume(shutdown_rx.clone()).await;
 
     // Leave the group now, so that the partitions move at once; the follower
     // projects what was committed, then stops.
     consumer.unsubscribe();
-    wake.notify_one();
+    handoff.wake();
     let _ = follower_stop.send(true);
     if tokio::time::timeout(config.shutdown_timeout, follower)
         .await
@@ -202,7 +202,7 @@ struct Ingest<'a> {
     store: &'a Store,
     consumer: &'a StreamConsumer<AssignmentContext>,
     dead_letters: &'a DeadLetterPublisher,
-    wake: &'a Notify,
+    handoff: &'a Handoff,
 }
 
 /// How a batch ended.
@@ -261,7 +261,7 @@ impl Ingest<'_> {
                     let ready = std::mem::take(&mut batch);
                     let span = tracing::info_span!("batch", size = ready.len(), partitions = %describe(&ready));
                     match self.handle(&ready, &mut shutdown).instrument(span).await? {
-                        Handled::Committed => self.wake.notify_one(),
+                        Handled::Committed => {}
                         Handled::Abandoned => {
                             tracing::warn!(
                                 "shutdown while the database is unreachable; batch left uncommitted"
@@ -404,11 +404,12 @@ impl Ingest<'_> {
             let mut shutdown = shutdown.clone();
             async move { self.process(messages, &mut shutdown).await }
         };
-        let report = match process_isolating(self.store, &self.pipeline, batch, attempt).await {
+        let mut report = match process_isolating(self.store, &self.pipeline, batch, attempt).await {
             Ok(Some(report)) => report,
             Ok(None) => return Ok(Handled::Abandoned),
             Err(e) => return Err(e).context("processing a batch"),
         };
+        self.handoff.offer(std::mem::take(&mut report.handed));
         commit(self.consumer, &report);
         if !report.dead_letters.is_empty() {
             self.publish_outbox(shutdown).await;

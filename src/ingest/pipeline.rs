@@ -34,15 +34,17 @@ use std::time::Duration;
 use rdkafka::message::Message;
 use sqlx::MySqlConnection;
 
+use super::redis_follower::HandedBatch;
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection, Transition,
 };
 use crate::kafka;
 use crate::store::dead_letters::{self, DeadLetter};
-use crate::store::event_log::{self, NewEntry, Source};
+use crate::store::event_log::{self, NewEntry, Positions, Source};
 use crate::store::offsets::{self, PartitionOffset};
 use crate::store::parked::{self, NewParked, ParkedRow};
-use crate::store::{id_projection, Store, StoreError};
+use crate::store::redis_projection::ActiveIds;
+use crate::store::{self, id_projection, Store, StoreError};
 use crate::wire::{self, CONTENT_TYPE_HEADER};
 
 /// A message as read from Kafka, owned so that the consumer can go on.
@@ -139,6 +141,9 @@ pub struct BatchReport {
     pub dead_letters: Vec<DeadLetter>,
     /// Next offset per partition, as committed with the batch.
     pub offsets: Vec<PartitionOffset>,
+    /// What the batch changed in Redis's terms, for the follower (see
+    /// [`super::redis_follower::Handoff`]).
+    pub handed: Vec<HandedBatch>,
 }
 
 impl BatchReport {
@@ -159,6 +164,7 @@ impl BatchReport {
         self.unparked += other.unparked;
         self.rows_written += other.rows_written;
         self.dead_letters.extend(other.dead_letters);
+        self.handed.extend(other.handed);
         for o in other.offsets {
             match self
                 .offsets
@@ -268,9 +274,7 @@ async fn run_batch(
     // Rule R9: an event_id already logged, parked or dead-lettered, or seen
     // earlier in this batch, changes nothing.
     let event_ids: Vec<EventId> = works.iter().map(|w| w.event.event_id.clone()).collect();
-    let mut seen = event_log::existing_event_ids(&mut tx, &event_ids).await?;
-    seen.extend(parked::existing_event_ids(&mut tx, &event_ids).await?);
-    seen.extend(dead_letters::existing_event_ids(&mut tx, &event_ids).await?);
+    let mut seen = store::seen_event_ids(&mut tx, &event_ids).await?;
     works.retain(|w| {
         let fresh = seen.insert(w.event.event_id.clone());
         if !fresh {
@@ -400,9 +404,45 @@ async fn run_batch(
         offsets::save(&mut tx, group, &report.offsets).await?;
     }
     // Last: the append holds the log head's lock until the commit (R12).
-    event_log::append(&mut tx, &entries).await?;
+    let positions = event_log::append(&mut tx, &entries).await?;
     tx.commit().await?;
+    report
+        .handed
+        .extend(positions.map(|p| handed(p, &entries, &book)));
     Ok(report)
+}
+
+/// The batch's keys for the Redis follower: the ids its entries issued, and
+/// the active ids of the orders they changed, as `book` has them after the
+/// batch.
+fn handed(positions: Positions, entries: &[NewEntry], book: &LifecycleBook) -> HandedBatch {
+    let mut lookups = Vec::new();
+    let mut orders: Vec<(OrderId, ActiveIds)> = Vec::new();
+    let mut seen: HashSet<&OrderId> = HashSet::new();
+    for e in entries.iter().filter(|e| !e.transitions.is_empty()) {
+        for t in &e.transitions {
+            if let Transition::Issued { lifecycle_id, .. } = t {
+                lookups.push((lifecycle_id.clone(), e.order_id.clone()));
+            }
+        }
+        if !seen.insert(&e.order_id) {
+            continue;
+        }
+        let active: ActiveIds = book
+            .order(&e.order_id)
+            .map(|o| o.active_ids())
+            .unwrap_or_default();
+        orders.push((e.order_id.clone(), active));
+    }
+    HandedBatch {
+        positions,
+        last_event_id: entries
+            .last()
+            .map(|e| e.event_id.to_string())
+            .unwrap_or_default(),
+        lookups,
+        orders,
+    }
 }
 
 /// Processes a batch through `attempt` (which retries transient failures as

@@ -21,9 +21,25 @@
 //! never change, rule R1). Active-id hashes are written from the MySQL read
 //! model as it stands, which is never older than the log entry being
 //! projected, so a key never moves backwards.
+//!
+//! # The handoff
+//!
+//! Reading back what a batch has just written costs the database as much as
+//! a third of the batch itself, and adds round trips to every event's way
+//! to Redis. So `run` hands each committed batch's keys straight to the
+//! follower ([`Handoff`]): its positions, the lookups it issued and the
+//! active ids of the orders it changed, as the batch's own state machine
+//! left them (the batch held those orders' rows locked until its commit, so
+//! they are what the read model says at that position). The follower writes
+//! a handed batch only when it continues Redis exactly: Redis follows this
+//! log and stands at the position right before the batch. Anything else (a
+//! batch of another instance in between, a restart, a flushed Redis, a
+//! full queue) falls back to reading the log, and once a second the
+//! follower reads the log anyway, so the handoff can only make Redis
+//! earlier, never different.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -33,7 +49,7 @@ use super::backoff::Backoff;
 use crate::config::RedisConfig;
 use crate::domain::{LifecycleId, OrderId, Transition};
 use crate::store::event_log::LogHead;
-use crate::store::redis_projection::{Projected, RedisError, RedisProjection};
+use crate::store::redis_projection::{ActiveIds, Projected, RedisError, RedisProjection};
 use crate::store::{checkpoints, event_log, id_projection, Store, StoreError};
 
 /// Checkpoint name of this projection.
@@ -41,6 +57,123 @@ pub const CHECKPOINT: &str = "redis";
 
 /// Log entries projected per round.
 const ROUND: u32 = 1000;
+
+/// Handed batches kept while the follower is busy; beyond it the oldest is
+/// dropped and the log is read instead.
+const HANDOFF_CAPACITY: usize = 256;
+
+/// What a committed batch changed in Redis's terms (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandedBatch {
+    /// The positions the batch's entries took.
+    pub positions: event_log::Positions,
+    /// The `event_id` of the entry at `positions.last`.
+    pub last_event_id: String,
+    /// Ids the batch issued, with their orders.
+    pub lookups: Vec<(LifecycleId, OrderId)>,
+    /// The active ids of every order the batch changed, after it.
+    pub orders: Vec<(OrderId, ActiveIds)>,
+}
+
+/// The queue from `run`'s batches to the follower.
+#[derive(Debug, Default)]
+pub struct Handoff {
+    queue: Mutex<VecDeque<HandedBatch>>,
+    wake: Notify,
+}
+
+impl Handoff {
+    /// An empty handoff.
+    pub fn new() -> Handoff {
+        Handoff::default()
+    }
+
+    /// Hands over committed batches and wakes the follower.
+    pub fn offer(&self, batches: Vec<HandedBatch>) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.extend(batches);
+            while queue.len() > HANDOFF_CAPACITY {
+                queue.pop_front();
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Wakes the follower without handing anything (e.g. at shutdown).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<HandedBatch> {
+        self.queue
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes the handed batches that continue Redis exactly, in one MULTI.
+/// `Some(n)`: `n` entries projected (0: nothing was handed, or only
+/// batches Redis already has). `None`: what was handed does not continue
+/// Redis; read the log instead.
+///
+/// # Errors
+/// [`RedisError`]; the batches are dropped and the log is read next.
+pub async fn project_handed(
+    redis: &RedisProjection,
+    handoff: &Handoff,
+    log_id: &str,
+) -> Result<Option<usize>, RedisError> {
+    let batches = handoff.take();
+    if batches.is_empty() {
+        return Ok(Some(0));
+    }
+    let Some(at) = redis.watch_projected().await? else {
+        return Ok(None);
+    };
+    if at.log_id != log_id {
+        return Ok(None);
+    }
+    let mut position = at.position;
+    let mut last_event_id = at.event_id.clone();
+    let mut lookups: Vec<(LifecycleId, OrderId)> = Vec::new();
+    let mut orders: Vec<(OrderId, ActiveIds)> = Vec::new();
+    let mut slots: HashMap<OrderId, usize> = HashMap::new();
+    for batch in batches {
+        if batch.positions.last <= position {
+            continue; // already projected, from the log
+        }
+        if batch.positions.first != position + 1 {
+            return Ok(None); // a gap: entries of another writer
+        }
+        position = batch.positions.last;
+        last_event_id = batch.last_event_id;
+        lookups.extend(batch.lookups);
+        // A later batch's view of an order replaces an earlier one's.
+        for (order, active) in batch.orders {
+            match slots.get(&order) {
+                Some(&slot) => orders[slot].1 = active,
+                None => {
+                    slots.insert(order.clone(), orders.len());
+                    orders.push((order, active));
+                }
+            }
+        }
+    }
+    let projected = (position - at.position) as usize;
+    if projected == 0 {
+        return Ok(Some(0));
+    }
+    let record = Projected {
+        log_id: at.log_id,
+        position,
+        event_id: last_event_id,
+    };
+    if !redis.write(&lookups, &orders, &record).await? {
+        return Ok(None);
+    }
+    Ok(Some(projected))
+}
 
 /// Why a round failed; both are retried.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +229,17 @@ pub async fn resume_point(
 /// [`FollowError`]; the checkpoint is then unchanged, so the round is
 /// repeated in full next time (writes are idempotent).
 pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, FollowError> {
+    Ok(catch_up_round(store, redis).await?.0)
+}
+
+/// [`catch_up`], also returning the identity of the log it read.
+async fn catch_up_round(
+    store: &Store,
+    redis: &RedisProjection,
+) -> Result<(usize, String), FollowError> {
     let at = redis.watch_projected().await?;
     let log = event_log::log_head(store.pool()).await?;
+    let log_id = log.log_id.clone();
     let resume = resume_point(store, &log, at.as_ref()).await?;
     let from = match resume {
         Resume::After(from) => from,
@@ -124,7 +266,7 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
             };
             redis.write(&[], &[], &start).await?;
         }
-        return Ok(0);
+        return Ok((0, log_id));
     };
     let projected = Projected {
         log_id: log.log_id,
@@ -158,12 +300,12 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
     if !redis.write(&lookups, &hashes, &projected).await? {
         // Redis changed under us (flushed, say): the next round starts over
         // from whatever position it now has.
-        return Ok(0);
+        return Ok((0, log_id));
     }
     if let Err(e) = checkpoints::set(store.pool(), CHECKPOINT, projected.position).await {
         tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL");
     }
-    Ok(entries.len())
+    Ok((entries.len(), log_id))
 }
 
 /// Sets `order_lifecycle_redis_projection_lag_entries`: log entries not
@@ -175,16 +317,23 @@ async fn record_lag(store: &Store, redis: &RedisProjection) {
     }
 }
 
-/// Follows the log until `stop` turns true, woken by `wake` after each
-/// committed batch and at least every second.
+/// Follows the log until `stop` turns true: woken by `handoff` after each
+/// committed batch, whose keys it writes straight away when they continue
+/// Redis, and reading the log itself otherwise and at least every second.
 pub async fn run(
     store: Store,
     config: RedisConfig,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new();
     let mut redis: Option<RedisProjection> = None;
+    // The log's identity as last read; `None` makes the next round read the
+    // log (a handed batch is only trusted right after such a round).
+    let mut log_id: Option<String> = None;
+    let mut mirrored = 0;
+    // When the log was last read: at least once a second, however busy.
+    let mut log_read = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {
             // Project what the last batches committed before leaving; the
@@ -195,6 +344,7 @@ pub async fn run(
                         break;
                     }
                 }
+                mirror_checkpoint(&store, projection, &mut mirrored).await;
             }
             break;
         }
@@ -213,17 +363,48 @@ pub async fn run(
                 }
             },
         };
-        match catch_up(&store, &projection).await {
-            Ok(0) => {
+        if let Some(id) = &log_id {
+            match project_handed(&projection, &handoff, id).await {
+                Ok(Some(n)) => {
+                    backoff.reset();
+                    metrics::counter!("order_lifecycle_redis_projected_entries_total")
+                        .increment(n as u64);
+                    if log_read.elapsed() >= Duration::from_secs(1) {
+                        log_id = None;
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = handoff.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => log_id = None,
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+                Ok(None) => log_id = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis projection round failed; retrying");
+                    log_id = None;
+                    backoff.wait(&mut stop).await;
+                    continue;
+                }
+            }
+        }
+        log_read = tokio::time::Instant::now();
+        match catch_up_round(&store, &projection).await {
+            Ok((0, id)) => {
                 backoff.reset();
+                log_id = Some(id);
                 record_lag(&store, &projection).await;
+                mirror_checkpoint(&store, &projection, &mut mirrored).await;
+                // What was handed before this round is in Redis now or
+                // newer than the log this round read: keep only the latter.
                 tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = handoff.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => log_id = None,
                     _ = stop.changed() => {}
                 }
             }
-            Ok(n) => {
+            Ok((n, _)) => {
                 backoff.reset();
                 record_lag(&store, &projection).await;
                 metrics::counter!("order_lifecycle_redis_projected_entries_total")
@@ -234,5 +415,20 @@ pub async fn run(
                 backoff.wait(&mut stop).await;
             }
         }
+    }
+}
+
+/// Copies Redis's position to `projection_checkpoints` (for monitoring)
+/// when it moved since the last copy.
+async fn mirror_checkpoint(store: &Store, redis: &RedisProjection, mirrored: &mut i64) {
+    let Ok(position) = redis.position().await else {
+        return;
+    };
+    if position == *mirrored {
+        return;
+    }
+    match checkpoints::set(store.pool(), CHECKPOINT, position).await {
+        Ok(()) => *mirrored = position,
+        Err(e) => tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL"),
     }
 }

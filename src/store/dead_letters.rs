@@ -68,7 +68,7 @@ pub async fn existing_event_ids(
     conn: &mut MySqlConnection,
     ids: &[EventId],
 ) -> Result<std::collections::HashSet<EventId>, StoreError> {
-    super::existing_event_ids(conn, TABLE, ids).await
+    super::existing_event_ids(conn, TABLE, "idx_dead_letters_event_id", ids).await
 }
 
 /// Up to `limit` letters not yet on the dead-letter topic, oldest first,

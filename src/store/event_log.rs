@@ -57,7 +57,7 @@ pub async fn existing_event_ids(
     conn: &mut MySqlConnection,
     ids: &[EventId],
 ) -> Result<HashSet<EventId>, StoreError> {
-    super::existing_event_ids(conn, TABLE, ids).await
+    super::existing_event_ids(conn, TABLE, "uq_lifecycle_events_event_id", ids).await
 }
 
 /// The last sequence number of each order that has log entries.
@@ -70,8 +70,10 @@ pub async fn last_seqs(
 ) -> Result<HashMap<OrderId, u64>, StoreError> {
     let mut seqs = HashMap::new();
     for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb =
-            QueryBuilder::<MySql>::new("SELECT order_id, MAX(seq) FROM lifecycle_events WHERE ");
+        let mut qb = QueryBuilder::<MySql>::new(
+            "SELECT order_id, MAX(seq) FROM lifecycle_events \
+             FORCE INDEX (uq_lifecycle_events_order_seq) WHERE ",
+        );
         push_in(&mut qb, "order_id", chunk);
         qb.push(" GROUP BY order_id");
         for row in qb.build().fetch_all(&mut *conn).await? {
@@ -104,13 +106,19 @@ pub async fn last_seqs(
 /// The lock is held only for the inserts and the commit, never while a
 /// batch loads state or decides.
 ///
+/// Returns the positions taken (`None` for no entries): `entries[i]` is at
+/// `first + i`.
+///
 /// # Errors
 /// [`StoreError`] from the database; a duplicate `event_id` or
 /// `(order_id, seq)` means another writer got there first, and the caller's
 /// transaction must be rolled back.
-pub async fn append(conn: &mut MySqlConnection, entries: &[NewEntry]) -> Result<(), StoreError> {
+pub async fn append(
+    conn: &mut MySqlConnection,
+    entries: &[NewEntry],
+) -> Result<Option<Positions>, StoreError> {
     if entries.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let count = entries.len() as i64;
     // LAST_INSERT_ID(expr) hands the new head back in the OK packet: one
@@ -126,7 +134,7 @@ pub async fn append(conn: &mut MySqlConnection, entries: &[NewEntry]) -> Result<
         detail: format!("position {head} out of range"),
     })?;
     let mut position = head - count;
-    for chunk in entries.chunks(MAX_ROWS_PER_STATEMENT) {
+    for chunk in super::shaped_chunks(entries) {
         let mut qb = QueryBuilder::<MySql>::new(
             "INSERT INTO lifecycle_events (position, order_id, seq, event_id, kind, outcome, \
              transitions, payload, occurred_at_ms, source_topic, source_partition, source_offset) ",
@@ -150,7 +158,17 @@ pub async fn append(conn: &mut MySqlConnection, entries: &[NewEntry]) -> Result<
         });
         qb.build().execute(&mut *conn).await?;
     }
-    Ok(())
+    Ok(Some(Positions {
+        first: head - count + 1,
+        last: head,
+    }))
+}
+
+/// The positions an append took: `first..=last`, dense.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positions {
+    pub first: i64,
+    pub last: i64,
 }
 
 /// Which log a database holds, and how far it goes.

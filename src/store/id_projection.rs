@@ -28,7 +28,8 @@ pub async fn owners_of(
     let mut owners = HashMap::new();
     for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
         let mut qb = QueryBuilder::<MySql>::new(
-            "SELECT lifecycle_id, order_id FROM order_lifecycle_ids WHERE ",
+            "SELECT lifecycle_id, order_id FROM order_lifecycle_ids \
+             FORCE INDEX (uq_order_lifecycle_ids_lifecycle_id) WHERE ",
         );
         push_in(&mut qb, "lifecycle_id", chunk);
         for row in qb.build().fetch_all(&mut *conn).await? {
@@ -60,7 +61,7 @@ pub async fn load_records(
              replaced_by, target_id, \
              CAST(ROUND(UNIX_TIMESTAMP(created_at) * 1000) AS SIGNED), \
              CAST(ROUND(UNIX_TIMESTAMP(updated_at) * 1000) AS SIGNED), \
-             issued_seq, updated_seq FROM order_lifecycle_ids WHERE ",
+             issued_seq, updated_seq FROM order_lifecycle_ids FORCE INDEX (idx_order_lifecycle_ids_order_type_status) WHERE ",
         );
         push_in(&mut qb, "order_id", chunk);
         if lock {
@@ -139,7 +140,8 @@ pub async fn upsert_into(
             "INSERT INTO {table} (order_id, id_type, lifecycle_id, status, \
              replaced_by, target_id, created_at, updated_at, issued_seq, updated_seq) "
         ));
-        qb.push_values(chunk, |mut row, (order, r)| {
+        // An upsert of the same row twice is the upsert once: padded.
+        qb.push_values(super::padded(chunk), |mut row, (order, r)| {
             row.push_bind(order.as_str())
                 .push_bind(r.id_type.as_str())
                 .push_bind(r.lifecycle_id.as_str())
@@ -175,7 +177,7 @@ pub async fn active_ids(
     for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
         let mut qb = QueryBuilder::<MySql>::new(
             "SELECT order_id, CAST(id_type AS CHAR), lifecycle_id FROM order_lifecycle_ids \
-             WHERE status = 'active' AND ",
+             FORCE INDEX (idx_order_lifecycle_ids_order_type_status) WHERE status = 'active' AND ",
         );
         push_in(&mut qb, "order_id", chunk);
         qb.push(" ORDER BY order_id, id_type");

@@ -21,8 +21,48 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
 use crate::config::SecretUrl;
 
 /// Most rows in one multi-row statement; keeps every statement far below
-/// MySQL's 65,535 placeholders and `max_allowed_packet`.
-pub const MAX_ROWS_PER_STATEMENT: usize = 500;
+/// MySQL's 65,535 placeholders and `max_allowed_packet`. A power of two,
+/// as every statement size on the hot path is (see [`shaped_chunks`]).
+pub const MAX_ROWS_PER_STATEMENT: usize = 512;
+
+/// Prepared statements kept per connection: every shape the hot path uses
+/// (each statement at each power-of-two size) fits, so a batch prepares
+/// nothing once the connection has seen every size.
+const STATEMENT_CACHE: usize = 512;
+
+/// Splits `items` into chunks whose sizes are powers of two (512 at most),
+/// largest first.
+///
+/// A statement with `n` placeholders is a statement of its own to the
+/// server's prepared-statement cache: batches of every size from 1 to 512
+/// made a fresh `PREPARE` (a round trip and a parse of hundreds of
+/// placeholders) for half of all statements, and that was most of a small
+/// batch's cost. Cut into powers of two, a multi-row `INSERT` has ten
+/// shapes, each prepared once per connection.
+pub(crate) fn shaped_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = rest.len().min(MAX_ROWS_PER_STATEMENT);
+        // The largest power of two not above n.
+        let size = 1 << (usize::BITS - 1 - n.leading_zeros());
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// `items` followed by copies of its last item up to the next power of two:
+/// the rows of an idempotent multi-row statement (an upsert) in one of ten
+/// shapes, in one round trip (see [`shaped_chunks`]).
+pub(crate) fn padded<T>(items: &[T]) -> impl Iterator<Item = &T> {
+    let extra = items.len().next_power_of_two() - items.len();
+    items
+        .iter()
+        .chain(items.last().into_iter().cycle().take(extra))
+}
 
 /// A storage failure, split by what the caller does about it.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +172,9 @@ impl Store {
         }
         let options: MySqlConnectOptions = url.expose().parse()?;
         // Session time zone UTC: event times are stored as UTC DATETIMEs.
-        let options = options.timezone(Some("+00:00".to_owned()));
+        let options = options
+            .timezone(Some("+00:00".to_owned()))
+            .statement_cache_capacity(STATEMENT_CACHE);
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -175,6 +217,9 @@ impl Store {
 }
 
 /// Appends `col IN (?, ?, ...)` to a query; `values` must not be empty.
+/// The list is padded to a power of two by repeating its last value, which
+/// changes no result and keeps the statement in one of ten shapes (see
+/// [`shaped_chunks`]).
 pub(crate) fn push_in<'a, T>(qb: &mut QueryBuilder<'a, MySql>, column: &str, values: &'a [T])
 where
     T: AsRef<str> + 'a,
@@ -182,7 +227,7 @@ where
     qb.push(column);
     qb.push(" IN (");
     let mut list = qb.separated(", ");
-    for v in values {
+    for v in padded(values) {
         list.push_bind(v.as_ref());
     }
     list.push_unseparated(")");
@@ -220,26 +265,103 @@ pub(crate) fn opt_text<'r>(
         .transpose()
 }
 
-/// The event ids among `ids` that `table` (`lifecycle_events` or
-/// `parked_events`) holds: the idempotency check of rule R9.
+/// The event ids among `ids` that `table` holds, read through `index` (its
+/// unique or plain index on `event_id`).
+///
+/// Every query with an `IN` list on the hot path names its index (`FORCE
+/// INDEX`): MariaDB plans lists longer than `eq_range_index_dive_limit`
+/// (200) from index statistics, which lag a fast-growing table, and then
+/// picks a full scan at one moment and a range at the next. With the index
+/// named, a batch costs the same at any table size.
 pub(crate) async fn existing_event_ids(
     conn: &mut sqlx::MySqlConnection,
     table: &'static str,
+    index: &'static str,
     ids: &[crate::domain::EventId],
 ) -> Result<std::collections::HashSet<crate::domain::EventId>, StoreError> {
     let mut found = std::collections::HashSet::new();
     for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new(format!("SELECT event_id FROM {table} WHERE "));
+        let mut qb = QueryBuilder::<MySql>::new(format!(
+            "SELECT event_id FROM {table} FORCE INDEX ({index}) WHERE "
+        ));
         push_in(&mut qb, "event_id", chunk);
         for row in qb.build().fetch_all(&mut *conn).await? {
-            let raw = text(&row, 0, table)?;
-            found.insert(
-                crate::domain::EventId::parse(raw).map_err(|e| StoreError::Corrupt {
-                    table,
-                    detail: format!("event_id: {e}"),
-                })?,
-            );
+            found.insert(event_id(&row, table)?);
         }
     }
     Ok(found)
+}
+
+/// The event ids among `ids` that the log, the parking lot or the dead
+/// letters hold (rule R9), in one round trip.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn seen_event_ids(
+    conn: &mut sqlx::MySqlConnection,
+    ids: &[crate::domain::EventId],
+) -> Result<std::collections::HashSet<crate::domain::EventId>, StoreError> {
+    let mut found = std::collections::HashSet::new();
+    // Three lists of bound values per chunk: well under the protocol's
+    // 65,535 parameters.
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new("");
+        for (i, (table, index)) in [
+            ("lifecycle_events", "uq_lifecycle_events_event_id"),
+            ("parked_events", "uq_parked_events_event_id"),
+            ("dead_letters", "idx_dead_letters_event_id"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if i > 0 {
+                qb.push(" UNION ALL ");
+            }
+            qb.push(format!(
+                "SELECT event_id FROM {table} FORCE INDEX ({index}) WHERE "
+            ));
+            push_in(&mut qb, "event_id", chunk);
+        }
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            found.insert(event_id(&row, "lifecycle_events")?);
+        }
+    }
+    Ok(found)
+}
+
+fn event_id(row: &MySqlRow, table: &'static str) -> Result<crate::domain::EventId, StoreError> {
+    crate::domain::EventId::parse(text(row, 0, table)?).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: format!("event_id: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{padded, shaped_chunks, MAX_ROWS_PER_STATEMENT};
+
+    #[test]
+    fn chunks_are_powers_of_two_largest_first_and_cover_every_item_once() {
+        for n in [0usize, 1, 2, 3, 37, 500, 512, 513, 1500] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = shaped_chunks(&items).collect();
+            assert_eq!(chunks.concat(), items, "n = {n}");
+            for pair in chunks.windows(2) {
+                assert!(pair[0].len() >= pair[1].len(), "n = {n}");
+            }
+            for c in &chunks {
+                assert!(c.len().is_power_of_two() && c.len() <= MAX_ROWS_PER_STATEMENT);
+            }
+        }
+        let sizes: Vec<usize> = shaped_chunks(&[0; 37]).map(<[i32]>::len).collect();
+        assert_eq!(sizes, [32, 4, 1]);
+    }
+
+    #[test]
+    fn padding_repeats_the_last_item_up_to_a_power_of_two() {
+        let rows: Vec<&u8> = padded(&[1, 2, 3, 4, 5]).collect();
+        assert_eq!(rows, [&1, &2, &3, &4, &5, &5, &5, &5]);
+        assert_eq!(padded(&[7u8; 4]).count(), 4);
+        assert_eq!(padded::<u8>(&[]).count(), 0);
+    }
 }

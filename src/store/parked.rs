@@ -68,7 +68,7 @@ pub async fn existing_event_ids(
     conn: &mut MySqlConnection,
     ids: &[EventId],
 ) -> Result<HashSet<EventId>, StoreError> {
-    super::existing_event_ids(conn, TABLE, ids).await
+    super::existing_event_ids(conn, TABLE, "uq_parked_events_event_id", ids).await
 }
 
 /// Parked events waiting for any of `ids`, oldest first, locked until the
@@ -82,8 +82,9 @@ pub async fn awaiting(
 ) -> Result<Vec<ParkedRow>, StoreError> {
     let mut rows = Vec::new();
     for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb =
-            QueryBuilder::<MySql>::new(format!("SELECT {COLUMNS} FROM parked_events WHERE "));
+        let mut qb = QueryBuilder::<MySql>::new(format!(
+            "SELECT {COLUMNS} FROM parked_events FORCE INDEX (idx_parked_events_awaited) WHERE "
+        ));
         push_in(&mut qb, "awaited_id", chunk);
         qb.push(" ORDER BY id FOR UPDATE");
         for row in qb.build().fetch_all(&mut *conn).await? {
