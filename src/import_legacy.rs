@@ -37,7 +37,7 @@ use crate::domain::{
     EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
     Rejection, UserType,
 };
-use crate::ingest::pipeline::{load_book, unique};
+use crate::ingest::pipeline::{load_book, write_rows};
 use crate::progress::{grouped, Progress};
 use crate::rebuild::{self, RebuildError};
 use crate::store::event_log::{self, NewEntry};
@@ -533,6 +533,7 @@ async fn apply(
         })
         .collect();
     let mut book: LifecycleBook = load_book(&mut tx, fresh.iter().map(|(e, _)| e)).await?;
+    let stored = book.bound_ids();
     let mut entries = Vec::with_capacity(fresh.len());
     let mut touched = Vec::new();
     for (event, id_type) in fresh {
@@ -551,9 +552,7 @@ async fn apply(
             Err(rejection) => record_conflict(event, *id_type, &rejection, config.show, summary),
         }
     }
-    let touched = unique(touched);
-    let rows = book.records(&touched);
-    id_projection::upsert(&mut tx, &rows).await?;
+    write_rows(&mut tx, &book, touched, &stored).await?;
     // Last: the append holds the log head's lock until the commit (R12).
     event_log::append(&mut tx, &entries).await?;
     if config.dry_run {

@@ -159,6 +159,42 @@ async fn hostile_but_valid_ids_are_stored_verbatim_and_case_sensitively() {
 }
 
 #[tokio::test]
+async fn an_id_another_writer_bound_meanwhile_is_a_conflict_not_an_overwrite() {
+    use order_lifecycle::domain::{IdRecord, IdStatus, IdType, LifecycleId, OrderId};
+    use order_lifecycle::store::id_projection;
+
+    let db = TestDb::new().await;
+    let mut a = EventScript::new("W1");
+    let batch = messages("o", 0, &[a.place(), a.sl("SL-X")]);
+    process_batch(&db.store, &config(Duration::from_secs(60)), &batch)
+        .await
+        .unwrap();
+    let before = db.full_rows().await;
+
+    // A second writer read the table before W1's batch committed, so it
+    // believes SL-X is new and binds it to W2 (rule R1 forbids it).
+    let w2 = OrderId::parse("W2").unwrap();
+    let record = IdRecord {
+        lifecycle_id: LifecycleId::parse("SL-X").unwrap(),
+        id_type: IdType::StoplossId,
+        status: IdStatus::Active,
+        replaced_by: None,
+        target: None,
+        issued_at_ms: 1_764_300_000_000,
+        updated_at_ms: 1_764_300_000_000,
+        issued_seq: 2,
+        updated_seq: 2,
+    };
+    let mut tx = db.store.pool().begin().await.unwrap();
+    let err = id_projection::write_changes(&mut tx, &[(&w2, &record)], &[])
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    tx.rollback().await.unwrap();
+    assert_eq!(db.full_rows().await, before, "W1's row is untouched");
+}
+
+#[tokio::test]
 async fn handed_batches_write_what_the_log_would_and_only_when_they_continue_redis() {
     let db = TestDb::new().await;
     let handed_redis = TestRedis::new();
@@ -364,13 +400,20 @@ async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_rou
     .await
     .unwrap();
     drop(conn);
-    let report = order_lifecycle::ingest::release_stranded(&db.store, &cfg)
+    // The round looks only after the row it is told (rows parked within its
+    // window): at the row itself, nothing.
+    let row = db.count("SELECT MAX(id) FROM parked_events").await;
+    let outside = order_lifecycle::ingest::release_stranded(&db.store, &cfg, row)
+        .await
+        .unwrap();
+    assert_eq!(outside.unparked, 0);
+    let report = order_lifecycle::ingest::release_stranded(&db.store, &cfg, row - 1)
         .await
         .unwrap();
     assert_eq!(report.unparked, 1);
     assert_eq!(db.rows().await["SL1"].2, "executed");
     assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
-    let again = order_lifecycle::ingest::release_stranded(&db.store, &cfg)
+    let again = order_lifecycle::ingest::release_stranded(&db.store, &cfg, 0)
         .await
         .unwrap();
     assert_eq!(again.recorded_total(), 0);

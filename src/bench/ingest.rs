@@ -94,7 +94,8 @@ async fn measure(config: &IngestBenchConfig, scratch: &Scratch) -> anyhow::Resul
     let drain = drain(config, scratch, &kafka, &topics, &store, produced).await?;
     println!(
         "bench-ingest: drained {} events in {:.1} s = {:.0} events/s (timed from the first \
-         committed batch; {:.1} s with the group join); CPU {}; peak RSS {} MiB",
+         committed batch; {:.1} s with the group join); CPU {}; peak RSS {} MiB ({} MiB when \
+         the drain started)",
         drain.events,
         drain.seconds,
         drain.events as f64 / drain.seconds,
@@ -102,6 +103,9 @@ async fn measure(config: &IngestBenchConfig, scratch: &Scratch) -> anyhow::Resul
         drain.cpu,
         drain
             .peak_rss_mib
+            .map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
+        drain
+            .start_rss_mib
             .map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
     );
     if !config.no_ceiling {
@@ -165,6 +169,8 @@ struct Drain {
     service_cpu: f64,
     database_cpu: f64,
     peak_rss_mib: Option<u64>,
+    /// Resident memory when the drain started (what producing left).
+    start_rss_mib: Option<u64>,
 }
 
 /// Runs `run`'s consumer (with its Redis follower) until every produced
@@ -181,6 +187,7 @@ async fn drain(
     run.batch_size = config.batch_size;
     let redis = scratch.projection().await?;
     super::reset_peak_memory();
+    let start_rss_mib = crate::telemetry::peak_memory_mib();
     let joined_at = Instant::now();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer = tokio::spawn(crate::ingest::run(run, async {
@@ -220,6 +227,7 @@ async fn drain(
         service_cpu: cpu1.of(&cpu0, "service"),
         database_cpu: cpu1.of(&cpu0, "mariadb"),
         peak_rss_mib,
+        start_rss_mib,
     })
 }
 

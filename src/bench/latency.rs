@@ -134,6 +134,7 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     let events = &events[..total.min(events.len())];
     let mut sent_at: Vec<(String, Instant)> = Vec::with_capacity(events.len());
     let mut deliveries = Vec::with_capacity(events.len());
+    let cpu_before = super::CpuReading::now();
     let start = Instant::now();
     let per_event = Duration::from_secs_f64(1.0 / f64::from(config.rate.max(1)));
     for (i, (event, encoding)) in events.iter().enumerate() {
@@ -148,6 +149,8 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     kafka::await_deliveries(deliveries).await?;
     let expected = skip + events.len() as i64;
     let complete = wait_projected(&redis, expected, Duration::from_secs(120)).await?;
+    let cpu = super::CpuReading::now().since(&cpu_before);
+    let wall = start.elapsed().as_secs_f64();
     let _ = done_tx.send(true);
     let seen = poller.await?;
     let _ = stop.send(());
@@ -179,7 +182,8 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     };
     println!(
         "bench-latency: layout {:?}, {} partitions, fetch.wait.max.ms {}: {} events at {:.0}/s \
-         (asked {}/s); event -> Redis p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} measured)",
+         (asked {}/s); event -> Redis p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} measured); \
+         CPU in {wall:.1} s: {cpu} (the service's includes this bench's producer and poller)",
         config.layout,
         config.partitions,
         config.fetch_wait_ms,

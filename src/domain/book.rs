@@ -65,6 +65,15 @@ impl LifecycleBook {
             .collect()
     }
 
+    /// Every id bound to an order of the book: taken right after loading,
+    /// it tells the ids a batch binds for the first time from those it
+    /// changes.
+    pub fn bound_ids(&self) -> std::collections::HashSet<LifecycleId> {
+        self.orders()
+            .flat_map(|o| o.ids().iter().map(|r| r.lifecycle_id.clone()))
+            .collect()
+    }
+
     /// Every order in the book.
     pub fn orders(&self) -> impl Iterator<Item = &OrderLifecycle> {
         self.orders.values()

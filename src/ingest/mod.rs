@@ -12,5 +12,5 @@ pub mod redis_follower;
 pub use consumer::run;
 pub use pipeline::{
     expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
-    PipelineConfig,
+    PipelineConfig, StrandedWindow,
 };

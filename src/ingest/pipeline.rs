@@ -204,28 +204,65 @@ pub async fn process_batch(
     run_batch(store, config, messages, Release::IssuedByBatch).await
 }
 
-/// Applies parked events whose awaited id is issued already, up to 500.
+/// Applies parked events after row `after` whose awaited id is issued
+/// already, up to 500.
 ///
 /// A batch releases the events waiting for the ids it issues. When two
 /// instances race (one parks a confirmation while the other, not seeing it
-/// yet, issues the id), the event is stranded; this round, run every second,
-/// picks it up.
+/// yet, issues the id), the event is stranded; this round, run every second
+/// over the rows parked in the last minute ([`StrandedWindow`]), picks it
+/// up.
 ///
 /// # Errors
 /// [`StoreError`], as [`process_batch`].
 pub async fn release_stranded(
     store: &Store,
     config: &PipelineConfig,
+    after: i64,
 ) -> Result<BatchReport, StoreError> {
-    run_batch(store, config, &[], Release::Stranded).await
+    run_batch(store, config, &[], Release::Stranded { after }).await
+}
+
+/// Which parked rows [`release_stranded`] looks at: those parked in the
+/// last minute. A stranded event is one parked while another batch, not
+/// seeing it, issued its id: both transactions end within seconds of each
+/// other (a lock wait gives up after 10 s), so a row parked more than a
+/// minute ago had its chance. Looking at every parked row each second made
+/// that round's cost grow with the parking lot (250,000 rows parked in bulk
+/// took MariaDB 80% of a core every second). A new instance starts from
+/// the first row.
+#[derive(Debug, Default)]
+pub struct StrandedWindow {
+    /// Highest parked row id seen at each round, oldest first.
+    seen: VecDeque<(std::time::Instant, i64)>,
+    from: i64,
+}
+
+/// How long a parked row is looked at by the stranded round.
+const STRANDED_WINDOW: Duration = Duration::from_secs(60);
+
+impl StrandedWindow {
+    /// Records the highest parked row id now committed; returns the row
+    /// after which the round looks.
+    pub fn advance(&mut self, now: std::time::Instant, last_row_id: i64) -> i64 {
+        self.seen.push_back((now, last_row_id));
+        while let Some(&(at, id)) = self.seen.front() {
+            if now.duration_since(at) < STRANDED_WINDOW {
+                break;
+            }
+            self.from = self.from.max(id);
+            self.seen.pop_front();
+        }
+        self.from
+    }
 }
 
 /// Which parked events a batch looks at.
 enum Release {
     /// Those waiting for ids the batch's own events issue.
     IssuedByBatch,
-    /// Those whose awaited id is already bound.
-    Stranded,
+    /// Those after row `after` whose awaited id is already bound.
+    Stranded { after: i64 },
 }
 
 async fn run_batch(
@@ -286,7 +323,7 @@ async fn run_batch(
     // Parked events this batch may release, and their original messages.
     let released: Vec<(ParkedRow, OrderEvent)> = match release {
         Release::IssuedByBatch => load_releasable(&mut tx, &works).await?,
-        Release::Stranded => parked::stranded(&mut tx, 500)
+        Release::Stranded { after } => parked::stranded(&mut tx, after, 500)
             .await?
             .into_iter()
             .map(decode_parked)
@@ -302,6 +339,7 @@ async fn run_batch(
         .map(|w| &w.event)
         .chain(released.iter().map(|(_, e)| e));
     let mut book = load_book(&mut tx, all_events).await?;
+    let stored = book.bound_ids();
 
     // Run the state machine in arrival order; an event that issues an id
     // releases the events waiting for it right after itself.
@@ -321,7 +359,7 @@ async fn run_batch(
                 .entry(row.awaited.clone())
                 .or_default()
                 .push_back(work),
-            Release::Stranded => stranded.push(work),
+            Release::Stranded { .. } => stranded.push(work),
         }
     }
     let works: Vec<Work<'_>> = stranded.into_iter().chain(works).collect();
@@ -389,11 +427,7 @@ async fn run_batch(
     report.parked = to_park.len();
 
     // The rows as they stand after the whole batch, each written once.
-    let touched = unique(touched);
-    let rows = book.records(&touched);
-    report.rows_written = rows.len();
-
-    id_projection::upsert(&mut tx, &rows).await?;
+    report.rows_written = write_rows(&mut tx, &book, touched, &stored).await?;
     parked::delete(&mut tx, &done_rows).await?;
     for (row, id) in repoint {
         parked::set_awaited(&mut tx, row, id).await?;
@@ -443,6 +477,24 @@ fn handed(positions: Positions, entries: &[NewEntry], book: &LifecycleBook) -> H
         lookups,
         orders,
     }
+}
+
+/// Writes the rows of `touched` as `book` has them now, each once: those
+/// of ids in `stored` (bound before the batch) updated, the others inserted
+/// (see [`id_projection::write_changes`]). Returns how many.
+pub(crate) async fn write_rows(
+    conn: &mut MySqlConnection,
+    book: &LifecycleBook,
+    touched: Vec<(OrderId, LifecycleId)>,
+    stored: &HashSet<LifecycleId>,
+) -> Result<usize, StoreError> {
+    let touched = unique(touched);
+    let (changed, issued): (Vec<_>, Vec<_>) = book
+        .records(&touched)
+        .into_iter()
+        .partition(|(_, r)| stored.contains(&r.lifecycle_id));
+    id_projection::write_changes(conn, &issued, &changed).await?;
+    Ok(issued.len() + changed.len())
 }
 
 /// Processes a batch through `attempt` (which retries transient failures as
@@ -668,4 +720,27 @@ pub(crate) fn unique<T: Clone + Eq + std::hash::Hash>(items: Vec<T>) -> Vec<T> {
         .into_iter()
         .filter(|x| seen.insert(x.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::StrandedWindow;
+
+    #[test]
+    fn the_stranded_round_looks_at_rows_parked_in_the_last_minute() {
+        let mut window = StrandedWindow::default();
+        let start = Instant::now();
+        assert_eq!(window.advance(start, 100), 0, "a new instance looks at all");
+        let s = |secs| start + Duration::from_secs(secs);
+        assert_eq!(window.advance(s(30), 250), 0);
+        // A minute after 100 was the highest row, rows up to 100 are done.
+        assert_eq!(window.advance(s(60), 300), 100);
+        assert_eq!(window.advance(s(89), 300), 100);
+        assert_eq!(window.advance(s(95), 310), 250);
+        // Rows deleted since (released) never move the window back.
+        assert_eq!(window.advance(s(200), 0), 310);
+        assert_eq!(window.advance(s(201), 0), 310);
+    }
 }

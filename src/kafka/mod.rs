@@ -54,6 +54,13 @@ pub fn consumer_config(
             // topics to the same member, so that one instance applies all
             // of an order's events in order (rule R11).
             ("partition.assignment.strategy", "range".into()),
+            // A shallow prefetch (librdkafka's default is 64 MiB and 100,000
+            // messages a partition): the merge of rule R11 reads through
+            // this queue to find a partition that is behind, and holds what
+            // it reads (see `ingest::ordering::Merger::set_more_waiting`);
+            // 8 MiB is seconds of input at full speed.
+            ("queued.max.messages.kbytes", "8192".into()),
+            ("queued.min.messages", "10000".into()),
         ],
     )
 }

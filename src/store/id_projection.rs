@@ -136,26 +136,8 @@ pub async fn upsert_into(
     rows: &[(&OrderId, &IdRecord)],
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new(format!(
-            "INSERT INTO {table} (order_id, id_type, lifecycle_id, status, \
-             replaced_by, target_id, created_at, updated_at, issued_seq, updated_seq) "
-        ));
         // An upsert of the same row twice is the upsert once: padded.
-        qb.push_values(super::padded(chunk), |mut row, (order, r)| {
-            row.push_bind(order.as_str())
-                .push_bind(r.id_type.as_str())
-                .push_bind(r.lifecycle_id.as_str())
-                .push_bind(r.status.as_str())
-                .push_bind(r.replaced_by.as_ref().map(|x| x.as_str()))
-                .push_bind(r.target.as_ref().map(|x| x.as_str()))
-                .push_unseparated(", FROM_UNIXTIME(")
-                .push_bind_unseparated(r.issued_at_ms)
-                .push_unseparated(" / 1000), FROM_UNIXTIME(")
-                .push_bind_unseparated(r.updated_at_ms)
-                .push_unseparated(" / 1000)")
-                .push_bind(r.issued_seq as i64)
-                .push_bind(r.updated_seq as i64);
-        });
+        let mut qb = insert_rows(table, super::padded(chunk));
         qb.push(
             " ON DUPLICATE KEY UPDATE status = VALUES(status), replaced_by = VALUES(replaced_by), \
              updated_at = VALUES(updated_at), updated_seq = VALUES(updated_seq)",
@@ -163,6 +145,113 @@ pub async fn upsert_into(
         qb.build().execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Writes what a batch changed: `issued` rows (ids the batch bound for the
+/// first time) are inserted, `changed` rows (ids its orders had already,
+/// read locked) are updated.
+///
+/// Inserting, not upserting, the new ids keeps rule R1 across writers: when
+/// another writer bound the same id to another order after this batch read
+/// the table, the insert fails with a duplicate key
+/// ([`StoreError::Conflict`]), the batch is retried and then sees the owner.
+/// An upsert would have changed the other order's row instead.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn write_changes(
+    conn: &mut MySqlConnection,
+    issued: &[(&OrderId, &IdRecord)],
+    changed: &[(&OrderId, &IdRecord)],
+) -> Result<(), StoreError> {
+    for chunk in super::shaped_chunks(issued) {
+        insert_rows(TABLE, chunk)
+            .build()
+            .execute(&mut *conn)
+            .await?;
+    }
+    for chunk in changed.chunks(MAX_ROWS_PER_STATEMENT) {
+        update_rows(chunk).build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// `UPDATE` of the columns an event can change, for rows that exist, joined
+/// to the new values by `lifecycle_id` through its unique index.
+///
+/// Measured against `INSERT ... ON DUPLICATE KEY UPDATE` of the same rows
+/// (25,600 rows of a 100,000-row table): 0.55 s against 0.79 s. The upsert
+/// first inserts a new clustered row, meets the duplicate in the unique
+/// index, undoes the insert and only then updates. Padded to a power of
+/// two (a row joined twice with the same values is updated once).
+fn update_rows<'r>(rows: &'r [(&'r OrderId, &'r IdRecord)]) -> QueryBuilder<'r, MySql> {
+    let mut qb = QueryBuilder::<MySql>::new(
+        "UPDATE order_lifecycle_ids AS t FORCE INDEX (uq_order_lifecycle_ids_lifecycle_id) \
+         JOIN (",
+    );
+    for (i, (_, r)) in super::padded(rows).enumerate() {
+        qb.push(if i == 0 {
+            "SELECT "
+        } else {
+            " UNION ALL SELECT "
+        });
+        qb.push_bind(r.lifecycle_id.as_str());
+        if i == 0 {
+            qb.push(" AS lifecycle_id");
+        }
+        qb.push(", ").push_bind(r.status.as_str());
+        if i == 0 {
+            qb.push(" AS status");
+        }
+        qb.push(", ")
+            .push_bind(r.replaced_by.as_ref().map(|x| x.as_str()));
+        if i == 0 {
+            qb.push(" AS replaced_by");
+        }
+        qb.push(", FROM_UNIXTIME(")
+            .push_bind(r.updated_at_ms)
+            .push(" / 1000)");
+        if i == 0 {
+            qb.push(" AS updated_at");
+        }
+        qb.push(", ").push_bind(r.updated_seq as i64);
+        if i == 0 {
+            qb.push(" AS updated_seq");
+        }
+    }
+    qb.push(
+        ") AS v ON t.lifecycle_id = v.lifecycle_id COLLATE utf8mb4_bin \
+         SET t.status = v.status, t.replaced_by = v.replaced_by, \
+         t.updated_at = v.updated_at, t.updated_seq = v.updated_seq",
+    );
+    qb
+}
+
+/// `INSERT INTO table (...) VALUES ...` for `rows`.
+fn insert_rows<'r>(
+    table: &'static str,
+    rows: impl IntoIterator<Item = &'r (&'r OrderId, &'r IdRecord)>,
+) -> QueryBuilder<'r, MySql> {
+    let mut qb = QueryBuilder::<MySql>::new(format!(
+        "INSERT INTO {table} (order_id, id_type, lifecycle_id, status, \
+         replaced_by, target_id, created_at, updated_at, issued_seq, updated_seq) "
+    ));
+    qb.push_values(rows, |mut row, (order, r)| {
+        row.push_bind(order.as_str())
+            .push_bind(r.id_type.as_str())
+            .push_bind(r.lifecycle_id.as_str())
+            .push_bind(r.status.as_str())
+            .push_bind(r.replaced_by.as_ref().map(|x| x.as_str()))
+            .push_bind(r.target.as_ref().map(|x| x.as_str()))
+            .push_unseparated(", FROM_UNIXTIME(")
+            .push_bind_unseparated(r.issued_at_ms)
+            .push_unseparated(" / 1000), FROM_UNIXTIME(")
+            .push_bind_unseparated(r.updated_at_ms)
+            .push_unseparated(" / 1000)")
+            .push_bind(r.issued_seq as i64)
+            .push_bind(r.updated_seq as i64);
+    });
+    qb
 }
 
 /// The active ids of each of `orders`, by order (orders with none absent).

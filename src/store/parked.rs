@@ -194,22 +194,40 @@ pub async fn expired(
     rows.iter().map(from_row).collect()
 }
 
-/// Up to `limit` parked rows whose awaited id is bound already, oldest
-/// first, locked (see `release_stranded` in the pipeline).
+/// Up to `limit` parked rows after row `after` whose awaited id is bound
+/// already, oldest first, locked (see `release_stranded` in the pipeline).
+/// Only the rows after `after` are read: the cost follows the rows parked
+/// recently, not the size of the parking lot.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn stranded(
     conn: &mut MySqlConnection,
+    after: i64,
     limit: u32,
 ) -> Result<Vec<ParkedRow>, StoreError> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM parked_events p WHERE EXISTS \
-         (SELECT 1 FROM order_lifecycle_ids l WHERE l.lifecycle_id = p.awaited_id) \
+        "SELECT {COLUMNS} FROM parked_events p WHERE p.id > ? AND EXISTS \
+         (SELECT 1 FROM order_lifecycle_ids l \
+          FORCE INDEX (uq_order_lifecycle_ids_lifecycle_id) \
+          WHERE l.lifecycle_id = p.awaited_id) \
          ORDER BY id LIMIT ? FOR UPDATE"
     ))
+    .bind(after)
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// The highest parked row id committed so far (0 for none).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn last_row_id(pool: &sqlx::MySqlPool) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT CAST(COALESCE(MAX(id), 0) AS SIGNED) FROM parked_events")
+            .fetch_one(pool)
+            .await?,
+    )
 }
