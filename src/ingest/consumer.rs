@@ -318,7 +318,8 @@ impl Ingest<'_> {
                 m = recv_until(self.consumer, deadline) => m,
             };
             match received {
-                None => {}
+                // Nothing came until the deadline: the client holds nothing.
+                None => merger.set_more_waiting(false),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka receive failed; retrying");
                     backoff.wait(&mut shutdown).await;
@@ -378,7 +379,7 @@ impl Ingest<'_> {
             if queued >= PARTITION_BUFFER && !paused.contains(&key) {
                 pause.add_partition(topic, partition);
                 paused.insert(key);
-            } else if queued <= PARTITION_BUFFER / 2 && paused.remove(&key) {
+            } else if queued <= PARTITION_BUFFER / 2 && paused.contains(&key) {
                 resume.add_partition(topic, partition);
             }
         }
@@ -388,8 +389,14 @@ impl Ingest<'_> {
             }
         }
         if resume.count() > 0 {
-            if let Err(e) = self.consumer.resume(&resume) {
-                tracing::warn!(error = %e, "could not resume fetching");
+            match self.consumer.resume(&resume) {
+                // Forgotten only once resumed, so a failed resume is retried.
+                Ok(()) => {
+                    for e in resume.elements() {
+                        paused.remove(&(e.topic().to_owned(), e.partition()));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not resume fetching"),
             }
         }
     }
@@ -424,9 +431,19 @@ impl Ingest<'_> {
         let changes = gate.observe(self.consumer.context(), batch);
         apply_to_merger(&changes, merger);
         if let Ok(mut paused) = self.paused.lock() {
-            // A new assignment starts unpaused.
             for p in changes.revoked.iter().chain(&changes.assigned) {
                 paused.remove(p);
+            }
+        }
+        if !changes.assigned.is_empty() {
+            // librdkafka keeps a partition paused across a revoke and a new
+            // assignment: start every assigned partition fetching.
+            let mut resume = TopicPartitionList::new();
+            for (topic, partition) in &changes.assigned {
+                resume.add_partition(topic, *partition);
+            }
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::warn!(error = %e, "could not resume fetching for assigned partitions");
             }
         }
         if changes.assigned.is_empty() {
@@ -556,8 +573,15 @@ impl Ingest<'_> {
                 return Ok(());
             }
         };
-        match release_stranded(self.store, &self.pipeline, after).await {
-            Ok(report) if report.unparked > 0 => {
+        let released = release_stranded(self.store, &self.pipeline, after).await;
+        if released.is_err() {
+            // The rows of the window were not looked at: look at them all
+            // next time.
+            *stranded = StrandedWindow::default();
+        }
+        match released {
+            Ok(mut report) if report.unparked > 0 => {
+                self.handoff.offer(std::mem::take(&mut report.handed));
                 tracing::info!(
                     released = report.unparked,
                     "released stranded parked events"

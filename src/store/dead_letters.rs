@@ -60,17 +60,6 @@ pub async fn insert(conn: &mut MySqlConnection, letters: &[DeadLetter]) -> Resul
 
 const TABLE: &str = "dead_letters";
 
-/// Which of `ids` were dead-lettered already (rule R9 treats them as done).
-///
-/// # Errors
-/// [`StoreError`] from the database.
-pub async fn existing_event_ids(
-    conn: &mut MySqlConnection,
-    ids: &[EventId],
-) -> Result<std::collections::HashSet<EventId>, StoreError> {
-    super::existing_event_ids(conn, TABLE, "idx_dead_letters_event_id", ids).await
-}
-
 /// Up to `limit` letters not yet on the dead-letter topic, oldest first,
 /// with their row ids.
 ///

@@ -1,7 +1,6 @@
 //! The `parked_events` table: events waiting for an id not issued yet
 //! (rule R7). Durable, so that parked events survive restarts.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::mysql::MySqlRow;
@@ -58,17 +57,6 @@ fn from_row(row: &MySqlRow) -> Result<ParkedRow, StoreError> {
             timestamp_ms: None,
         },
     })
-}
-
-/// The event ids among `ids` that are parked.
-///
-/// # Errors
-/// [`StoreError`] from the database.
-pub async fn existing_event_ids(
-    conn: &mut MySqlConnection,
-    ids: &[EventId],
-) -> Result<HashSet<EventId>, StoreError> {
-    super::existing_event_ids(conn, TABLE, "uq_parked_events_event_id", ids).await
 }
 
 /// Parked events waiting for any of `ids`, oldest first, locked until the
