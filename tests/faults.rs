@@ -54,8 +54,10 @@ async fn assert_exactly_once(env: &Env, events: &[(OrderEvent, Encoding)]) {
 async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let env = Env::with_partitions(4).await;
-    let events = stream(2_400, 11);
-    assert!(events.len() >= 20_000, "{} events", events.len());
+    // Long enough that five kills land mid-stream (a faster consumer ended
+    // a 20,000-event stream before the fifth).
+    let events = stream(4_000, 11);
+    assert!(events.len() >= 30_000, "{} events", events.len());
     env.send_many(&events).await;
     let mut config = env.run_config();
     config.batch_size = 300;

@@ -167,7 +167,9 @@ pub async fn append(
 /// The positions an append took: `first..=last`, dense.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Positions {
+    /// The position of the append's first entry.
     pub first: i64,
+    /// The position of its last entry: the log head once it commits.
     pub last: i64,
 }
 
