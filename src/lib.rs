@@ -5,39 +5,50 @@
 //!
 //! # Layout
 //!
+//! Data flows one way, from the Kafka message to the Redis key, and each
+//! layer imports only those below it:
+//! `domain` < `wire` < `kafka`, `store` < `projection` < `ingest`, `http` <
+//! `commands` < `main`. The leaves (`clock`, `config`, `retry`,
+//! `shutdown`, `telemetry`, `progress`) import nothing above them.
+//!
 //! - [`domain`]: ids, input events and the lifecycle state machine; pure.
-//! - [`wire`]: protobuf and JSON decoding into domain events, and encoding.
-//! - [`store`]: MySQL event log, read model, dead letters, offsets; Redis keys.
-//! - [`ingest`]: the Kafka consumer loop, the batch pipeline, dead-letter
-//!   publishing, the Redis follower.
-//! - [`http`]: the read API, health and metrics endpoints.
+//! - [`wire`]: the message as it arrived; protobuf and JSON decoding into
+//!   domain events, and encoding.
 //! - [`kafka`]: client settings and topic administration.
-//! - [`rebuild`]: the read models recomputed from the log, swapped in live;
-//!   [`replay`]: the log re-read from Kafka; [`progress`]: their progress bar.
-//! - [`import_legacy`]: the legacy tables' ids imported into the log.
-//! - [`verify`]: named health checks, and their repair.
-//! - [`simulate`]: a realistic stream of order lifecycles for demos and tests.
-//! - [`bench`]: the benchmarks (`bench-ingest`, `bench-latency`,
-//!   `bench-rebuild`, `bench-import`), commands that print figures.
-//! - [`config`]: typed settings; [`telemetry`]: logs; [`cli`]: the commands;
+//! - [`store`]: MySQL event log, read model, dead letters, offsets; Redis keys.
+//! - [`projection`]: the read models kept from the log: the Redis follower,
+//!   and the rebuild of both read models.
+//! - [`ingest`]: the Kafka consumer loop, the batch pipeline, the order of
+//!   the log (rule R11), dead-letter publishing.
+//! - [`http`]: the read API, health and metrics endpoints.
+//! - [`commands`]: one file per subcommand (`run`, `serve`, `migrate`,
+//!   `simulate`, `rebuild`, `replay`, `import-legacy`, `verify`, the
+//!   benches), each with its arguments and its `run`.
+//! - [`scenario`]: realistic order lifecycles, planned (for `simulate`, the
+//!   benches and the tests).
+//! - [`config`]: typed settings shared by the commands; [`retry`]: waiting
+//!   between retries; [`shutdown`]: the stop signal every task watches;
+//!   [`telemetry`]: logs; [`progress`]: the long jobs' progress bar;
 //!   [`clock`]: the wall clock, read in one place.
-//! - [`testing`]: builders of valid events for tests and examples.
+//! - `testing`: builders of valid events, compiled for tests only (the
+//!   `testing` feature).
 
-pub mod bench;
-pub mod cli;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod http;
-pub mod import_legacy;
 pub mod ingest;
 pub mod kafka;
+#[cfg(test)]
+mod layering;
 pub mod progress;
-pub mod rebuild;
-pub mod replay;
-pub mod simulate;
+pub mod projection;
+pub mod retry;
+pub mod scenario;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod verify;
 pub mod wire;

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use common::{wait_until, Env};
 use order_lifecycle::domain::LifecycleBook;
-use order_lifecycle::simulate::scenario::{self, Payload, PlanOptions};
+use order_lifecycle::scenario::{self, Payload, PlanOptions};
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::Encoding;
 
@@ -489,8 +489,8 @@ async fn the_binary_migrates_runs_and_stops_cleanly_on_sigterm() {
     env.cleanup().await;
 }
 
-fn inbound(topic: &str, offset: i64, payload: Vec<u8>) -> order_lifecycle::ingest::InboundMessage {
-    order_lifecycle::ingest::InboundMessage {
+fn inbound(topic: &str, offset: i64, payload: Vec<u8>) -> order_lifecycle::wire::InboundMessage {
+    order_lifecycle::wire::InboundMessage {
         topic: topic.into(),
         partition: 0,
         offset,
@@ -687,11 +687,11 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
     let second = stream(42, 150);
     let sending = env.send_many(&second);
     let rebuilding = async {
-        let mysql = order_lifecycle::rebuild::rebuild_mysql(&env.db.store)
+        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&env.db.store)
             .await
             .unwrap();
         let projection = env.redis.projection().await;
-        let redis = order_lifecycle::rebuild::rebuild_redis(&env.db.store, &projection)
+        let redis = order_lifecycle::projection::rebuild::rebuild_redis(&env.db.store, &projection)
             .await
             .unwrap();
         (mysql, redis)
@@ -780,9 +780,9 @@ fn rounds(
     rounds
 }
 
-fn replay_config(env: &Env) -> order_lifecycle::replay::ReplayConfig {
+fn replay_config(env: &Env) -> order_lifecycle::commands::replay::ReplayConfig {
     let run = env.run_config();
-    order_lifecycle::replay::ReplayConfig {
+    order_lifecycle::commands::replay::ReplayConfig {
         kafka: run.kafka,
         database: run.database,
         redis: run.redis,
@@ -797,9 +797,9 @@ fn replay_config(env: &Env) -> order_lifecycle::replay::ReplayConfig {
 /// `replay` with `config` into the test's database and Redis prefix.
 async fn replay(
     env: &Env,
-    config: &order_lifecycle::replay::ReplayConfig,
-) -> order_lifecycle::replay::ReplaySummary {
-    order_lifecycle::replay::replay(&env.db.store, &env.redis.projection().await, config)
+    config: &order_lifecycle::commands::replay::ReplayConfig,
+) -> order_lifecycle::commands::replay::ReplaySummary {
+    order_lifecycle::commands::replay::replay(&env.db.store, &env.redis.projection().await, config)
         .await
         .expect("replay")
 }

@@ -13,6 +13,7 @@ use order_lifecycle::config::{HttpConfig, RedisConfig, SecretUrl};
 use order_lifecycle::domain::OrderEvent;
 use order_lifecycle::http::{self, ApiState};
 use order_lifecycle::ingest::{process_batch, PipelineConfig};
+use order_lifecycle::shutdown::Shutdown;
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::{self, Encoding};
 use serde_json::{json, Value};
@@ -332,10 +333,11 @@ async fn api_on_store(token: Option<&str>) -> (TestDb, std::net::SocketAddr) {
     };
     let state = ApiState::new(&config, redis, None);
     let _ = state.store.set(db.store.clone());
-    let addr = free_addr();
-    http::start(addr, state, std::future::pending())
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    let addr = listener.local_addr().expect("bound address");
+    http::serve(listener, state, Shutdown::never());
     (db, addr)
 }
 

@@ -342,7 +342,7 @@ async fn healthy_store(seed: u64) -> (TestDb, TestRedis) {
             .expect("healthy batch");
     }
     let projection = redis.projection().await;
-    order_lifecycle::rebuild::catch_up_to_head(&db.store, &projection, "test")
+    order_lifecycle::projection::rebuild::catch_up_to_head(&db.store, &projection, "test")
         .await
         .expect("redis catch-up");
     (db, redis)
@@ -352,8 +352,8 @@ fn verify_config(
     db: &TestDb,
     redis: &TestRedis,
     repair: bool,
-) -> order_lifecycle::verify::VerifyConfig {
-    order_lifecycle::verify::VerifyConfig {
+) -> order_lifecycle::commands::verify::VerifyConfig {
+    order_lifecycle::commands::verify::VerifyConfig {
         database: order_lifecycle::config::DatabaseConfig {
             url: db.url.clone(),
             max_connections: 4,
@@ -372,8 +372,8 @@ fn verify_config(
     }
 }
 
-async fn run_verify(db: &TestDb, redis: &TestRedis) -> order_lifecycle::verify::Report {
-    order_lifecycle::verify::verify(
+async fn run_verify(db: &TestDb, redis: &TestRedis) -> order_lifecycle::commands::verify::Report {
+    order_lifecycle::commands::verify::verify(
         &db.store,
         &redis.projection().await,
         &verify_config(db, redis, false),
@@ -417,8 +417,8 @@ async fn some_row(db: &TestDb, filter: &str) -> (String, String) {
     row
 }
 
-fn assert_fails(report: &order_lifecycle::verify::Report, name: &str, count: u64) {
-    use order_lifecycle::verify::Status;
+fn assert_fails(report: &order_lifecycle::commands::verify::Report, name: &str, count: u64) {
+    use order_lifecycle::commands::verify::Status;
     let check = report
         .check(name)
         .unwrap_or_else(|| panic!("no check {name}"));
@@ -476,7 +476,7 @@ async fn verify_passes_a_healthy_store() {
     assert!(report.healthy, "{report:?}");
     assert_eq!(
         report.check("orphan_ids").unwrap().status,
-        order_lifecycle::verify::Status::Pass
+        order_lifecycle::commands::verify::Status::Pass
     );
     redis.cleanup().await;
     db.drop().await;

@@ -335,10 +335,10 @@ async fn the_same_stream_on_four_topics_or_one_gives_the_same_log_and_replay_rep
     let before = replayed.db.log().await;
     replayed.db.recreate().await;
     let run = replayed.run_config();
-    let summary = order_lifecycle::replay::replay(
+    let summary = order_lifecycle::commands::replay::replay(
         &replayed.db.store,
         &replayed.redis.projection().await,
-        &order_lifecycle::replay::ReplayConfig {
+        &order_lifecycle::commands::replay::ReplayConfig {
             kafka: run.kafka,
             database: run.database,
             redis: run.redis,
@@ -465,7 +465,7 @@ async fn a_database_recreated_or_restored_under_a_live_redis_is_projected_again(
     process_batch(&db.store, &pipeline, &script("OLD", 15))
         .await
         .unwrap();
-    order_lifecycle::rebuild::catch_up_to_head(&db.store, &projection, "test")
+    order_lifecycle::projection::rebuild::catch_up_to_head(&db.store, &projection, "test")
         .await
         .unwrap();
     assert_eq!(projection.projected().await.unwrap().unwrap().position, 16);
@@ -475,7 +475,7 @@ async fn a_database_recreated_or_restored_under_a_live_redis_is_projected_again(
     process_batch(&db.store, &pipeline, &script("NEW", 11))
         .await
         .unwrap();
-    order_lifecycle::rebuild::catch_up_to_head(&db.store, &projection, "test")
+    order_lifecycle::projection::rebuild::catch_up_to_head(&db.store, &projection, "test")
         .await
         .unwrap();
     for i in 0..11 {
@@ -506,7 +506,7 @@ async fn a_database_recreated_or_restored_under_a_live_redis_is_projected_again(
         .await
         .unwrap();
     assert_eq!(event_log::head(restored.store.pool()).await.unwrap(), 15);
-    order_lifecycle::rebuild::catch_up_to_head(&restored.store, &projection, "test")
+    order_lifecycle::projection::rebuild::catch_up_to_head(&restored.store, &projection, "test")
         .await
         .unwrap();
     for i in 0..9 {

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use common::{TestDb, TestRedis};
 use order_lifecycle::domain::OrderEvent;
-use order_lifecycle::ingest::redis_follower;
-use order_lifecycle::ingest::{expire_parked, process_batch, InboundMessage, PipelineConfig};
+use order_lifecycle::ingest::{expire_parked, process_batch, PipelineConfig};
+use order_lifecycle::projection::redis_follower;
 use order_lifecycle::store::redis_projection::RedisProjection;
 use order_lifecycle::store::Store;
 use order_lifecycle::testing::EventScript;
+use order_lifecycle::wire::InboundMessage;
 use order_lifecycle::wire::{self, Encoding};
 
 fn config(park_timeout: Duration) -> PipelineConfig {
@@ -451,12 +452,12 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
     let keys = redis.snapshot().await;
     assert!(rows.len() > 500, "{} rows", rows.len());
 
-    let mysql = order_lifecycle::rebuild::rebuild_mysql(&db.store)
+    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&db.store)
         .await
         .unwrap();
     assert_eq!(mysql.rows as usize, rows.len());
     assert_eq!(db.full_rows().await, rows, "MySQL rebuilt row for row");
-    let redis_summary = order_lifecycle::rebuild::rebuild_redis(&db.store, &projection)
+    let redis_summary = order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection)
         .await
         .unwrap();
     assert_eq!(redis_summary.keys_removed, 0);
@@ -521,10 +522,10 @@ async fn rebuild_repairs_a_corrupted_projection() {
     assert_ne!(db.full_rows().await, rows);
     assert_ne!(redis.snapshot().await, keys);
 
-    order_lifecycle::rebuild::rebuild_mysql(&db.store)
+    order_lifecycle::projection::rebuild::rebuild_mysql(&db.store)
         .await
         .unwrap();
-    let summary = order_lifecycle::rebuild::rebuild_redis(&db.store, &projection)
+    let summary = order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection)
         .await
         .unwrap();
     assert_eq!(db.full_rows().await, rows);

@@ -40,9 +40,9 @@ pub async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Health>)
     if let Some(consumer) = &state.consumer {
         checks.insert(
             "consumer",
-            match consumer.assigned() {
-                Some(_) => "ok".to_owned(),
-                None => "waiting for its partition assignment".to_owned(),
+            match consumer() {
+                Ok(()) => "ok".to_owned(),
+                Err(waiting) => waiting,
             },
         );
     }

@@ -11,10 +11,7 @@
 
 pub mod api;
 pub mod health;
-pub mod serve;
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -29,7 +26,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::config::{HttpConfig, RedisConfig, Secret};
-use crate::ingest::assignment::ConsumerStatus;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// Largest request body accepted (a batch of ids fits many times over).
@@ -47,6 +44,11 @@ pub const ROUTES: [(&str, &str); 7] = [
     ("get", "/metrics"),
 ];
 
+/// A check of the process's own work for `/readyz`: `Err` says what it
+/// waits for (`run` passes its consumer's, "waiting for its partition
+/// assignment"). A closure, so that the server knows nothing of Kafka.
+pub type ReadinessCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What handlers share.
 #[derive(Clone)]
 pub struct ApiState {
@@ -54,8 +56,8 @@ pub struct ApiState {
     /// answers 503.
     pub store: Arc<OnceLock<Store>>,
     pub redis: RedisConfig,
-    /// The consumer's assignment, when this process consumes (`run`).
-    pub consumer: Option<Arc<ConsumerStatus>>,
+    /// Whether this process's consumer is ready, when it runs one (`run`).
+    pub consumer: Option<ReadinessCheck>,
     /// The Prometheus recorder's handle, when one is installed.
     pub metrics: Option<PrometheusHandle>,
     pub api_token: Option<Secret>,
@@ -67,7 +69,7 @@ impl ApiState {
     pub fn new(
         config: &HttpConfig,
         redis: RedisConfig,
-        consumer: Option<Arc<ConsumerStatus>>,
+        consumer: Option<ReadinessCheck>,
     ) -> ApiState {
         ApiState {
             store: Arc::new(OnceLock::new()),
@@ -139,26 +141,25 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Binds `listen` (at start-up, so that a taken port fails the start) and
-/// serves `state` there in a task until `shutdown` completes.
-///
-/// # Errors
-/// When the address cannot be bound.
-pub async fn start(
-    listen: SocketAddr,
+/// Serves `state` on `listener` (bound by the caller at start-up, so that
+/// a taken port fails the start and a test can bind port 0) in a task,
+/// until `shutdown`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     state: ApiState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "http server listening");
-    Ok(tokio::spawn(async move {
+    mut shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "http server listening");
+    }
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move { shutdown.requested().await })
             .await
         {
             tracing::error!(error = %e, "http server failed");
         }
-    }))
+    })
 }
 
 /// An API error: status, stable code, message for people.

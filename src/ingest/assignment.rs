@@ -26,8 +26,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::{ClientContext, Offset, Statistics};
 
 use super::ordering::Partition;
-use super::pipeline::InboundMessage;
 use crate::store::{offsets, Store};
+use crate::wire::InboundMessage;
 
 /// What readiness needs to know about the consumer.
 #[derive(Debug)]

@@ -16,93 +16,49 @@
 //! - the database refusing even that: fatal, `run` returns the error.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use futures_util::FutureExt;
 use rdkafka::consumer::BaseConsumer;
 
 use super::assignment::{AssignmentContext, Changes, ConsumerStatus, OffsetGate};
-use super::backoff::Backoff;
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::ordering::{copartitioning_problem, Merger};
 use super::pipeline::{
-    expire_parked, process_batch, process_isolating, release_stranded, BatchReport, InboundMessage,
-    PipelineConfig, StrandedWindow,
+    expire_parked, process_batch, process_isolating, release_stranded, BatchReport, PipelineConfig,
+    StrandedWindow,
 };
-use super::redis_follower::{self, Handoff};
 use crate::clock;
 use crate::config::RunConfig;
-use crate::http::{self, ApiState};
 use crate::kafka;
+use crate::projection::redis_follower::Handoff;
+use crate::retry::{Backoff, RetryPolicy};
+use crate::shutdown::Shutdown;
 use crate::store::dead_letters::DeadLetter;
 use crate::store::{offsets, parked, Store, StoreError};
+use crate::wire::InboundMessage;
 
-/// Retries of a batch that hits another writer's committed keys before it
-/// is treated as refused.
-const MAX_CONFLICT_RETRIES: usize = 20;
-
-/// Runs the ingesting consumer until `shutdown` completes.
+/// Consumes `config.topics` into `store` until `shutdown`: creates the
+/// topics when asked, joins the group, runs the loop, leaves the group.
+/// `status` follows the assignment (for readiness); committed batches are
+/// handed to the Redis follower through `handoff`.
 ///
 /// # Errors
-/// Start-up failures (bad configuration, unreachable database, migrations)
-/// and fatal storage errors. Transient failures are retried with backoff.
-pub async fn run(
-    config: RunConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+/// Start-up failures (topics, clients) and fatal storage errors. Transient
+/// failures are retried with backoff.
+pub async fn consume(
+    config: &RunConfig,
+    store: &Store,
+    status: Arc<ConsumerStatus>,
+    handoff: &Handoff,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    config.validate()?;
-    // The shutdown input, as a flag every wait can watch.
-    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
-    let signal = tokio::spawn(async move {
-        shutdown.await;
-        let _ = shutdown_tx.send(true);
-        // Keep the sender alive until `run` ends (it aborts this task).
-        std::future::pending::<()>().await;
-    });
-    let result = run_until(config, &mut shutdown_rx).await;
-    signal.abort();
-    result
-}
-
-async fn run_until(
-    config: RunConfig,
-    shutdown_rx: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    tracing::info!(
-        brokers = %config.kafka.brokers,
-        topics = ?config.topics,
-        group = %config.group_id,
-        database = %config.database.url,
-        redis = %config.redis.url,
-        "starting order-lifecycle consumer"
-    );
-    let status = Arc::new(ConsumerStatus::default());
-    let api = ApiState::new(&config.http, config.redis.clone(), Some(status.clone()));
-    let http = match config.http.listen.0 {
-        Some(listen) => {
-            let mut stop = shutdown_rx.clone();
-            let server = http::start(listen, api.clone(), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
-            .with_context(|| format!("binding the HTTP server to {listen}"))?;
-            Some(server)
-        }
-        None => None,
-    };
-    let Some(store) = connect(&config, shutdown_rx).await? else {
-        return Ok(());
-    };
-    let _ = api.store.set(store.clone());
-
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     if config.create_topics {
         let mut all = topics.clone();
@@ -122,78 +78,22 @@ async fn run_until(
     consumer
         .subscribe(&topics)
         .context("subscribing to the topics")?;
-
-    let (follower_stop, follower_stop_rx) = watch::channel(false);
-    let handoff = Arc::new(Handoff::new());
-    let follower = tokio::spawn(redis_follower::run(
-        store.clone(),
-        config.redis.clone(),
-        handoff.clone(),
-        follower_stop_rx,
-    ));
-
     let ingest = Ingest {
-        config: &config,
+        config,
         pipeline: PipelineConfig {
             offsets_group: Some(config.group_id.clone()),
             park_timeout: config.park_timeout,
         },
-        store: &store,
+        store,
         consumer: &consumer,
         dead_letters: &dead_letters,
-        handoff: &handoff,
+        handoff,
         paused: Default::default(),
     };
-    let result = ingest.consume(shutdown_rx.clone()).await;
-
-    // Leave the group now, so that the partitions move at once; the follower
-    // projects what was committed, then stops.
+    let result = ingest.consume(shutdown).await;
+    // Leave the group now, so that the partitions move at once.
     consumer.unsubscribe();
-    handoff.wake();
-    let _ = follower_stop.send(true);
-    if tokio::time::timeout(config.shutdown_timeout, follower)
-        .await
-        .is_err()
-    {
-        tracing::warn!("redis follower did not stop in time; it resumes from its checkpoint");
-    }
-    if let Some(server) = http {
-        server.abort();
-    }
-    match &result {
-        Ok(()) => tracing::info!("order-lifecycle consumer stopped"),
-        Err(e) => tracing::error!(error = format!("{e:#}"), "order-lifecycle consumer failed"),
-    }
     result
-}
-
-/// Connects to the database and applies migrations, retrying while it is
-/// unreachable (a consumer started before its database must not
-/// crash-loop). `None` when shutdown came first.
-async fn connect(
-    config: &RunConfig,
-    shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<Option<Store>> {
-    let mut backoff = Backoff::new();
-    loop {
-        if *shutdown.borrow() {
-            return Ok(None);
-        }
-        let attempt = async {
-            let store =
-                Store::connect(&config.database.url, config.database.max_connections).await?;
-            store.migrate().await?;
-            Ok::<_, StoreError>(store)
-        };
-        match attempt.await {
-            Ok(store) => return Ok(Some(store)),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(database = %config.database.url, error = %e, "database unreachable; retrying");
-                backoff.wait(shutdown).await;
-            }
-            Err(e) => return Err(e).context("connecting to the database and applying migrations"),
-        }
-    }
 }
 
 /// What the loop works with.
@@ -231,7 +131,7 @@ enum Handled {
 }
 
 impl Ingest<'_> {
-    async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn consume(&self, mut shutdown: Shutdown) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
         let metadata = Arc::new(
             kafka::consumer_config(
@@ -253,7 +153,7 @@ impl Ingest<'_> {
         // When the batch being gathered must go, full or not.
         let mut linger_until: Option<tokio::time::Instant> = None;
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_requested() {
                 tracing::info!("shutdown requested; no batch in flight");
                 return Ok(());
             }
@@ -310,7 +210,7 @@ impl Ingest<'_> {
             .min();
             let received = tokio::select! {
                 biased;
-                _ = shutdown.changed() => continue,
+                _ = shutdown.requested() => continue,
                 _ = periodic_round.tick() => {
                     self.periodic(&merger, &mut stranded).await?;
                     continue;
@@ -349,7 +249,7 @@ impl Ingest<'_> {
         for _ in 0..self.config.batch_size {
             match self.consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
-                    let m = InboundMessage::from_kafka(&m);
+                    let m = kafka::inbound(&m);
                     self.admit(gate, merger, batch, metadata, m).await;
                 }
                 Some(Err(e)) => {
@@ -491,7 +391,7 @@ impl Ingest<'_> {
     async fn handle<'m>(
         &self,
         batch: &'m [InboundMessage],
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
     ) -> anyhow::Result<Handled> {
         let started = Instant::now();
         let attempt = |messages: &'m [InboundMessage]| {
@@ -517,43 +417,26 @@ impl Ingest<'_> {
     async fn process(
         &self,
         batch: &[InboundMessage],
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
     ) -> Result<Option<BatchReport>, StoreError> {
-        let mut backoff = Backoff::new();
-        let mut shutdown_since: Option<Instant> = None;
-        let mut conflicts = 0;
-        loop {
-            match process_batch(self.store, &self.pipeline, batch).await {
-                Ok(report) => return Ok(Some(report)),
-                // A conflict that keeps coming back is not a race: give up.
-                Err(e) if e.is_conflict() && conflicts >= MAX_CONFLICT_RETRIES => return Err(e),
-                Err(e) if e.is_transient() => {
-                    conflicts += usize::from(e.is_conflict());
-                    tracing::warn!(error = %e, "database unavailable or busy; retrying the batch");
-                    if *shutdown.borrow() {
-                        let since = *shutdown_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= self.config.shutdown_timeout {
-                            return Ok(None);
-                        }
-                    }
-                    backoff.wait(shutdown).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        RetryPolicy::until_shutdown(self.config.shutdown_timeout)
+            .run("batch", shutdown, || {
+                process_batch(self.store, &self.pipeline, batch)
+            })
+            .await
     }
 
     /// Publishes the outbox of dead letters, retrying a few times; what is
     /// left is published by a later call (after the next batch, or within a
     /// second by the periodic round).
-    async fn publish_outbox(&self, shutdown: &mut watch::Receiver<bool>) {
+    async fn publish_outbox(&self, shutdown: &mut Shutdown) {
         let mut backoff = Backoff::new();
         for _ in 0..3 {
             match publish_pending(self.store, self.dead_letters).await {
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "dead letters not published yet; they wait in the dead_letters table");
-                    if *shutdown.borrow() {
+                    if shutdown.is_requested() {
                         return;
                     }
                     backoff.wait(shutdown).await;
@@ -655,12 +538,7 @@ async fn recv_until(
     consumer: &StreamConsumer<AssignmentContext>,
     deadline: Option<tokio::time::Instant>,
 ) -> Option<Result<InboundMessage, rdkafka::error::KafkaError>> {
-    let received = async {
-        consumer
-            .recv()
-            .await
-            .map(|m| InboundMessage::from_kafka(&m))
-    };
+    let received = async { consumer.recv().await.map(|m| kafka::inbound(&m)) };
     match deadline {
         Some(deadline) => tokio::time::timeout_at(deadline, received).await.ok(),
         None => Some(received.await),

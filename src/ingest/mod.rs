@@ -1,16 +1,15 @@
 //! Ingestion: the Kafka consumer loop, the batch pipeline it hands messages
-//! to, dead-letter publishing, and the Redis follower that projects the log.
+//! to, the order in which messages of several partitions are applied (rule
+//! R11), and dead-letter publishing.
 
 pub mod assignment;
-pub mod backoff;
 pub mod consumer;
 pub mod dead_letter;
 pub mod ordering;
 pub mod pipeline;
-pub mod redis_follower;
 
-pub use consumer::run;
+pub use consumer::consume;
 pub use pipeline::{
-    expire_parked, process_batch, record_poison, release_stranded, BatchReport, InboundMessage,
-    PipelineConfig, StrandedWindow,
+    expire_parked, process_batch, record_poison, release_stranded, BatchReport, PipelineConfig,
+    StrandedWindow,
 };

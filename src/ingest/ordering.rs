@@ -31,8 +31,8 @@ use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::pipeline::InboundMessage;
 use crate::wire;
+use crate::wire::InboundMessage;
 
 /// A partition: topic and number.
 pub type Partition = (String, i32);

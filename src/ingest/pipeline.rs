@@ -31,84 +31,19 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use rdkafka::message::Message;
 use sqlx::MySqlConnection;
 
-use super::redis_follower::HandedBatch;
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection, Transition,
 };
-use crate::kafka;
+use crate::projection::redis_follower::HandedBatch;
 use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::event_log::{self, NewEntry, Positions, Source};
 use crate::store::offsets::{self, PartitionOffset};
 use crate::store::parked::{self, NewParked, ParkedRow};
 use crate::store::redis_projection::ActiveIds;
 use crate::store::{self, id_projection, Store, StoreError};
-use crate::wire::{self, CONTENT_TYPE_HEADER};
-
-/// A message as read from Kafka, owned so that the consumer can go on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InboundMessage {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    /// The `content-type` header, if any.
-    pub content_type: Option<Vec<u8>>,
-    /// The record's Kafka timestamp (producer's create time, or the
-    /// broker's append time), which orders messages across partitions (see
-    /// [`super::ordering`]).
-    pub timestamp_ms: Option<i64>,
-}
-
-impl InboundMessage {
-    /// Copies a received Kafka message.
-    pub fn from_kafka<M: Message>(m: &M) -> InboundMessage {
-        InboundMessage {
-            topic: m.topic().to_owned(),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
-            content_type: kafka::header(m, CONTENT_TYPE_HEADER).map(<[u8]>::to_vec),
-            timestamp_ms: m.timestamp().to_millis(),
-        }
-    }
-
-    fn source(&self) -> Source {
-        Source {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset: self.offset,
-        }
-    }
-
-    /// A dead-letter record for this message.
-    pub fn dead_letter(
-        &self,
-        reason: &'static str,
-        error: String,
-        event: Option<&OrderEvent>,
-    ) -> DeadLetter {
-        DeadLetter {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset: self.offset,
-            key: self.key.clone(),
-            payload: self.payload.clone(),
-            content_type: self
-                .content_type
-                .as_ref()
-                .map(|c| String::from_utf8_lossy(c).chars().take(255).collect()),
-            reason: reason.into(),
-            error,
-            event_id: event.map(|e| e.event_id.clone()),
-            order_id: event.and_then(|e| e.order_id.clone()),
-        }
-    }
-}
+use crate::wire::{self, InboundMessage};
 
 /// Settings of the pipeline.
 #[derive(Debug, Clone)]
@@ -142,7 +77,7 @@ pub struct BatchReport {
     /// Next offset per partition, as committed with the batch.
     pub offsets: Vec<PartitionOffset>,
     /// What the batch changed in Redis's terms, for the follower (see
-    /// [`super::redis_follower::Handoff`]).
+    /// [`crate::projection::redis_follower::Handoff`]).
     pub handed: Vec<HandedBatch>,
 }
 
@@ -284,7 +219,8 @@ async fn run_batch(
         match wire::decode(payload, m.content_type.as_deref()) {
             // Synthetic import events are written by `import-legacy` only.
             Ok(event) if matches!(event.kind, EventKind::LegacyIdImported(_)) => {
-                report.dead_letters.push(m.dead_letter(
+                report.dead_letters.push(DeadLetter::for_message(
+                    m,
                     "reserved_kind",
                     "legacy_id_imported is written by import-legacy only and is refused on a topic"
                         .into(),
@@ -297,15 +233,18 @@ async fn run_batch(
                 parked_row: None,
                 awaited: None,
             }),
-            Err(e) => report
-                .dead_letters
-                .push(m.dead_letter(e.reason(), e.to_string(), None)),
+            Err(e) => report.dead_letters.push(DeadLetter::for_message(
+                m,
+                e.reason(),
+                e.to_string(),
+                None,
+            )),
         }
     }
 
     let mut tx = store.pool().begin().await?;
     // Batches read order state from order_lifecycle_ids: hold off while a
-    // rebuild swaps that table (see `crate::rebuild`).
+    // rebuild swaps that table (see `crate::projection::rebuild`).
     id_projection::share_projection_lock(&mut tx).await?;
 
     // Rule R9: an event_id already logged, parked or dead-lettered, or seen
@@ -379,14 +318,15 @@ async fn run_batch(
                             queue.extend(waiting.remove(lifecycle_id).into_iter().flatten());
                         }
                     }
-                    entries.push(NewEntry::new(rec, &w.event, Some(w.message.source())));
+                    entries.push(NewEntry::new(rec, &w.event, Some(Source::of(w.message))));
                 }
                 Err(Rejection::UnknownLifecycleId { lifecycle_id, .. }) => {
                     waiting.entry(lifecycle_id).or_default().push_back(w);
                 }
                 Err(rejection) => {
                     done_rows.extend(w.parked_row);
-                    report.dead_letters.push(w.message.dead_letter(
+                    report.dead_letters.push(DeadLetter::for_message(
+                        w.message,
                         rejection.reason(),
                         rejection.to_string(),
                         Some(&w.event),
@@ -553,7 +493,8 @@ pub async fn record_poison(
         .payload
         .as_deref()
         .and_then(|p| wire::decode(p, message.content_type.as_deref()).ok());
-    let letter = message.dead_letter(
+    let letter = DeadLetter::for_message(
+        message,
         "storage_rejected",
         format!("the database refused this event: {error}"),
         event.as_ref(),
@@ -667,7 +608,8 @@ pub async fn expire_parked(
                 .as_ref()
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "a parked event".to_owned());
-            row.message.dead_letter(
+            DeadLetter::for_message(
+                &row.message,
                 "unknown_lifecycle_id",
                 format!(
                     "{what} waited for {}, which no event issued within {} s of stream time \

@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
+use crate::wire::{InboundMessage, CONTENT_TYPE_HEADER};
 
 /// Base settings: brokers, then the pass-through options.
 fn base(kafka: &KafkaConfig, defaults: &[(&str, String)]) -> ClientConfig {
@@ -115,6 +116,20 @@ pub fn header<'a, M: Message>(message: &'a M, name: &str) -> Option<&'a [u8]> {
         .iter()
         .find(|h| h.key.eq_ignore_ascii_case(name))
         .and_then(|h| h.value)
+}
+
+/// Copies a received message into plain data, so that the consumer can go
+/// on receiving.
+pub fn inbound<M: Message>(m: &M) -> InboundMessage {
+    InboundMessage {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        content_type: header(m, CONTENT_TYPE_HEADER).map(<[u8]>::to_vec),
+        timestamp_ms: m.timestamp().to_millis(),
+    }
 }
 
 /// Hands a record to the producer's queue, waiting while the queue is full,

@@ -7,7 +7,8 @@ use std::borrow::Cow;
 use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
 
 use super::{opt_text, text, StoreError, MAX_ROWS_PER_STATEMENT};
-use crate::domain::{EventId, OrderId};
+use crate::domain::{EventId, OrderEvent, OrderId};
+use crate::wire::InboundMessage;
 
 /// Longest error text stored; reasons are short, but a message quoting
 /// hostile input must not be.
@@ -28,6 +29,33 @@ pub struct DeadLetter {
     pub error: String,
     pub event_id: Option<EventId>,
     pub order_id: Option<OrderId>,
+}
+
+impl DeadLetter {
+    /// A dead-letter record for `message`, rejected for `reason`; `event`
+    /// when it could be decoded.
+    pub fn for_message(
+        message: &InboundMessage,
+        reason: &'static str,
+        error: String,
+        event: Option<&OrderEvent>,
+    ) -> DeadLetter {
+        DeadLetter {
+            topic: message.topic.clone(),
+            partition: message.partition,
+            offset: message.offset,
+            key: message.key.clone(),
+            payload: message.payload.clone(),
+            content_type: message
+                .content_type
+                .as_ref()
+                .map(|c| String::from_utf8_lossy(c).chars().take(255).collect()),
+            reason: reason.into(),
+            error,
+            event_id: event.map(|e| e.event_id.clone()),
+            order_id: event.and_then(|e| e.order_id.clone()),
+        }
+    }
 }
 
 /// Records dead letters; a message already recorded (redelivery) is skipped.

@@ -6,6 +6,7 @@ use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
 
 use super::{push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
 use crate::domain::{EventId, OrderEvent, OrderId, Outcome, Recorded, Transition};
+use crate::wire::InboundMessage;
 
 const TABLE: &str = "lifecycle_events";
 
@@ -15,6 +16,17 @@ pub struct Source {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+}
+
+impl Source {
+    /// Where `message` was read from.
+    pub fn of(message: &InboundMessage) -> Source {
+        Source {
+            topic: message.topic.clone(),
+            partition: message.partition,
+            offset: message.offset,
+        }
+    }
 }
 
 /// One row to append.

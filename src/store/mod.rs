@@ -105,6 +105,16 @@ impl StoreError {
     }
 }
 
+impl crate::retry::Retryable for StoreError {
+    fn is_transient(&self) -> bool {
+        StoreError::is_transient(self)
+    }
+
+    fn is_conflict(&self) -> bool {
+        StoreError::is_conflict(self)
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> StoreError {
         if mysql_error_number(&e) == Some(1062) {

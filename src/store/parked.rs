@@ -8,7 +8,7 @@ use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
 
 use super::{opt_text, push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
 use crate::domain::{EventId, LifecycleId};
-use crate::ingest::InboundMessage;
+use crate::wire::InboundMessage;
 
 const TABLE: &str = "parked_events";
 

@@ -12,7 +12,10 @@
 //! unambiguous.
 
 pub mod json;
+mod message;
 pub mod protobuf;
+
+pub use message::InboundMessage;
 
 use crate::domain::OrderEvent;
 

@@ -329,7 +329,7 @@ impl TestRedis {
 /// A realistic stream of `orders` lifecycles (about 10 events each) from the
 /// simulator, valid in order; `seed` also makes the ids unique per stream.
 pub fn stream(orders: usize, seed: u64) -> Vec<(OrderEvent, Encoding)> {
-    use order_lifecycle::simulate::scenario::{plan, Payload, PlanOptions};
+    use order_lifecycle::scenario::{plan, Payload, PlanOptions};
     plan(&PlanOptions {
         orders,
         orders_per_second: 100_000.0,
@@ -460,14 +460,9 @@ impl Env {
 
     /// Starts the consumer in this process, as `run` does.
     pub fn start(&self, config: RunConfig) -> RunningConsumer {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(order_lifecycle::ingest::run(config, async {
-            let _ = rx.await;
-        }));
-        RunningConsumer {
-            stop: Some(tx),
-            handle,
-        }
+        let (stop, shutdown) = order_lifecycle::shutdown::Shutdown::new();
+        let handle = tokio::spawn(order_lifecycle::commands::run::run(config, shutdown));
+        RunningConsumer { stop, handle }
     }
 
     /// Sends events to the topic a producer would: confirmations to the
@@ -598,16 +593,14 @@ impl Env {
 
 /// A consumer started in this process.
 pub struct RunningConsumer {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: order_lifecycle::shutdown::ShutdownTrigger,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl RunningConsumer {
     /// Requests a graceful stop and checks that the consumer ended cleanly.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+    pub async fn stop(self) {
+        self.stop.trigger();
         let result = tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("consumer stops within 30 s")
@@ -1070,20 +1063,18 @@ pub fn inbound_messages<'a>(
     topic: &str,
     first: i64,
     events: impl IntoIterator<Item = (&'a OrderEvent, Encoding)>,
-) -> Vec<order_lifecycle::ingest::InboundMessage> {
+) -> Vec<order_lifecycle::wire::InboundMessage> {
     events
         .into_iter()
         .enumerate()
-        .map(
-            |(i, (e, encoding))| order_lifecycle::ingest::InboundMessage {
-                topic: topic.into(),
-                partition: 0,
-                offset: first + i as i64,
-                key: None,
-                payload: Some(wire::encode(e, encoding)),
-                content_type: Some(encoding.content_type().as_bytes().to_vec()),
-                timestamp_ms: None,
-            },
-        )
+        .map(|(i, (e, encoding))| order_lifecycle::wire::InboundMessage {
+            topic: topic.into(),
+            partition: 0,
+            offset: first + i as i64,
+            key: None,
+            payload: Some(wire::encode(e, encoding)),
+            content_type: Some(encoding.content_type().as_bytes().to_vec()),
+            timestamp_ms: None,
+        })
         .collect()
 }

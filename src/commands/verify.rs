@@ -29,8 +29,8 @@ use sqlx::{MySqlPool, Row};
 
 use crate::config::{DatabaseConfig, LegacyTables, RedisConfig};
 use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
-use crate::ingest::redis_follower::{self, Resume};
-use crate::rebuild::{self, KeyKind, RebuildError, StrayKeys};
+use crate::projection::rebuild::{self, KeyKind, RebuildError, StrayKeys};
+use crate::projection::redis_follower::{self, Resume};
 use crate::store::fold::{self, FoldedChunks};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
@@ -118,6 +118,20 @@ pub enum VerifyError {
     Scan(#[from] RebuildError),
     #[error("invalid setting: {0}")]
     Invalid(String),
+}
+
+/// `verify`'s exit code: 0 healthy, 1 a check failed, 2 the checks could
+/// not run (said on stderr).
+pub async fn run_command(config: VerifyConfig) -> std::process::ExitCode {
+    match run(config).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            tracing::error!(error = %e, "verify could not run its checks");
+            eprintln!("verify: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 /// Runs `verify` as the command line asks, prints the report, and returns

@@ -15,8 +15,8 @@ use clap::Args;
 use sqlx::{MySql, QueryBuilder};
 
 use super::{BenchServices, CpuReading, Scratch};
+use crate::commands::import_legacy::{self, ImportConfig};
 use crate::config::LegacyTables;
-use crate::import_legacy::{self, ImportConfig};
 use crate::store::Store;
 
 /// Options of `bench-import`.

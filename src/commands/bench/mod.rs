@@ -27,7 +27,7 @@ use crate::config::{
 };
 use crate::domain::{EventKind, OrderEvent};
 use crate::kafka;
-use crate::simulate::scenario::{self, Payload, PlanOptions};
+use crate::scenario::{self, Payload, PlanOptions};
 use crate::store::redis_projection::RedisProjection;
 use crate::wire;
 

@@ -31,14 +31,15 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{parse_duration, parse_timestamp_ms, DatabaseConfig, KafkaConfig, RedisConfig};
 use crate::ingest::ordering::{earliest, Keyed};
-use crate::ingest::pipeline::{
-    process_batch, process_isolating, BatchReport, InboundMessage, PipelineConfig,
-};
+use crate::ingest::pipeline::{process_batch, process_isolating, PipelineConfig};
 use crate::kafka;
 use crate::progress::{grouped, Progress};
-use crate::rebuild::{self, RebuildError};
+use crate::projection::rebuild::{self, RebuildError};
+use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{Store, StoreError};
+use crate::wire::InboundMessage;
 
 /// Options of `replay`.
 #[derive(Debug, Clone, Args)]
@@ -376,7 +377,7 @@ async fn fill(lane: &mut Lane) -> Result<(), ReplayError> {
     loop {
         match lane.queue.recv().await {
             Ok(m) => {
-                lane.head = Some(Keyed::new(InboundMessage::from_kafka(&m)));
+                lane.head = Some(Keyed::new(kafka::inbound(&m)));
                 return Ok(());
             }
             Err(KafkaError::PartitionEOF(_)) => {
@@ -414,10 +415,14 @@ async fn apply(
     if batch.is_empty() {
         return Ok(());
     }
+    // A one-off command: retried for about a minute, then the operator is
+    // told (`run` waits for its database instead).
     let attempt = |messages| async move {
-        with_retries(|| process_batch(store, pipeline, messages))
+        RetryPolicy::for_about(Duration::from_secs(60))
+            .run("replay batch", &mut Shutdown::never(), || {
+                process_batch(store, pipeline, messages)
+            })
             .await
-            .map(Some)
     };
     let Some(report) = process_isolating(store, pipeline, batch, attempt).await? else {
         return Ok(());
@@ -429,28 +434,4 @@ async fn apply(
     summary.dead_letters += report.dead_letters.len() as u64;
     summary.rows += report.rows_written as u64;
     Ok(())
-}
-
-/// Retries transient failures (an unreachable or busy database) for up to
-/// about a minute; a conflict is retried a few times only.
-async fn with_retries<F, Fut>(mut attempt: F) -> Result<BatchReport, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<BatchReport, StoreError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut waited = Duration::ZERO;
-    let mut conflicts = 0;
-    loop {
-        match attempt().await {
-            Err(e) if e.is_conflict() && conflicts < 5 => conflicts += 1,
-            Err(e) if e.is_transient() && !e.is_conflict() && waited < Duration::from_secs(60) => {
-                tracing::warn!(error = %e, "database unavailable or busy; retrying the batch");
-                tokio::time::sleep(delay).await;
-                waited += delay;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
 }

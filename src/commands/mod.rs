@@ -1,4 +1,6 @@
-//! The command line: one subcommand per job.
+//! The command line: one subcommand per job, one file per subcommand, each
+//! with its arguments and its `run`. `main` parses ([`parse`]) and
+//! dispatches ([`Command::run`]).
 //!
 //! Settings are layered: built-in defaults, then a configuration file
 //! (`--config FILE` or `OL_CONFIG_FILE`: `OL_NAME=value` lines, the same
@@ -10,15 +12,27 @@ use std::ffi::OsString;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::bench::rebuild::RebuildBenchConfig;
+pub mod bench;
+pub mod import_legacy;
+pub mod migrate;
+pub mod rebuild;
+pub mod replay;
+pub mod run;
+pub mod serve;
+pub mod simulate;
+pub mod verify;
+
+use bench::rebuild::RebuildBenchConfig;
+use import_legacy::ImportConfig;
+use rebuild::RebuildConfig;
+use replay::ReplayConfig;
+use serve::ServeConfig;
+use simulate::SimulateConfig;
+use verify::VerifyConfig;
+
 use crate::config::{DatabaseConfig, RunConfig};
-use crate::http::serve::ServeConfig;
-use crate::import_legacy::ImportConfig;
-use crate::rebuild::RebuildConfig;
-use crate::replay::ReplayConfig;
-use crate::simulate::SimulateConfig;
+use crate::shutdown::Shutdown;
 use crate::telemetry::LogFormat;
-use crate::verify::VerifyConfig;
 
 /// Keeps every id an order was ever given resolvable to its order.
 #[derive(Debug, Parser)]
@@ -202,14 +216,46 @@ pub enum Command {
     BenchRebuild(Box<RebuildBenchConfig>),
     /// Measure event-to-Redis latency at a steady rate through the real
     /// broker, in a scratch database, key prefix and topics.
-    BenchLatency(Box<crate::bench::latency::LatencyConfig>),
+    BenchLatency(Box<bench::latency::LatencyConfig>),
     /// Measure draining a backlog through the real broker beside the plain
     /// multi-row ceiling of the same database, in a scratch database, key
     /// prefix and topics.
-    BenchIngest(Box<crate::bench::ingest::IngestBenchConfig>),
+    BenchIngest(Box<bench::ingest::IngestBenchConfig>),
     /// Measure `import-legacy` on synthetic legacy tables in a scratch
     /// database.
-    BenchImport(Box<crate::bench::import::ImportBenchConfig>),
+    BenchImport(Box<bench::import::ImportBenchConfig>),
+}
+
+impl Command {
+    /// Runs the command until it is done or `shutdown`; returns the
+    /// process's exit code for the commands that have their own (`verify`:
+    /// 0 healthy, 1 a check failed, 2 the checks could not run).
+    ///
+    /// # Errors
+    /// The command's failure, for `main` to report (exit code 1).
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<std::process::ExitCode> {
+        let ok = std::process::ExitCode::SUCCESS;
+        match self {
+            Command::Run(config) => {
+                crate::http::install_metrics();
+                run::run(*config, shutdown).await.map(|()| ok)
+            }
+            Command::Serve(config) => {
+                crate::http::install_metrics();
+                serve::run(*config, shutdown).await.map(|()| ok)
+            }
+            Command::Migrate(db) => migrate::run(db).await.map(|()| ok),
+            Command::Simulate(config) => simulate::run(*config).await.map(|()| ok),
+            Command::Rebuild(config) => Ok(rebuild::run(*config).await.map(|()| ok)?),
+            Command::Replay(config) => Ok(replay::run(*config).await.map(|()| ok)?),
+            Command::ImportLegacy(config) => Ok(import_legacy::run(*config).await.map(|()| ok)?),
+            Command::Verify(config) => Ok(verify::run_command(*config).await),
+            Command::BenchRebuild(config) => bench::rebuild::run(*config).await.map(|()| ok),
+            Command::BenchLatency(config) => bench::latency::run(*config).await.map(|()| ok),
+            Command::BenchIngest(config) => bench::ingest::run(*config).await.map(|()| ok),
+            Command::BenchImport(config) => bench::import::run(*config).await.map(|()| ok),
+        }
+    }
 }
 
 #[cfg(test)]

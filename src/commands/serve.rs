@@ -2,15 +2,13 @@
 //! read replicas. It never migrates (a replica may be read-only) and waits
 //! for its database instead of failing.
 
-use std::future::Future;
-
 use anyhow::Context;
 use clap::Args;
-use tokio::sync::watch;
 
-use super::ApiState;
 use crate::config::{DatabaseConfig, HttpConfig, RedisConfig};
-use crate::ingest::backoff::Backoff;
+use crate::http::{self, ApiState};
+use crate::retry::Backoff;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// Options of `serve`.
@@ -24,36 +22,24 @@ pub struct ServeConfig {
     pub http: HttpConfig,
 }
 
-/// Serves until `shutdown` completes.
+/// Serves until `shutdown`.
 ///
 /// # Errors
 /// No listen address, or the address cannot be bound.
-pub async fn run(
-    config: ServeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(config: ServeConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let listen = config
         .http
         .listen
         .0
         .context("serve needs --http-listen (it is off)")?;
     tracing::info!(database = %config.database.url, redis = %config.redis.url, "starting order-lifecycle read API");
-    let (stop_tx, mut stop) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the HTTP server to {listen}"))?;
     let state = ApiState::new(&config.http, config.redis.clone(), None);
-    let server = super::start(listen, state.clone(), {
-        let mut stop = stop.clone();
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }
-    })
-    .await
-    .with_context(|| format!("binding the HTTP server to {listen}"))?;
-    let signal = tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    let server = http::serve(listener, state.clone(), shutdown.clone());
     let mut backoff = Backoff::new();
-    while !*stop.borrow() {
+    while !shutdown.is_requested() {
         match Store::connect(&config.database.url, config.database.max_connections).await {
             Ok(store) => {
                 let _ = state.store.set(store);
@@ -61,12 +47,11 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(database = %config.database.url, error = %e, "database unreachable; retrying");
-                backoff.wait(&mut stop).await;
+                backoff.wait(&mut shutdown).await;
             }
         }
     }
     let _ = server.await;
-    signal.abort();
     tracing::info!("order-lifecycle read API stopped");
     Ok(())
 }

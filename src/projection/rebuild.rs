@@ -1,4 +1,4 @@
-//! `rebuild`: recomputes the read models from the event log alone (rule R8),
+//! The rebuild: recomputes the read models from the event log alone (rule R8),
 //! while readers keep reading and `run` keeps consuming.
 //!
 //! - **MySQL**: the log is folded, one order at a time, into a shadow table
@@ -21,36 +21,14 @@
 
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
 use sqlx::Row;
 
-use crate::config::{DatabaseConfig, RedisConfig};
+use super::redis_follower::{self, FollowError};
 use crate::domain::{IdRecord, OrderId, OrderLifecycle};
-use crate::ingest::redis_follower::{self, FollowError};
 use crate::progress::Progress;
 use crate::store::fold::{self, FoldedChunks};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
-
-/// Which read model to rebuild.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Target {
-    Mysql,
-    Redis,
-    All,
-}
-
-/// Options of `rebuild`.
-#[derive(Debug, Clone, Args)]
-pub struct RebuildConfig {
-    #[command(flatten)]
-    pub database: DatabaseConfig,
-    #[command(flatten)]
-    pub redis: RedisConfig,
-    /// The read model to rebuild.
-    #[arg(long, value_enum, default_value = "all")]
-    pub target: Target,
-}
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -75,40 +53,6 @@ pub enum RebuildError {
 
 const SHADOW: &str = "order_lifecycle_ids_rebuild";
 const RETIRED: &str = "order_lifecycle_ids_retired";
-
-/// Runs `rebuild` as the command line asks.
-///
-/// # Errors
-/// [`RebuildError`]; the live read models are then unchanged (MySQL) or
-/// still valid and re-projected by the next run (Redis).
-pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
-    let store = Store::connect(&config.database.url, 4).await?;
-    store.migrate().await?;
-    if matches!(config.target, Target::Mysql | Target::All) {
-        let s = rebuild_mysql(&store).await?;
-        println!(
-            "rebuild mysql: {} events, {} orders, {} rows in {:.1} s ({:.0} events/s)",
-            s.events,
-            s.orders,
-            s.rows,
-            s.seconds,
-            s.events as f64 / s.seconds.max(1e-9)
-        );
-    }
-    if matches!(config.target, Target::Redis | Target::All) {
-        let redis =
-            RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
-        let s = rebuild_redis(&store, &redis).await?;
-        println!(
-            "rebuild redis: {} log entries re-projected, {} stale keys removed in {:.1} s ({:.0} events/s)",
-            s.events,
-            s.keys_removed,
-            s.seconds,
-            s.events as f64 / s.seconds.max(1e-9)
-        );
-    }
-    Ok(())
-}
 
 /// Rebuilds `order_lifecycle_ids` beside the live table and swaps it in.
 ///

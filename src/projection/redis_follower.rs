@@ -42,9 +42,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
-use super::backoff::Backoff;
+use crate::retry::Backoff;
+use crate::shutdown::Shutdown;
 
 use crate::config::RedisConfig;
 use crate::domain::{LifecycleId, OrderId, Transition};
@@ -320,12 +321,7 @@ async fn record_lag(store: &Store, redis: &RedisProjection) {
 /// Follows the log until `stop` turns true: woken by `handoff` after each
 /// committed batch, whose keys it writes straight away when they continue
 /// Redis, and reading the log itself otherwise and at least every second.
-pub async fn run(
-    store: Store,
-    config: RedisConfig,
-    handoff: Arc<Handoff>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn run(store: Store, config: RedisConfig, handoff: Arc<Handoff>, mut stop: Shutdown) {
     let mut backoff = Backoff::new();
     let mut redis: Option<RedisProjection> = None;
     // The log's identity as last read; `None` makes the next round read the
@@ -335,7 +331,7 @@ pub async fn run(
     // When the log was last read: at least once a second, however busy.
     let mut log_read = tokio::time::Instant::now();
     loop {
-        if *stop.borrow() {
+        if stop.is_requested() {
             // Project what the last batches committed before leaving; the
             // caller bounds how long this may take.
             if let Some(projection) = &redis {
@@ -376,7 +372,7 @@ pub async fn run(
                     tokio::select! {
                         _ = handoff.wake.notified() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => log_id = None,
-                        _ = stop.changed() => {}
+                        _ = stop.requested() => {}
                     }
                     continue;
                 }
@@ -401,7 +397,7 @@ pub async fn run(
                 tokio::select! {
                     _ = handoff.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => log_id = None,
-                    _ = stop.changed() => {}
+                    _ = stop.requested() => {}
                 }
             }
             Ok((n, _)) => {

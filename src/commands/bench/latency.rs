@@ -75,10 +75,8 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     // The database exists and is migrated before the consumer starts.
     let store = crate::store::Store::connect(url, 2).await?;
     store.migrate().await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(crate::ingest::run(run, async {
-        let _ = stopped.await;
-    }));
+    let (stop, stopped) = crate::shutdown::Shutdown::new();
+    let consumer = tokio::spawn(crate::commands::run::run(run, stopped));
 
     let producer: FutureProducer = kafka::producer_config(&kafka)
         .set("linger.ms", "1")
@@ -153,7 +151,7 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     let wall = start.elapsed().as_secs_f64();
     let _ = done_tx.send(true);
     let seen = poller.await?;
-    let _ = stop.send(());
+    stop.trigger();
     consumer.await??;
     anyhow::ensure!(complete, "not every event reached Redis within 120 s");
 

@@ -13,8 +13,8 @@ use clap::Args;
 
 use super::{BenchServices, Scratch};
 use crate::domain::LifecycleBook;
-use crate::rebuild;
-use crate::simulate::scenario::{self, Payload, PlanOptions};
+use crate::projection::rebuild;
+use crate::scenario::{self, Payload, PlanOptions};
 use crate::store::event_log::{self, NewEntry};
 use crate::store::Store;
 

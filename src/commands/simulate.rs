@@ -1,8 +1,6 @@
 //! `simulate`: sends a realistic stream of order lifecycles to the topics, so
 //! that a new user sees the system work. The plan is pure
-//! ([`scenario::plan`]); this module only paces and sends it.
-
-pub mod scenario;
+//! ([`crate::scenario::plan`]); this module only paces and sends it.
 
 use std::time::{Duration, Instant};
 
@@ -12,8 +10,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
 use crate::kafka;
+use crate::scenario::{self, Payload, PlanOptions, Stream};
 use crate::wire;
-use scenario::{Payload, PlanOptions, Stream};
 
 /// Options of `simulate`.
 #[derive(Debug, Clone, Args)]

@@ -189,10 +189,8 @@ async fn drain(
     super::reset_peak_memory();
     let start_rss_mib = crate::telemetry::peak_memory_mib();
     let joined_at = Instant::now();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(crate::ingest::run(run, async {
-        let _ = stopped.await;
-    }));
+    let (stop, stopped) = crate::shutdown::Shutdown::new();
+    let consumer = tokio::spawn(crate::commands::run::run(run, stopped));
 
     // From the first committed batch on: events committed, log projected.
     let mut first: Option<(Instant, usize, CpuReading)> = None;
@@ -215,7 +213,7 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let peak_rss_mib = crate::telemetry::peak_memory_mib();
-    let _ = stop.send(());
+    stop.trigger();
     consumer.await??;
     let (t0, before, cpu0) = first.context("nothing was committed")?;
     let (t1, cpu1) = finished;

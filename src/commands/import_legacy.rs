@@ -39,7 +39,7 @@ use crate::domain::{
 };
 use crate::ingest::pipeline::{load_book, write_rows};
 use crate::progress::{grouped, Progress};
-use crate::rebuild::{self, RebuildError};
+use crate::projection::rebuild::{self, RebuildError};
 use crate::store::event_log::{self, NewEntry};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{id_projection, Store, StoreError};

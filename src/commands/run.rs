@@ -1,0 +1,120 @@
+//! `run`: the consumer, with the read API beside it and the Redis follower
+//! behind it. This file wires them: the HTTP server starts first (so that
+//! `/healthz` answers while the database is still coming), then the store,
+//! then the follower and the consumer; on shutdown the consumer finishes its
+//! batch and leaves the group, the follower projects what was committed,
+//! and the server stops, each within `--shutdown-timeout`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::RunConfig;
+use crate::http::{self, ApiState, ReadinessCheck};
+use crate::ingest::{self, assignment::ConsumerStatus};
+use crate::projection::redis_follower::{self, Handoff};
+use crate::retry::Backoff;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+
+/// Runs the ingesting consumer until `shutdown`.
+///
+/// # Errors
+/// Start-up failures (bad configuration, unreachable database, migrations)
+/// and fatal storage errors. Transient failures are retried with backoff.
+pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    config.validate()?;
+    tracing::info!(
+        brokers = %config.kafka.brokers,
+        topics = ?config.topics,
+        group = %config.group_id,
+        database = %config.database.url,
+        redis = %config.redis.url,
+        "starting order-lifecycle consumer"
+    );
+    let status = Arc::new(ConsumerStatus::default());
+    let readiness: ReadinessCheck = {
+        let status = status.clone();
+        Arc::new(move || match status.assigned() {
+            Some(_) => Ok(()),
+            None => Err("waiting for its partition assignment".to_owned()),
+        })
+    };
+    let api = ApiState::new(&config.http, config.redis.clone(), Some(readiness));
+    let server = match config.http.listen.0 {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the HTTP server to {listen}"))?;
+            Some(http::serve(listener, api.clone(), shutdown.clone()))
+        }
+        None => None,
+    };
+    let Some(store) = connect(&config, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let _ = api.store.set(store.clone());
+
+    // The follower stops after the consumer, so that it projects the last
+    // batches: it has a signal of its own.
+    let (stop_follower, follower_shutdown) = Shutdown::new();
+    let handoff = Arc::new(Handoff::new());
+    let follower = tokio::spawn(redis_follower::run(
+        store.clone(),
+        config.redis.clone(),
+        handoff.clone(),
+        follower_shutdown,
+    ));
+    let result = ingest::consume(&config, &store, status, &handoff, shutdown).await;
+
+    handoff.wake();
+    stop_follower.trigger();
+    if tokio::time::timeout(config.shutdown_timeout, follower)
+        .await
+        .is_err()
+    {
+        tracing::warn!("redis follower did not stop in time; it resumes from its checkpoint");
+    }
+    if let Some(server) = server {
+        if result.is_err() {
+            // No shutdown came: the consumer failed and the process ends.
+            server.abort();
+        } else if tokio::time::timeout(config.shutdown_timeout, server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("http server did not stop in time");
+        }
+    }
+    match &result {
+        Ok(()) => tracing::info!("order-lifecycle consumer stopped"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "order-lifecycle consumer failed"),
+    }
+    result
+}
+
+/// Connects to the database and applies migrations, retrying while it is
+/// unreachable (a consumer started before its database must not
+/// crash-loop). `None` when shutdown came first.
+async fn connect(config: &RunConfig, shutdown: &mut Shutdown) -> anyhow::Result<Option<Store>> {
+    let mut backoff = Backoff::new();
+    loop {
+        if shutdown.is_requested() {
+            return Ok(None);
+        }
+        let attempt = async {
+            let store =
+                Store::connect(&config.database.url, config.database.max_connections).await?;
+            store.migrate().await?;
+            Ok::<_, StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(database = %config.database.url, error = %e, "database unreachable; retrying");
+                backoff.wait(shutdown).await;
+            }
+            Err(e) => return Err(e).context("connecting to the database and applying migrations"),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! How transient failures are retried, in one place: an exponential
+//! backoff from 100 ms to 5 s, cut short by shutdown, and a limit on
+//! conflicts (another writer's committed keys), which a retry resolves
+//! when they come from a race and never when they do not. `run`'s batches,
+//! `replay`'s, the Redis follower and `serve`'s wait for its database all
+//! use it.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::shutdown::Shutdown;
+
+/// What a retried operation's error says about retrying.
+pub trait Retryable: std::fmt::Display {
+    /// Worth trying again as it was (unreachable, busy, a conflict).
+    fn is_transient(&self) -> bool;
+    /// Another writer's committed keys: transient, up to a point.
+    fn is_conflict(&self) -> bool;
+}
+
+/// Exponential backoff from 100 ms to 5 s, cut short by shutdown.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff::new()
+    }
+}
+
+const FIRST: Duration = Duration::from_millis(100);
+const LONGEST: Duration = Duration::from_secs(5);
+
+impl Backoff {
+    /// Starts at 100 ms.
+    pub fn new() -> Backoff {
+        Backoff { next: FIRST }
+    }
+
+    /// Back to 100 ms, after a success.
+    pub fn reset(&mut self) {
+        self.next = FIRST;
+    }
+
+    /// Sleeps the current delay and doubles it. The news of a shutdown
+    /// cuts the sleep short once; retries after it (a batch being finished)
+    /// sleep in full.
+    pub async fn wait(&mut self, shutdown: &mut Shutdown) {
+        if shutdown.is_requested() {
+            tokio::time::sleep(self.next).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(self.next) => {}
+                _ = shutdown.requested() => {}
+            }
+        }
+        self.next = (self.next * 2).min(LONGEST);
+    }
+}
+
+/// How long to go on retrying.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Conflicts retried before the error is returned.
+    pub max_conflicts: usize,
+    /// How long to go on after shutdown is asked for (a batch in flight is
+    /// worth finishing if the database comes back soon).
+    pub after_shutdown: Duration,
+    /// How long to go on failing before giving up with the error; `None`:
+    /// until shutdown (a service waits for its database, a one-off command
+    /// tells its operator).
+    pub patience: Option<Duration>,
+}
+
+/// Conflicts a batch retries before it is treated as refused.
+pub const MAX_CONFLICT_RETRIES: usize = 20;
+
+impl RetryPolicy {
+    /// Retry until success, a lasting conflict, or `after_shutdown` past
+    /// shutdown.
+    pub fn until_shutdown(after_shutdown: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_conflicts: MAX_CONFLICT_RETRIES,
+            after_shutdown,
+            patience: None,
+        }
+    }
+
+    /// Retry for about `patience`, then return the error (one-off commands:
+    /// `replay`).
+    pub fn for_about(patience: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_conflicts: MAX_CONFLICT_RETRIES,
+            after_shutdown: Duration::ZERO,
+            patience: Some(patience),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds (`Ok(Some)`), fails for good
+    /// (`Err`: not transient, a conflict past the limit, or past
+    /// `patience`) or shutdown has waited `after_shutdown` (`Ok(None)`).
+    ///
+    /// # Errors
+    /// The last error, when retrying cannot help.
+    pub async fn run<T, E, F, Fut>(
+        self,
+        what: &str,
+        shutdown: &mut Shutdown,
+        mut attempt: F,
+    ) -> Result<Option<T>, E>
+    where
+        E: Retryable,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut backoff = Backoff::new();
+        let mut shutdown_since: Option<Instant> = None;
+        let mut conflicts = 0;
+        let started = Instant::now();
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) if e.is_conflict() && conflicts >= self.max_conflicts => return Err(e),
+                Err(e) if self.patience.is_some_and(|p| started.elapsed() >= p) => return Err(e),
+                Err(e) if e.is_transient() => {
+                    conflicts += usize::from(e.is_conflict());
+                    tracing::warn!(error = %e, "{what}: database unavailable or busy; retrying");
+                    if shutdown.is_requested() {
+                        let since = *shutdown_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.after_shutdown {
+                            return Ok(None);
+                        }
+                    }
+                    backoff.wait(shutdown).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
