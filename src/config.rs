@@ -316,17 +316,11 @@ impl HttpConfig {
     }
 }
 
-/// Everything `run` needs.
+/// What is consumed and how: the topics, the batch size, how long an event
+/// may wait for its id. Shared by `run` and `replay`, which read the same
+/// topics the same way.
 #[derive(Debug, Clone, Args)]
-pub struct RunConfig {
-    #[command(flatten)]
-    pub kafka: KafkaConfig,
-    #[command(flatten)]
-    pub database: DatabaseConfig,
-    #[command(flatten)]
-    pub redis: RedisConfig,
-    #[command(flatten)]
-    pub http: HttpConfig,
+pub struct InputConfig {
     /// Topics to consume, comma-separated. Any event kind may arrive on any of
     /// them; their messages are applied in production order (rule R11). Order
     /// events on several topics must be co-partitioned (same partition count,
@@ -340,6 +334,57 @@ pub struct RunConfig {
         default_value = "order-events,provider-confirmations"
     )]
     pub topics: Vec<String>,
+    /// Most messages per batch (one database transaction), 1 to 10,000.
+    #[arg(long = "batch-size", env = "OL_BATCH_SIZE", default_value_t = 500, value_parser = parse_batch_size)]
+    pub batch_size: usize,
+    /// How long an event waits for an id not issued yet (a confirmation that
+    /// overtook its request) before it is dead-lettered as
+    /// `unknown_lifecycle_id`; counted in stream time (Kafka timestamps of
+    /// the consumed partitions), so a backlog parks as it would have live.
+    #[arg(long = "park-timeout", env = "OL_PARK_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub park_timeout: Duration,
+}
+
+/// Most messages (or legacy rows) in one transaction.
+pub const MAX_BATCH_SIZE: usize = 10_000;
+
+/// A batch size: 1 to [`MAX_BATCH_SIZE`].
+///
+/// # Errors
+/// Not a whole number in range.
+pub fn parse_batch_size(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH_SIZE).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{raw:?} is not a whole number from 1 to {MAX_BATCH_SIZE}"
+        )),
+    }
+}
+
+/// A duration longer than zero (see [`parse_duration`]).
+///
+/// # Errors
+/// Not a duration, or zero.
+pub fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d.is_zero() => Err(format!("{raw:?} must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone, Args)]
+pub struct RunConfig {
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    #[command(flatten)]
+    pub http: HttpConfig,
+    #[command(flatten)]
+    pub input: InputConfig,
     /// Consumer group.
     #[arg(
         long = "group-id",
@@ -354,9 +399,6 @@ pub struct RunConfig {
         default_value = "order-lifecycle-dead-letters"
     )]
     pub dead_letter_topic: String,
-    /// Most messages per batch (one database transaction).
-    #[arg(long = "batch-size", env = "OL_BATCH_SIZE", default_value_t = 500)]
-    pub batch_size: usize,
     /// How long to wait for a batch to fill once its first message arrived.
     #[arg(long = "batch-linger", env = "OL_BATCH_LINGER", default_value = "50ms", value_parser = parse_duration)]
     pub batch_linger: Duration,
@@ -366,12 +408,6 @@ pub struct RunConfig {
     /// Longest a graceful shutdown may take to finish its batch.
     #[arg(long = "shutdown-timeout", env = "OL_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
-    /// How long an event waits for an id not issued yet (a confirmation that
-    /// overtook its request) before it is dead-lettered as
-    /// `unknown_lifecycle_id`; counted in stream time (Kafka timestamps of
-    /// the consumed partitions), so a backlog parks as it would have live.
-    #[arg(long = "park-timeout", env = "OL_PARK_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
-    pub park_timeout: Duration,
     /// Longest wait for a partition that is behind (empty, not at its end)
     /// before messages of other partitions go ahead of it (rule R11). A
     /// partition caught up to its end is never waited for.
@@ -447,20 +483,19 @@ impl RunConfig {
     /// [`ConfigError::Invalid`] naming the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        if self.topics.iter().all(|t| t.trim().is_empty()) {
+        if self.input.topics.iter().all(|t| t.trim().is_empty()) {
             return bad("--topics names no topic");
         }
-        if self.topics.iter().any(|t| t == &self.dead_letter_topic) {
+        if self
+            .input
+            .topics
+            .iter()
+            .any(|t| t == &self.dead_letter_topic)
+        {
             return bad("--dead-letter-topic must not be one of --topics");
-        }
-        if self.batch_size == 0 || self.batch_size > 10_000 {
-            return bad("--batch-size must be between 1 and 10000");
         }
         if self.shutdown_timeout >= self.session_timeout {
             return bad("--shutdown-timeout must be shorter than --session-timeout, or a stopping instance would lose its partitions mid-batch");
-        }
-        if self.park_timeout.is_zero() {
-            return bad("--park-timeout must be positive");
         }
         if self.max_partition_idle >= self.session_timeout {
             return bad("--max-partition-idle must be shorter than --session-timeout");

@@ -2,7 +2,7 @@
 //! consumer started as `run` starts it, outcomes read from MariaDB, Redis and
 //! the dead-letter topic.
 
-mod common;
+use order_lifecycle_testkit as common;
 
 use std::collections::BTreeSet;
 
@@ -444,7 +444,7 @@ async fn the_binary_migrates_runs_and_stops_cleanly_on_sigterm() {
     let mut child = std::process::Command::new(bin)
         .arg("run")
         .env("OL_KAFKA_BROKERS", &config.kafka.brokers)
-        .env("OL_TOPICS", config.topics.join(","))
+        .env("OL_TOPICS", config.input.topics.join(","))
         .env("OL_GROUP_ID", &config.group_id)
         .env("OL_DEAD_LETTER_TOPIC", &config.dead_letter_topic)
         .env("OL_DATABASE_URL", config.database.url.expose())
@@ -786,11 +786,12 @@ fn replay_config(env: &Env) -> order_lifecycle::commands::replay::ReplayConfig {
         kafka: run.kafka,
         database: run.database,
         redis: run.redis,
-        topics: run.topics,
+        input: order_lifecycle::config::InputConfig {
+            batch_size: 100,
+            ..run.input
+        },
         group_id: format!("{}-replay", env.group_id),
         since: None,
-        batch_size: 100,
-        park_timeout: std::time::Duration::from_secs(60),
     }
 }
 

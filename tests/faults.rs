@@ -5,7 +5,7 @@
 //! applied exactly once, per-order sequences without gaps, and MySQL and
 //! Redis equal to what the log alone gives (rules R7, R8, R9).
 
-mod common;
+use order_lifecycle_testkit as common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -59,21 +59,24 @@ async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
     let events = stream(4_000, 11);
     assert!(events.len() >= 30_000, "{} events", events.len());
     env.send_many(&events).await;
-    let mut config = env.run_config();
-    config.batch_size = 300;
+    let config = ["--batch-size", "300"];
 
     let mut kills = 0;
     let mut last = 0;
     while kills < 5 {
         let consumer = env.spawn_binary(&config, &format!("crash{kills}"));
-        // Let it make some progress, then kill it at a random moment.
+        // Let it make some progress (a random share of a twentieth of the
+        // stream, so that five kills land mid-stream however fast it
+        // consumes), then kill it at a random moment (a batch takes tens of
+        // milliseconds: the kill lands anywhere in one).
+        let step = fastrand::i64(1..=events.len() as i64 / 20);
         wait_until(
             "progress before the kill",
             Duration::from_secs(60),
-            || async { env.logged().await > last },
+            || async { env.logged().await >= last + step },
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..1500))).await;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..200))).await;
         consumer.kill();
         kills += 1;
         last = env.logged().await;
@@ -96,7 +99,7 @@ async fn crash_loop_with_sigkill_applies_every_event_exactly_once() {
 /// (exit 0), and checks the store holds every event exactly once.
 async fn finish_with_binary(
     env: Env,
-    config: &order_lifecycle::config::RunConfig,
+    config: &[&str],
     name: &str,
     events: &[(OrderEvent, Encoding)],
     within: Duration,
@@ -125,8 +128,7 @@ async fn three_instances_share_the_partitions_as_they_come_and_go() {
     let env = Env::with_partitions(4).await;
     let events = stream(800, 12);
     env.send_many(&events).await;
-    let mut config = env.run_config();
-    config.batch_size = 100;
+    let config = ["--batch-size", "100"];
     let a = env.spawn_binary(&config, "a");
     let b = env.spawn_binary(&config, "b");
     let n = events.len() as i64;
@@ -171,8 +173,7 @@ async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
     let env = Env::with_partitions(2).await;
     let events = stream(1_000, 14);
     env.send_many(&events).await;
-    let mut config = env.run_config();
-    config.batch_size = 20;
+    let config = ["--batch-size", "20"];
     let consumer = env.spawn_binary(&config, "first");
     wait_until("some progress", Duration::from_secs(60), || async {
         env.logged().await > 200
@@ -197,8 +198,7 @@ async fn sigterm_mid_stream_exits_zero_and_nothing_is_lost_on_restart() {
 async fn early_confirmations_wait_for_their_id_and_unknown_ones_expire() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let env = Env::new().await;
-    let mut config = env.run_config();
-    config.park_timeout = Duration::from_secs(2);
+    let config = env.run_config_with(&["--park-timeout", "2s"]);
     let consumer = env.start(config);
     let mut s = EventScript::new("EARLY1");
     let place = s.place();
@@ -294,8 +294,7 @@ async fn a_database_crash_mid_stream_loses_and_doubles_nothing() {
     let env = Env::with_services(4, db, common::TestRedis::new()).await;
     let events = stream(400, 31);
     env.send_many(&events).await;
-    let mut config = env.run_config();
-    config.batch_size = 50;
+    let config = env.run_config_with(&["--batch-size", "50"]);
     let consumer = env.start(config);
     wait_until("some progress", Duration::from_secs(60), || async {
         env.logged().await > 300

@@ -3,7 +3,7 @@
 //! the server, readiness with a Redis that goes away, exact metric counts,
 //! and logs that never show a password.
 
-mod common;
+use order_lifecycle_testkit as common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -67,9 +67,8 @@ fn resolved(
 async fn the_read_api_answers_exactly_after_a_known_stream() {
     let env = Env::new().await;
     let addr = free_addr();
-    let mut config = env.run_config();
-    config.http.listen = order_lifecycle::config::Listen(Some(addr));
-    let consumer = env.start(config);
+    let listen = addr.to_string();
+    let consumer = env.start(env.run_config_with(&["--http-listen", &listen]));
     let (first, second) = known_stream();
     env.send(&first, Encoding::Protobuf).await;
     env.wait_for_log(5, 0).await;
@@ -454,9 +453,8 @@ async fn readiness_names_redis_while_it_is_down() {
     let mut own = OwnRedis::start().await;
     let env = Env::with_services(2, TestDb::new().await, TestRedis::at(&own.url())).await;
     let addr = free_addr();
-    let mut config = env.run_config();
-    config.http.listen = order_lifecycle::config::Listen(Some(addr));
-    let consumer = env.start(config);
+    let listen = addr.to_string();
+    let consumer = env.start(env.run_config_with(&["--http-listen", &listen]));
     let ready = || async { http_request(addr, "GET", "/readyz", None, None).await };
     wait_until("the HTTP server", Duration::from_secs(10), || async {
         common::port_answers(addr.port())
@@ -509,9 +507,8 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 async fn metrics_count_the_known_stream_exactly() {
     let env = Env::new().await;
     let addr = free_addr();
-    let mut config = env.run_config();
-    config.http.listen = order_lifecycle::config::Listen(Some(addr));
-    let binary = env.spawn_binary(&config, "metrics");
+    let listen = addr.to_string();
+    let binary = env.spawn_binary(&["--http-listen", &listen], "metrics");
     let (first, second) = known_stream();
     env.send(&first, Encoding::Protobuf).await;
     env.wait_for_log(5, 0).await;

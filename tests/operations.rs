@@ -1,7 +1,7 @@
 //! The operator's commands against a real MariaDB and Redis: `import-legacy`
 //! (through the binary, as operators run it) and `verify`.
 
-mod common;
+use order_lifecycle_testkit as common;
 
 use std::process::Command;
 use std::time::Duration;
@@ -372,7 +372,10 @@ fn verify_config(
     }
 }
 
-async fn run_verify(db: &TestDb, redis: &TestRedis) -> order_lifecycle::commands::verify::Report {
+async fn run_verify(
+    db: &TestDb,
+    redis: &TestRedis,
+) -> order_lifecycle::commands::verify::HealthReport {
     order_lifecycle::commands::verify::verify(
         &db.store,
         &redis.projection().await,
@@ -417,7 +420,7 @@ async fn some_row(db: &TestDb, filter: &str) -> (String, String) {
     row
 }
 
-fn assert_fails(report: &order_lifecycle::commands::verify::Report, name: &str, count: u64) {
+fn assert_fails(report: &order_lifecycle::commands::verify::HealthReport, name: &str, count: u64) {
     use order_lifecycle::commands::verify::Status;
     let check = report
         .check(name)

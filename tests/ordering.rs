@@ -2,7 +2,7 @@
 //! layout) and rule R12 (every committed log entry reaches Redis, without
 //! waiting on timers), through the real broker, MariaDB and Redis.
 
-mod common;
+use order_lifecycle_testkit as common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -220,7 +220,7 @@ async fn lifecycles_on_four_topics_stamped_in_one_millisecond_are_applied_in_ord
         }
     }
     let mut config = env.run_config();
-    config.topics = topics.all();
+    config.input.topics = topics.all();
     let consumer = env.start(config);
     env.wait_for_log(backlog.len() as i64, 0).await;
 
@@ -307,7 +307,7 @@ async fn the_same_stream_on_four_topics_or_one_gives_the_same_log_and_replay_rep
     }
 
     let mut config = four.run_config();
-    config.topics = topics.all();
+    config.input.topics = topics.all();
     let consumer = four.start(config);
     let reference_consumer = one.start(one.run_config());
     four.wait_until_logged(events.len(), Duration::from_secs(180))
@@ -342,11 +342,13 @@ async fn the_same_stream_on_four_topics_or_one_gives_the_same_log_and_replay_rep
             kafka: run.kafka,
             database: run.database,
             redis: run.redis,
-            topics: topics.all(),
+            input: order_lifecycle::config::InputConfig {
+                topics: topics.all(),
+                batch_size: 200,
+                park_timeout: Duration::from_secs(60),
+            },
             group_id: format!("{}-replay", replayed.group_id),
             since: None,
-            batch_size: 200,
-            park_timeout: Duration::from_secs(60),
         },
     )
     .await
@@ -565,9 +567,7 @@ async fn a_backlog_drained_late_parks_in_stream_time_and_dead_letters_no_confirm
     }
     kafka::await_deliveries(deliveries).await.expect("deliver");
 
-    let mut config = env.run_config();
-    config.park_timeout = Duration::from_secs(3);
-    config.batch_size = 1_000;
+    let config = env.run_config_with(&["--park-timeout", "3s", "--batch-size", "1000"]);
     let started = Instant::now();
     let consumer = env.start(config);
     env.wait_until_logged(events.len(), Duration::from_secs(600))

@@ -2,7 +2,7 @@
 //! database and Redis key prefix per test, without Kafka: parking (R7),
 //! idempotence (R9), the append-only log (R8), hostile input.
 
-mod common;
+use order_lifecycle_testkit as common;
 
 use std::time::Duration;
 
@@ -391,8 +391,8 @@ async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_rou
     order_lifecycle::store::parked::insert(
         &mut conn,
         &[order_lifecycle::store::parked::NewParked {
-            awaited: &awaited,
-            event_id: &confirm.event_id,
+            awaited: awaited.clone(),
+            event_id: confirm.event_id.clone(),
             event_json: wire::json::encode(&confirm),
             message,
         }],

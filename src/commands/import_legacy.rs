@@ -30,17 +30,19 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use clap::Args;
-use sqlx::{MySqlPool, Row};
+use sqlx::MySqlPool;
 
-use crate::config::{DatabaseConfig, LegacyTables, RedisConfig, SecretUrl};
+use crate::config::{parse_batch_size, DatabaseConfig, LegacyTables, RedisConfig, SecretUrl};
 use crate::domain::{
     EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
     Rejection, UserType,
 };
-use crate::ingest::pipeline::{load_book, write_rows};
+use crate::ingest::pipeline::{append_events, load_book};
+use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
-use crate::store::event_log::{self, NewEntry};
+use crate::store::event_log;
+use crate::store::legacy::{self, LegacyRow};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{id_projection, Store, StoreError};
 use crate::telemetry;
@@ -74,13 +76,14 @@ pub struct ImportConfig {
     pub legacy_database_url: Option<SecretUrl>,
     #[command(flatten)]
     pub tables: LegacyTables,
-    /// Legacy rows per page (one transaction).
+    /// Legacy rows per page (one transaction), 1 to 10,000.
     #[arg(
         long = "batch-size",
         env = "OL_IMPORT_BATCH_SIZE",
-        default_value_t = 1000
+        default_value_t = 1000,
+        value_parser = parse_batch_size
     )]
-    pub batch_size: u32,
+    pub batch_size: usize,
     /// Report what would be imported without writing anything.
     #[arg(long)]
     pub dry_run: bool,
@@ -103,7 +106,7 @@ pub struct Conflict {
 
 /// A value that is not a valid id (or an order id that is not).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImportError {
+pub struct RejectedValue {
     pub table: String,
     pub order_id: String,
     pub column: &'static str,
@@ -125,7 +128,7 @@ pub struct ImportSummary {
     pub errors: u64,
     /// The first `--show` conflicts and errors.
     pub conflict_examples: Vec<Conflict>,
-    pub error_examples: Vec<ImportError>,
+    pub error_examples: Vec<RejectedValue>,
     /// Log entries projected into Redis at the end.
     pub redis_entries: u64,
     pub seconds: f64,
@@ -262,11 +265,6 @@ pub async fn import(
     redis: &RedisProjection,
     config: &ImportConfig,
 ) -> Result<ImportSummary, ImportFailure> {
-    if config.batch_size == 0 || config.batch_size > 10_000 {
-        return Err(ImportFailure::Invalid(
-            "--batch-size must be between 1 and 10000".into(),
-        ));
-    }
     let started = Instant::now();
     let [live, demo] = config
         .tables
@@ -276,10 +274,7 @@ pub async fn import(
     let mut total = 0;
     for (table, _) in tables {
         check_table(legacy, table).await?;
-        total += sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM `{table}`"))
-            .fetch_one(legacy)
-            .await
-            .map_err(StoreError::from)?;
+        total += legacy::count(legacy, table).await?;
     }
     let mut progress = Progress::new("import-legacy", "orders", Some(total.max(0) as u64));
     let mut summary = ImportSummary::default();
@@ -287,7 +282,14 @@ pub async fn import(
         let mut after: Option<String> = None;
         summary.orders.insert(table.to_owned(), 0);
         loop {
-            let rows = page(legacy, table, after.as_deref(), config.batch_size).await?;
+            let rows = legacy::page(
+                legacy,
+                table,
+                &ID_COLUMNS,
+                after.as_deref(),
+                config.batch_size,
+            )
+            .await?;
             let Some(last) = rows.last().map(|r| r.order_id.clone()) else {
                 break;
             };
@@ -313,14 +315,7 @@ async fn check_table(legacy: &MySqlPool, table: &str) -> Result<(), ImportFailur
         table: table.to_owned(),
         problem: problem.to_owned(),
     };
-    let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
-    )
-    .bind(table)
-    .fetch_all(legacy)
-    .await
-    .map_err(StoreError::from)?;
+    let columns = legacy::columns(legacy, table).await?;
     if columns.is_empty() {
         return Err(bad("does not exist in the legacy database"));
     }
@@ -333,81 +328,6 @@ async fn check_table(legacy: &MySqlPool, table: &str) -> Result<(), ImportFailur
         return Err(bad(&format!("lacks the columns {}", missing.join(", "))));
     }
     Ok(())
-}
-
-/// One legacy row, as text.
-struct LegacyRow {
-    order_id: String,
-    ids: [Option<String>; 7],
-    created_at_ms: Option<i64>,
-}
-
-/// The next page after `after` (keyset pagination). Rows sharing the last
-/// `order_id` of a full page are all included, so that a page boundary
-/// never splits an order.
-async fn page(
-    legacy: &MySqlPool,
-    table: &str,
-    after: Option<&str>,
-    size: u32,
-) -> Result<Vec<LegacyRow>, ImportFailure> {
-    let columns = format!(
-        "CAST(order_id AS CHAR), {}, CAST(UNIX_TIMESTAMP(created_at) * 1000 AS SIGNED)",
-        ID_COLUMNS
-            .iter()
-            .map(|c| format!("CAST({} AS CHAR)", c.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let query = match after {
-        Some(_) => {
-            format!("SELECT {columns} FROM `{table}` WHERE order_id > ? ORDER BY order_id LIMIT ?")
-        }
-        None => format!("SELECT {columns} FROM `{table}` ORDER BY order_id LIMIT ?"),
-    };
-    let mut q = sqlx::query(&query);
-    if let Some(after) = after {
-        q = q.bind(after);
-    }
-    let mut rows: Vec<LegacyRow> = q
-        .bind(size)
-        .fetch_all(legacy)
-        .await
-        .map_err(StoreError::from)?
-        .iter()
-        .map(legacy_row)
-        .collect::<Result<_, _>>()?;
-    if rows.len() == size as usize {
-        if let Some(last) = rows.last().map(|r| r.order_id.clone()) {
-            rows.retain(|r| r.order_id != last);
-            let same = format!("SELECT {columns} FROM `{table}` WHERE order_id = ?");
-            for row in sqlx::query(&same)
-                .bind(&last)
-                .fetch_all(legacy)
-                .await
-                .map_err(StoreError::from)?
-            {
-                rows.push(legacy_row(&row)?);
-            }
-        }
-    }
-    Ok(rows)
-}
-
-fn legacy_row(row: &sqlx::mysql::MySqlRow) -> Result<LegacyRow, ImportFailure> {
-    let text = |i: usize| -> Result<Option<String>, StoreError> {
-        let raw: Option<Vec<u8>> = row.try_get(i)?;
-        Ok(raw.map(|b| String::from_utf8_lossy(&b).into_owned()))
-    };
-    let mut ids: [Option<String>; 7] = Default::default();
-    for (i, slot) in ids.iter_mut().enumerate() {
-        *slot = text(i + 1)?;
-    }
-    Ok(LegacyRow {
-        order_id: text(0)?.unwrap_or_default(),
-        ids,
-        created_at_ms: row.try_get(8).map_err(StoreError::from)?,
-    })
 }
 
 /// The import events of a page's rows, order by order; malformed values and
@@ -423,7 +343,7 @@ fn events_of(
     let error = |summary: &mut ImportSummary, order: &str, column: &'static str, e: String| {
         summary.errors += 1;
         if summary.error_examples.len() < show {
-            summary.error_examples.push(ImportError {
+            summary.error_examples.push(RejectedValue {
                 table: table.to_owned(),
                 order_id: order.chars().take(80).collect(),
                 column,
@@ -489,12 +409,9 @@ pub fn import_event_id(
     id_type: IdType,
     value: &str,
 ) -> EventId {
-    let tag = match user_type {
-        UserType::Live => "live",
-        UserType::Demo => "demo",
-    };
     let raw = format!(
-        "legacy:{tag}:{order}:{}:{:016x}",
+        "legacy:{}:{order}:{}:{:016x}",
+        user_type.as_str(),
         id_type.as_str(),
         fnv1a64(value.as_bytes())
     );
@@ -534,8 +451,7 @@ async fn apply(
         .collect();
     let mut book: LifecycleBook = load_book(&mut tx, fresh.iter().map(|(e, _)| e)).await?;
     let stored = book.bound_ids();
-    let mut entries = Vec::with_capacity(fresh.len());
-    let mut touched = Vec::new();
+    let mut applied = Applied::default();
     for (event, id_type) in fresh {
         match book.process(event) {
             Ok(rec) => {
@@ -544,17 +460,12 @@ async fn apply(
                 } else {
                     *summary.imported.entry(id_type.as_str()).or_default() += 1;
                 }
-                for t in &rec.transitions {
-                    touched.push((rec.order_id.clone(), t.lifecycle_id().clone()));
-                }
-                entries.push(NewEntry::new(rec, event, None));
+                applied.push(rec, event, None);
             }
             Err(rejection) => record_conflict(event, *id_type, &rejection, config.show, summary),
         }
     }
-    write_rows(&mut tx, &book, touched, &stored).await?;
-    // Last: the append holds the log head's lock until the commit (R12).
-    event_log::append(&mut tx, &entries).await?;
+    append_events(&mut tx, &book, &stored, &applied).await?;
     if config.dry_run {
         tx.rollback().await.map_err(StoreError::from)?;
     } else {

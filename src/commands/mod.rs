@@ -77,7 +77,16 @@ where
     T: Into<OsString> + Clone,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let mut command = Cli::command();
+    // A flag given twice takes its last value (wrappers and tests append
+    // to a base command line), in every subcommand.
+    let mut command = Cli::command().args_override_self(true);
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in names {
+        command = command.mut_subcommand(name, |s| s.args_override_self(true));
+    }
     if let Some(path) = config_path(&args).or(env_config) {
         let shown = path.to_string_lossy().into_owned();
         let bad = |problem: String| CliError::ConfigFile {
@@ -289,16 +298,29 @@ mod tests {
     fn a_config_file_sits_between_defaults_and_flags() {
         let file = "# tuned for the big cluster\nOL_BATCH_SIZE=42\nOL_GROUP_ID = \"from-file\"\n\nOL_PARK_TIMEOUT=2m\n";
         let c = run_config(&["run"], file);
-        assert_eq!(c.batch_size, 42);
+        assert_eq!(c.input.batch_size, 42);
         assert_eq!(c.group_id, "from-file");
-        assert_eq!(c.park_timeout, std::time::Duration::from_secs(120));
+        assert_eq!(c.input.park_timeout, std::time::Duration::from_secs(120));
         assert_eq!(
             c.shutdown_timeout,
             std::time::Duration::from_secs(5),
             "a default"
         );
         let c = run_config(&["run", "--batch-size", "7"], file);
-        assert_eq!(c.batch_size, 7, "a flag wins over the file");
+        assert_eq!(c.input.batch_size, 7, "a flag wins over the file");
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        let c = run_config(&["run", "--batch-size", "7", "--batch-size", "9"], "");
+        assert_eq!(c.input.batch_size, 9);
+    }
+
+    #[test]
+    fn a_batch_size_out_of_range_is_refused_by_the_parser() {
+        let err = super::parse_from(["order-lifecycle", "run", "--batch-size", "0"], None)
+            .expect_err("0 is refused");
+        assert!(err.to_string().contains("from 1 to 10000"), "{err}");
     }
 
     #[test]

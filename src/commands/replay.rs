@@ -29,7 +29,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{parse_duration, parse_timestamp_ms, DatabaseConfig, KafkaConfig, RedisConfig};
+use crate::config::{parse_timestamp_ms, DatabaseConfig, InputConfig, KafkaConfig, RedisConfig};
 use crate::ingest::ordering::{earliest, Keyed};
 use crate::ingest::pipeline::{process_batch, process_isolating, PipelineConfig};
 use crate::kafka;
@@ -50,14 +50,9 @@ pub struct ReplayConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub redis: RedisConfig,
-    /// Topics to replay, comma-separated (those `run` consumes).
-    #[arg(
-        long = "topics",
-        env = "OL_TOPICS",
-        value_delimiter = ',',
-        default_value = "order-events,provider-confirmations"
-    )]
-    pub topics: Vec<String>,
+    /// The topics, batch size and park timeout, as `run` has them.
+    #[command(flatten)]
+    pub input: InputConfig,
     /// Consumer group the replay reads under; never the live one's.
     #[arg(
         long = "group-id",
@@ -70,12 +65,6 @@ pub struct ReplayConfig {
     /// retained offset.
     #[arg(long, value_parser = parse_timestamp_ms)]
     pub since: Option<i64>,
-    /// Messages per batch (one database transaction).
-    #[arg(long = "batch-size", env = "OL_BATCH_SIZE", default_value_t = 500)]
-    pub batch_size: usize,
-    /// How long an event waits for an id not issued yet, as for `run`.
-    #[arg(long = "park-timeout", env = "OL_PARK_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
-    pub park_timeout: Duration,
 }
 
 /// What a replay did.
@@ -177,11 +166,6 @@ pub async fn replay(
     redis: &RedisProjection,
     config: &ReplayConfig,
 ) -> Result<ReplaySummary, ReplayError> {
-    if config.batch_size == 0 || config.batch_size > 10_000 {
-        return Err(ReplayError::Invalid(
-            "--batch-size must be between 1 and 10000".into(),
-        ));
-    }
     let started = Instant::now();
     let consumer: Arc<StreamConsumer> = Arc::new(
         kafka::consumer_config(&config.kafka, &config.group_id, Duration::from_secs(10))
@@ -238,11 +222,11 @@ pub async fn replay(
 
     let pipeline = PipelineConfig {
         offsets_group: None,
-        park_timeout: config.park_timeout,
+        park_timeout: config.input.park_timeout,
     };
     let mut progress = Progress::new("replay", "messages", Some(estimate));
     let mut summary = ReplaySummary::default();
-    let mut batch = Vec::with_capacity(config.batch_size);
+    let mut batch = Vec::with_capacity(config.input.batch_size);
     let result = async {
         loop {
             for lane in lanes.iter_mut().filter(|l| l.head.is_none() && !l.finished) {
@@ -264,7 +248,7 @@ pub async fn replay(
                 }
             }
             batch.extend(message);
-            if batch.len() >= config.batch_size {
+            if batch.len() >= config.input.batch_size {
                 apply(store, &pipeline, &batch, &mut summary).await?;
                 progress.add(batch.len() as u64);
                 batch.clear();
@@ -302,7 +286,7 @@ async fn start_offsets(
     config: &ReplayConfig,
 ) -> Result<(Vec<(String, i32, Offset)>, u64), ReplayError> {
     let consumer = consumer.clone();
-    let topics = config.topics.clone();
+    let topics = config.input.topics.clone();
     let since = config.since;
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(10);

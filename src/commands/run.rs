@@ -26,7 +26,7 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
     config.validate()?;
     tracing::info!(
         brokers = %config.kafka.brokers,
-        topics = ?config.topics,
+        topics = ?config.input.topics,
         group = %config.group_id,
         database = %config.database.url,
         redis = %config.redis.url,

@@ -48,6 +48,13 @@ impl UserType {
             UserType::Demo => "demo",
         }
     }
+
+    /// The type spelled `raw` in the contract, if any.
+    pub fn parse(raw: &str) -> Option<UserType> {
+        [UserType::Live, UserType::Demo]
+            .into_iter()
+            .find(|t| t.as_str() == raw)
+    }
 }
 
 /// A decimal amount as the producer wrote it (`"1.19500"`), checked to be a
@@ -215,21 +222,51 @@ impl ProviderConfirmation {
     }
 }
 
+/// The contract's name of each event kind (the `oneof` members of
+/// `OrderEvent`, the top-level key of its JSON form), spelled once: the
+/// domain, the JSON codec, logs, metrics and the event table use these.
+pub mod kind_names {
+    pub const ORDER_PLACED: &str = "order_placed";
+    pub const STOP_LOSS_ADDED: &str = "stop_loss_added";
+    pub const TAKE_PROFIT_ADDED: &str = "take_profit_added";
+    pub const STOP_LOSS_CANCELLED: &str = "stop_loss_cancelled";
+    pub const TAKE_PROFIT_CANCELLED: &str = "take_profit_cancelled";
+    pub const CLOSE_REQUESTED: &str = "close_requested";
+    pub const PENDING_CANCELLED: &str = "pending_cancelled";
+    pub const PENDING_MODIFIED: &str = "pending_modified";
+    pub const PROVIDER_CONFIRMATION: &str = "provider_confirmation";
+    pub const LEGACY_ID_IMPORTED: &str = "legacy_id_imported";
+
+    /// Every kind's name, in the contract's order.
+    pub const ALL: [&str; 10] = [
+        ORDER_PLACED,
+        STOP_LOSS_ADDED,
+        TAKE_PROFIT_ADDED,
+        STOP_LOSS_CANCELLED,
+        TAKE_PROFIT_CANCELLED,
+        CLOSE_REQUESTED,
+        PENDING_CANCELLED,
+        PENDING_MODIFIED,
+        PROVIDER_CONFIRMATION,
+        LEGACY_ID_IMPORTED,
+    ];
+}
+
 impl EventKind {
     /// The contract name of this kind (the `oneof` member), used in logs,
     /// metrics and the event table.
     pub fn name(&self) -> &'static str {
         match self {
-            EventKind::OrderPlaced(_) => "order_placed",
-            EventKind::StopLossAdded(_) => "stop_loss_added",
-            EventKind::TakeProfitAdded(_) => "take_profit_added",
-            EventKind::StopLossCancelled(_) => "stop_loss_cancelled",
-            EventKind::TakeProfitCancelled(_) => "take_profit_cancelled",
-            EventKind::CloseRequested(_) => "close_requested",
-            EventKind::PendingCancelled(_) => "pending_cancelled",
-            EventKind::PendingModified(_) => "pending_modified",
-            EventKind::ProviderConfirmation(_) => "provider_confirmation",
-            EventKind::LegacyIdImported(_) => "legacy_id_imported",
+            EventKind::OrderPlaced(_) => kind_names::ORDER_PLACED,
+            EventKind::StopLossAdded(_) => kind_names::STOP_LOSS_ADDED,
+            EventKind::TakeProfitAdded(_) => kind_names::TAKE_PROFIT_ADDED,
+            EventKind::StopLossCancelled(_) => kind_names::STOP_LOSS_CANCELLED,
+            EventKind::TakeProfitCancelled(_) => kind_names::TAKE_PROFIT_CANCELLED,
+            EventKind::CloseRequested(_) => kind_names::CLOSE_REQUESTED,
+            EventKind::PendingCancelled(_) => kind_names::PENDING_CANCELLED,
+            EventKind::PendingModified(_) => kind_names::PENDING_MODIFIED,
+            EventKind::ProviderConfirmation(_) => kind_names::PROVIDER_CONFIRMATION,
+            EventKind::LegacyIdImported(_) => kind_names::LEGACY_ID_IMPORTED,
         }
     }
 }

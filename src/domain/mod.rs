@@ -9,7 +9,7 @@ pub mod lifecycle;
 
 pub use book::{LifecycleBook, Recorded};
 pub use event::{
-    CloseRequested, Decimal, EventKind, LegacyIdImported, OrderEvent, OrderPlaced,
+    kind_names, CloseRequested, Decimal, EventKind, LegacyIdImported, OrderEvent, OrderPlaced,
     PendingCancelled, PendingModified, ProviderConfirmation, ProviderReport, StopLossAdded,
     StopLossCancelled, TakeProfitAdded, TakeProfitCancelled, UserType,
 };

@@ -200,7 +200,7 @@ pub async fn resolve_batch(
 
 /// One id of an order.
 #[derive(Debug, Serialize)]
-pub struct OrderIdEntry {
+pub struct IdRecordBody {
     pub lifecycle_id: String,
     pub id_type: &'static str,
     pub status: &'static str,
@@ -220,7 +220,7 @@ pub struct OrderIdEntry {
 pub struct OrderIds {
     pub order_id: String,
     /// In the order they were issued.
-    pub ids: Vec<OrderIdEntry>,
+    pub ids: Vec<IdRecordBody>,
     /// The active id per type.
     pub active: BTreeMap<&'static str, String>,
 }
@@ -250,7 +250,7 @@ pub async fn order_ids(
         .collect();
     let ids = records
         .iter()
-        .map(|r| OrderIdEntry {
+        .map(|r| IdRecordBody {
             lifecycle_id: r.lifecycle_id.to_string(),
             id_type: r.id_type.as_str(),
             status: r.status.as_str(),
@@ -293,7 +293,7 @@ pub struct EventSource {
 }
 
 #[derive(Debug, Serialize)]
-pub struct EventEntry {
+pub struct EventEntryBody {
     pub seq: u64,
     pub event_id: String,
     pub kind: String,
@@ -309,7 +309,7 @@ pub struct EventEntry {
 #[derive(Debug, Serialize)]
 pub struct OrderEvents {
     pub order_id: String,
-    pub events: Vec<EventEntry>,
+    pub events: Vec<EventEntryBody>,
     /// Pass as `after_seq` for the next page; `null` on the last page.
     pub next_after_seq: Option<u64>,
 }
@@ -346,7 +346,7 @@ pub async fn order_events(
         .flatten();
     let events = entries
         .into_iter()
-        .map(|e| EventEntry {
+        .map(|e| EventEntryBody {
             seq: e.seq,
             event_id: e.event_id,
             kind: e.kind,

@@ -72,7 +72,7 @@ async fn database(state: &ApiState) -> String {
     let Some(store) = state.store.get() else {
         return "not connected yet".to_owned();
     };
-    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(store.pool());
+    let ping = store.ping();
     match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
         Ok(Ok(_)) => "ok".to_owned(),
         Ok(Err(_)) => "unreachable".to_owned(),

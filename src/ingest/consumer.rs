@@ -31,8 +31,8 @@ use super::assignment::{AssignmentContext, Changes, ConsumerStatus, OffsetGate};
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::ordering::{copartitioning_problem, Merger};
 use super::pipeline::{
-    expire_parked, process_batch, process_isolating, release_stranded, BatchReport, PipelineConfig,
-    StrandedWindow,
+    expire_parked, process_batch, process_isolating, release_stranded, BatchOutcome,
+    PipelineConfig, StrandedWindow,
 };
 use crate::clock;
 use crate::config::RunConfig;
@@ -44,7 +44,7 @@ use crate::store::dead_letters::DeadLetter;
 use crate::store::{offsets, parked, Store, StoreError};
 use crate::wire::InboundMessage;
 
-/// Consumes `config.topics` into `store` until `shutdown`: creates the
+/// Consumes `config.input.topics` into `store` until `shutdown`: creates the
 /// topics when asked, joins the group, runs the loop, leaves the group.
 /// `status` follows the assignment (for readiness); committed batches are
 /// handed to the Redis follower through `handoff`.
@@ -59,7 +59,7 @@ pub async fn consume(
     handoff: &Handoff,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = config.input.topics.iter().map(String::as_str).collect();
     if config.create_topics {
         let mut all = topics.clone();
         all.push(&config.dead_letter_topic);
@@ -82,7 +82,7 @@ pub async fn consume(
         config,
         pipeline: PipelineConfig {
             offsets_group: Some(config.group_id.clone()),
-            park_timeout: config.park_timeout,
+            park_timeout: config.input.park_timeout,
         },
         store,
         consumer: &consumer,
@@ -164,7 +164,7 @@ impl Ingest<'_> {
             // when full, when its linger is over, or at once when every
             // partition is caught up (more waiting would gather nothing).
             let now = tokio::time::Instant::now();
-            while batch.len() < self.config.batch_size {
+            while batch.len() < self.config.input.batch_size {
                 match merger.pop_ready(now.into_std(), end) {
                     Some(m) => batch.push(m),
                     None => break,
@@ -172,7 +172,7 @@ impl Ingest<'_> {
             }
             if !batch.is_empty() {
                 let linger = *linger_until.get_or_insert(now + self.config.batch_linger);
-                if batch.len() >= self.config.batch_size
+                if batch.len() >= self.config.input.batch_size
                     || now >= linger
                     || (merger.buffered() == 0 && merger.all_caught_up(end))
                 {
@@ -246,7 +246,7 @@ impl Ingest<'_> {
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
     ) {
-        for _ in 0..self.config.batch_size {
+        for _ in 0..self.config.input.batch_size {
             match self.consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
                     let m = kafka::inbound(&m);
@@ -370,7 +370,7 @@ impl Ingest<'_> {
 
     /// Logs an ERROR naming the topics when they are not co-partitioned.
     async fn check_copartitioning(&self, metadata: &Arc<BaseConsumer>) {
-        let (client, topics) = (metadata.clone(), self.config.topics.clone());
+        let (client, topics) = (metadata.clone(), self.config.input.topics.clone());
         let counts = tokio::task::spawn_blocking(move || {
             kafka::partition_counts(&client, &topics, std::time::Duration::from_secs(5))
         })
@@ -418,7 +418,7 @@ impl Ingest<'_> {
         &self,
         batch: &[InboundMessage],
         shutdown: &mut Shutdown,
-    ) -> Result<Option<BatchReport>, StoreError> {
+    ) -> Result<Option<BatchOutcome>, StoreError> {
         RetryPolicy::until_shutdown(self.config.shutdown_timeout)
             .run("batch", shutdown, || {
                 process_batch(self.store, &self.pipeline, batch)
@@ -505,13 +505,14 @@ impl Ingest<'_> {
         let at_end = merger.idle_at_end(|t, p| self.end_offset(t, p));
         let now_ms = clock::now_ms();
         offsets::advance_stream_time(pool, group, &at_end, now_ms).await?;
-        let Some(stream_time) = offsets::stream_time(pool, group, &self.config.topics).await?
+        let Some(stream_time) =
+            offsets::stream_time(pool, group, &self.config.input.topics).await?
         else {
             return Ok(Vec::new());
         };
         metrics::gauge!("order_lifecycle_stream_time_lag_seconds")
             .set((now_ms - stream_time).max(0) as f64 / 1000.0);
-        expire_parked(self.store, self.config.park_timeout, stream_time, 500).await
+        expire_parked(self.store, self.config.input.park_timeout, stream_time, 500).await
     }
 }
 
@@ -563,7 +564,7 @@ fn log_dead_letters(letters: &[DeadLetter]) {
 /// Commits the batch's offsets to Kafka, asynchronously: the offsets that
 /// count are already in MySQL with the data; Kafka's copy serves lag
 /// monitoring and the start position of the next owner of a partition.
-fn commit(consumer: &StreamConsumer<AssignmentContext>, report: &BatchReport) {
+fn commit(consumer: &StreamConsumer<AssignmentContext>, report: &BatchOutcome) {
     let mut tpl = TopicPartitionList::new();
     for o in &report.offsets {
         if let Err(e) =
@@ -577,7 +578,7 @@ fn commit(consumer: &StreamConsumer<AssignmentContext>, report: &BatchReport) {
     }
 }
 
-fn record(report: &BatchReport, seconds: f64) {
+fn record(report: &BatchOutcome, seconds: f64) {
     metrics::counter!("order_lifecycle_events_consumed_total").increment(report.consumed as u64);
     for (outcome, n) in &report.recorded {
         metrics::counter!("order_lifecycle_events_recorded_total", "outcome" => *outcome)

@@ -7,9 +7,10 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod ordering;
 pub mod pipeline;
+pub mod plan;
 
 pub use consumer::consume;
 pub use pipeline::{
-    expire_parked, process_batch, record_poison, release_stranded, BatchReport, PipelineConfig,
+    expire_parked, process_batch, record_poison, release_stranded, BatchOutcome, PipelineConfig,
     StrandedWindow,
 };

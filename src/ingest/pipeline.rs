@@ -28,19 +28,20 @@
 //!   same moment may miss it; [`release_stranded`] finds such events within
 //!   a second.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use sqlx::MySqlConnection;
 
+use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
-    EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Rejection, Transition,
+    EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Transition,
 };
 use crate::projection::redis_follower::HandedBatch;
 use crate::store::dead_letters::{self, DeadLetter};
-use crate::store::event_log::{self, NewEntry, Positions, Source};
+use crate::store::event_log::{self, NewEntry, Positions};
 use crate::store::offsets::{self, PartitionOffset};
-use crate::store::parked::{self, NewParked, ParkedRow};
+use crate::store::parked::{self, ParkedRow};
 use crate::store::redis_projection::ActiveIds;
 use crate::store::{self, id_projection, Store, StoreError};
 use crate::wire::{self, InboundMessage};
@@ -57,7 +58,7 @@ pub struct PipelineConfig {
 
 /// What a batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchReport {
+pub struct BatchOutcome {
     /// Messages in the batch.
     pub consumed: usize,
     /// Log entries appended, by outcome.
@@ -81,7 +82,7 @@ pub struct BatchReport {
     pub handed: Vec<HandedBatch>,
 }
 
-impl BatchReport {
+impl BatchOutcome {
     /// Log entries appended, whatever their outcome.
     pub fn recorded_total(&self) -> usize {
         self.recorded.values().sum()
@@ -89,7 +90,7 @@ impl BatchReport {
 
     /// Adds another report of the same messages' processing (a batch split
     /// into single messages).
-    pub fn merge(&mut self, other: BatchReport) {
+    pub fn merge(&mut self, other: BatchOutcome) {
         self.consumed += other.consumed;
         for (k, v) in other.recorded {
             *self.recorded.entry(k).or_default() += v;
@@ -116,16 +117,6 @@ impl BatchReport {
     }
 }
 
-/// An event to apply: from this batch, or released from the parking lot.
-struct Work<'a> {
-    message: &'a InboundMessage,
-    event: OrderEvent,
-    /// The `parked_events` row it came from.
-    parked_row: Option<i64>,
-    /// The id its row waits for, when parked.
-    awaited: Option<LifecycleId>,
-}
-
 /// Processes one batch in one transaction.
 ///
 /// # Errors
@@ -135,7 +126,7 @@ pub async fn process_batch(
     store: &Store,
     config: &PipelineConfig,
     messages: &[InboundMessage],
-) -> Result<BatchReport, StoreError> {
+) -> Result<BatchOutcome, StoreError> {
     run_batch(store, config, messages, Release::IssuedByBatch).await
 }
 
@@ -154,7 +145,7 @@ pub async fn release_stranded(
     store: &Store,
     config: &PipelineConfig,
     after: i64,
-) -> Result<BatchReport, StoreError> {
+) -> Result<BatchOutcome, StoreError> {
     run_batch(store, config, &[], Release::Stranded { after }).await
 }
 
@@ -192,75 +183,25 @@ impl StrandedWindow {
     }
 }
 
-/// Which parked events a batch looks at.
-enum Release {
-    /// Those waiting for ids the batch's own events issue.
-    IssuedByBatch,
-    /// Those after row `after` whose awaited id is already bound.
-    Stranded { after: i64 },
-}
-
 async fn run_batch(
     store: &Store,
     config: &PipelineConfig,
     messages: &[InboundMessage],
     release: Release,
-) -> Result<BatchReport, StoreError> {
-    let mut report = BatchReport {
+) -> Result<BatchOutcome, StoreError> {
+    let mut report = BatchOutcome {
         consumed: messages.len(),
         offsets: next_offsets(messages),
-        ..BatchReport::default()
+        ..BatchOutcome::default()
     };
-
-    // Decode; undecodable input is dead-lettered.
-    let mut works: Vec<Work<'_>> = Vec::with_capacity(messages.len());
-    for m in messages {
-        let payload = m.payload.as_deref().unwrap_or_default();
-        match wire::decode(payload, m.content_type.as_deref()) {
-            // Synthetic import events are written by `import-legacy` only.
-            Ok(event) if matches!(event.kind, EventKind::LegacyIdImported(_)) => {
-                report.dead_letters.push(DeadLetter::for_message(
-                    m,
-                    "reserved_kind",
-                    "legacy_id_imported is written by import-legacy only and is refused on a topic"
-                        .into(),
-                    Some(&event),
-                ))
-            }
-            Ok(event) => works.push(Work {
-                message: m,
-                event,
-                parked_row: None,
-                awaited: None,
-            }),
-            Err(e) => report.dead_letters.push(DeadLetter::for_message(
-                m,
-                e.reason(),
-                e.to_string(),
-                None,
-            )),
-        }
-    }
+    let works = decode(messages, &mut report.dead_letters);
 
     let mut tx = store.pool().begin().await?;
     // Batches read order state from order_lifecycle_ids: hold off while a
     // rebuild swaps that table (see `crate::projection::rebuild`).
     id_projection::share_projection_lock(&mut tx).await?;
-
-    // Rule R9: an event_id already logged, parked or dead-lettered, or seen
-    // earlier in this batch, changes nothing.
-    let event_ids: Vec<EventId> = works.iter().map(|w| w.event.event_id.clone()).collect();
-    let mut seen = store::seen_event_ids(&mut tx, &event_ids).await?;
-    works.retain(|w| {
-        let fresh = seen.insert(w.event.event_id.clone());
-        if !fresh {
-            report.duplicates += 1;
-        }
-        fresh
-    });
-
-    // Parked events this batch may release, and their original messages.
-    let released: Vec<(ParkedRow, OrderEvent)> = match release {
+    let works = drop_seen(&mut tx, works, &mut report.duplicates).await?;
+    let released_rows: Vec<(ParkedRow, OrderEvent)> = match release {
         Release::IssuedByBatch => load_releasable(&mut tx, &works).await?,
         Release::Stranded { after } => parked::stranded(&mut tx, after, 500)
             .await?
@@ -268,122 +209,106 @@ async fn run_batch(
             .map(decode_parked)
             .collect::<Result<_, _>>()?,
     };
-    if messages.is_empty() && released.is_empty() {
+    if messages.is_empty() && released_rows.is_empty() {
         return Ok(report);
     }
-
-    // Load every order the batch can touch.
-    let all_events = works
+    let released: Vec<Work<'_>> = released_rows
         .iter()
-        .map(|w| &w.event)
-        .chain(released.iter().map(|(_, e)| e));
-    let mut book = load_book(&mut tx, all_events).await?;
+        .map(|(row, event)| Work::released(row, event.clone()))
+        .collect();
+    let mut book = load_book(&mut tx, works.iter().chain(&released).map(|w| &w.event)).await?;
     let stored = book.bound_ids();
 
-    // Run the state machine in arrival order; an event that issues an id
-    // releases the events waiting for it right after itself.
-    // Released events wait for their id inside the batch; stranded ones
-    // have it already and go first.
-    let mut waiting: HashMap<LifecycleId, VecDeque<Work<'_>>> = HashMap::new();
-    let mut stranded: Vec<Work<'_>> = Vec::new();
-    for (row, event) in &released {
-        let work = Work {
-            message: &row.message,
-            event: event.clone(),
-            parked_row: Some(row.row_id),
-            awaited: Some(row.awaited.clone()),
-        };
-        match release {
-            Release::IssuedByBatch => waiting
-                .entry(row.awaited.clone())
-                .or_default()
-                .push_back(work),
-            Release::Stranded { .. } => stranded.push(work),
-        }
-    }
-    let works: Vec<Work<'_>> = stranded.into_iter().chain(works).collect();
-    let mut entries: Vec<NewEntry> = Vec::with_capacity(works.len());
-    let mut touched: Vec<(OrderId, LifecycleId)> = Vec::new();
-    let mut done_rows: Vec<i64> = Vec::new();
-    for work in works {
-        let mut queue = VecDeque::from([work]);
-        while let Some(w) = queue.pop_front() {
-            match book.process(&w.event) {
-                Ok(rec) => {
-                    done_rows.extend(w.parked_row);
-                    *report.recorded.entry(rec.outcome.as_str()).or_default() += 1;
-                    for t in &rec.transitions {
-                        touched.push((rec.order_id.clone(), t.lifecycle_id().clone()));
-                        if let Transition::Issued { lifecycle_id, .. } = t {
-                            queue.extend(waiting.remove(lifecycle_id).into_iter().flatten());
-                        }
-                    }
-                    entries.push(NewEntry::new(rec, &w.event, Some(Source::of(w.message))));
-                }
-                Err(Rejection::UnknownLifecycleId { lifecycle_id, .. }) => {
-                    waiting.entry(lifecycle_id).or_default().push_back(w);
-                }
-                Err(rejection) => {
-                    done_rows.extend(w.parked_row);
-                    report.dead_letters.push(DeadLetter::for_message(
-                        w.message,
-                        rejection.reason(),
-                        rejection.to_string(),
-                        Some(&w.event),
-                    ));
-                }
-            }
-        }
-    }
-    report.unparked = done_rows.len();
+    let plan = decide(&mut book, works, released, release);
 
-    // What still waits: new events are parked; parked rows stay, re-pointed
-    // if they now wait for another id.
-    let mut to_park: Vec<NewParked<'_>> = Vec::new();
-    let mut repoint: Vec<(i64, &LifecycleId)> = Vec::new();
-    let still_waiting: Vec<(&LifecycleId, &Work<'_>)> = waiting
-        .iter()
-        .flat_map(|(id, ws)| ws.iter().map(move |w| (id, w)))
-        .collect();
-    for (id, w) in still_waiting {
-        match (w.parked_row, &w.awaited) {
-            (Some(_), Some(before)) if before == id => {}
-            (Some(row), _) => repoint.push((row, id)),
-            (None, _) => to_park.push(NewParked {
-                awaited: id,
-                event_id: &w.event.event_id,
-                event_json: wire::json::encode(&w.event),
-                message: w.message,
-            }),
-        }
+    report.recorded = plan.recorded;
+    report.unparked = plan.done_rows.len();
+    report.parked = plan.to_park.len();
+    report.dead_letters.extend(plan.dead_letters);
+    parked::delete(&mut tx, &plan.done_rows).await?;
+    for (row, id) in &plan.repoint {
+        parked::set_awaited(&mut tx, *row, id).await?;
     }
-    to_park.sort_by_key(|p| {
-        (
-            p.message.topic.clone(),
-            p.message.partition,
-            p.message.offset,
-        )
-    });
-    report.parked = to_park.len();
-
-    // The rows as they stand after the whole batch, each written once.
-    report.rows_written = write_rows(&mut tx, &book, touched, &stored).await?;
-    parked::delete(&mut tx, &done_rows).await?;
-    for (row, id) in repoint {
-        parked::set_awaited(&mut tx, row, id).await?;
-    }
-    parked::insert(&mut tx, &to_park, config.park_timeout).await?;
+    parked::insert(&mut tx, &plan.to_park, config.park_timeout).await?;
     dead_letters::insert(&mut tx, &report.dead_letters).await?;
     if let Some(group) = &config.offsets_group {
         offsets::save(&mut tx, group, &report.offsets).await?;
     }
-    // Last: the append holds the log head's lock until the commit (R12).
-    let positions = event_log::append(&mut tx, &entries).await?;
+    let (rows, positions) = append_events(&mut tx, &book, &stored, &plan.applied).await?;
+    report.rows_written = rows;
     tx.commit().await?;
     report
         .handed
-        .extend(positions.map(|p| handed(p, &entries, &book)));
+        .extend(positions.map(|p| handed(p, &plan.applied.entries, &book)));
     Ok(report)
+}
+
+/// Decodes the batch's messages; undecodable input, and the synthetic
+/// kind only `import-legacy` writes, become dead letters.
+fn decode<'m>(messages: &'m [InboundMessage], dead_letters: &mut Vec<DeadLetter>) -> Vec<Work<'m>> {
+    let mut works = Vec::with_capacity(messages.len());
+    for m in messages {
+        let payload = m.payload.as_deref().unwrap_or_default();
+        match wire::decode(payload, m.content_type.as_deref()) {
+            Ok(event) if matches!(event.kind, EventKind::LegacyIdImported(_)) => {
+                dead_letters.push(DeadLetter::for_message(
+                    m,
+                    "reserved_kind",
+                    "legacy_id_imported is written by import-legacy only and is refused on a topic"
+                        .into(),
+                    Some(&event),
+                ))
+            }
+            Ok(event) => works.push(Work::arrived(m, event)),
+            Err(e) => {
+                dead_letters.push(DeadLetter::for_message(m, e.reason(), e.to_string(), None))
+            }
+        }
+    }
+    works
+}
+
+/// Rule R9: an event_id already logged, parked or dead-lettered, or seen
+/// earlier in this batch, changes nothing; counted in `duplicates`.
+async fn drop_seen<'m>(
+    conn: &mut MySqlConnection,
+    mut works: Vec<Work<'m>>,
+    duplicates: &mut usize,
+) -> Result<Vec<Work<'m>>, StoreError> {
+    let event_ids: Vec<EventId> = works.iter().map(|w| w.event.event_id.clone()).collect();
+    let mut seen = store::seen_event_ids(conn, &event_ids).await?;
+    works.retain(|w| {
+        let fresh = seen.insert(w.event.event_id.clone());
+        *duplicates += usize::from(!fresh);
+        fresh
+    });
+    Ok(works)
+}
+
+/// The core every writer of the log shares (`run`, `replay`,
+/// `import-legacy`): the rows of the ids `applied` touched, as `book` has
+/// them now (those bound before the batch, in `stored`, updated; the others
+/// inserted, see [`id_projection::write_changes`]), then the log entries,
+/// last, because the append holds the log head's lock until the commit
+/// (rule R12). Returns the rows written and the positions taken.
+///
+/// # Errors
+/// [`StoreError`]; a row another writer bound meanwhile is a
+/// [`StoreError::Conflict`].
+pub async fn append_events(
+    conn: &mut MySqlConnection,
+    book: &LifecycleBook,
+    stored: &HashSet<LifecycleId>,
+    applied: &Applied,
+) -> Result<(usize, Option<Positions>), StoreError> {
+    let touched = unique(applied.touched.clone());
+    let (changed, issued): (Vec<_>, Vec<_>) = book
+        .records(&touched)
+        .into_iter()
+        .partition(|(_, r)| stored.contains(&r.lifecycle_id));
+    id_projection::write_changes(conn, &issued, &changed).await?;
+    let positions = event_log::append(conn, &applied.entries).await?;
+    Ok((issued.len() + changed.len(), positions))
 }
 
 /// The batch's keys for the Redis follower: the ids its entries issued, and
@@ -419,24 +344,6 @@ fn handed(positions: Positions, entries: &[NewEntry], book: &LifecycleBook) -> H
     }
 }
 
-/// Writes the rows of `touched` as `book` has them now, each once: those
-/// of ids in `stored` (bound before the batch) updated, the others inserted
-/// (see [`id_projection::write_changes`]). Returns how many.
-pub(crate) async fn write_rows(
-    conn: &mut MySqlConnection,
-    book: &LifecycleBook,
-    touched: Vec<(OrderId, LifecycleId)>,
-    stored: &HashSet<LifecycleId>,
-) -> Result<usize, StoreError> {
-    let touched = unique(touched);
-    let (changed, issued): (Vec<_>, Vec<_>) = book
-        .records(&touched)
-        .into_iter()
-        .partition(|(_, r)| stored.contains(&r.lifecycle_id));
-    id_projection::write_changes(conn, &issued, &changed).await?;
-    Ok(issued.len() + changed.len())
-}
-
 /// Processes a batch through `attempt` (which retries transient failures as
 /// its caller sees fit, and answers `Ok(None)` when it gives up, e.g. on
 /// shutdown). If the database refuses the batch, each message is processed
@@ -452,15 +359,15 @@ pub async fn process_isolating<'m, F, Fut>(
     config: &PipelineConfig,
     batch: &'m [InboundMessage],
     mut attempt: F,
-) -> Result<Option<BatchReport>, StoreError>
+) -> Result<Option<BatchOutcome>, StoreError>
 where
     F: FnMut(&'m [InboundMessage]) -> Fut,
-    Fut: std::future::Future<Output = Result<Option<BatchReport>, StoreError>>,
+    Fut: std::future::Future<Output = Result<Option<BatchOutcome>, StoreError>>,
 {
     match attempt(batch).await {
         Err(e) if e.is_refusal() => {
             tracing::error!(error = %e, "the database refused the batch; processing its messages one at a time");
-            let mut merged = BatchReport::default();
+            let mut merged = BatchOutcome::default();
             for m in batch {
                 match attempt(std::slice::from_ref(m)).await {
                     Ok(Some(r)) => merged.merge(r),
@@ -488,7 +395,7 @@ pub async fn record_poison(
     config: &PipelineConfig,
     message: &InboundMessage,
     error: &StoreError,
-) -> Result<BatchReport, StoreError> {
+) -> Result<BatchOutcome, StoreError> {
     let event = message
         .payload
         .as_deref()
@@ -499,11 +406,11 @@ pub async fn record_poison(
         format!("the database refused this event: {error}"),
         event.as_ref(),
     );
-    let report = BatchReport {
+    let report = BatchOutcome {
         consumed: 1,
         offsets: next_offsets(std::slice::from_ref(message)),
         dead_letters: vec![letter],
-        ..BatchReport::default()
+        ..BatchOutcome::default()
     };
     let mut tx = store.pool().begin().await?;
     dead_letters::insert(&mut tx, &report.dead_letters).await?;

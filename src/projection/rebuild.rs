@@ -21,18 +21,18 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::Row;
-
 use super::redis_follower::{self, FollowError};
 use crate::domain::{IdRecord, OrderId, OrderLifecycle};
 use crate::progress::Progress;
 use crate::store::fold::{self, FoldedChunks};
+use crate::store::id_projection::SHADOW;
 use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::stray_keys::{KeyKind, StrayKeys, StrayScanError};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Summary {
+pub struct RebuildSummary {
     pub events: u64,
     pub orders: u64,
     pub rows: u64,
@@ -49,29 +49,23 @@ pub enum RebuildError {
     Follow(#[from] FollowError),
     #[error("redis: {0}")]
     Redis(#[from] RedisError),
+    #[error(transparent)]
+    StrayScan(#[from] StrayScanError),
 }
-
-const SHADOW: &str = "order_lifecycle_ids_rebuild";
-const RETIRED: &str = "order_lifecycle_ids_retired";
 
 /// Rebuilds `order_lifecycle_ids` beside the live table and swaps it in.
 ///
 /// # Errors
 /// [`StoreError`]; the live table is untouched unless the swap happened.
-pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
+pub async fn rebuild_mysql(store: &Store) -> Result<RebuildSummary, StoreError> {
     let started = Instant::now();
     let pool = store.pool();
     let head = event_log::head(pool).await?;
 
     let mut conn = pool.acquire().await?;
-    sqlx::query(&format!("DROP TABLE IF EXISTS {SHADOW}"))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(&format!("CREATE TABLE {SHADOW} LIKE order_lifecycle_ids"))
-        .execute(&mut *conn)
-        .await?;
+    id_projection::create_shadow(&mut conn).await?;
 
-    let mut summary = Summary::default();
+    let mut summary = RebuildSummary::default();
     let mut progress = Progress::new("rebuild mysql", "events", Some(head.max(0) as u64));
     let mut chunks = FoldedChunks::new(pool, head, MAX_ROWS_PER_STATEMENT);
     while let Some(chunk) = chunks.next_chunk().await? {
@@ -87,24 +81,13 @@ pub async fn rebuild_mysql(store: &Store) -> Result<Summary, StoreError> {
     // held off (the exclusive projection lock, taken on its own connection
     // because RENAME commits), once more for the last few, and swap.
     let first_pass = refold_recent(store, &mut conn, SHADOW, head).await?;
-    // Fresh index statistics before readers and batches use the table: a
-    // table filled in bulk may still be estimated as nearly empty, and the
-    // optimizer then scans it whole for every lookup.
-    sqlx::query(&format!("ANALYZE TABLE {SHADOW}"))
-        .execute(&mut *conn)
-        .await?;
+    id_projection::analyze_shadow(&mut conn).await?;
     let mut lock = pool.begin().await?;
     id_projection::exclusive_projection_lock(&mut lock).await?;
     refold_recent(store, &mut conn, SHADOW, first_pass).await?;
-    sqlx::query(&format!(
-        "RENAME TABLE order_lifecycle_ids TO {RETIRED}, {SHADOW} TO order_lifecycle_ids"
-    ))
-    .execute(&mut *conn)
-    .await?;
+    id_projection::swap_in_shadow(&mut conn).await?;
     lock.commit().await?;
-    sqlx::query(&format!("DROP TABLE {RETIRED}"))
-        .execute(&mut *conn)
-        .await?;
+    id_projection::drop_retired(&mut conn).await?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -129,16 +112,7 @@ async fn refold_recent(
     since: i64,
 ) -> Result<i64, StoreError> {
     let next = event_log::head(store.pool()).await?;
-    let recent: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT CAST(order_id AS CHAR) FROM lifecycle_events WHERE position > ?",
-    )
-    .bind(since)
-    .fetch_all(store.pool())
-    .await?;
-    let orders: Vec<OrderId> = recent
-        .iter()
-        .filter_map(|o| OrderId::parse(o).ok())
-        .collect();
+    let orders = event_log::orders_after(store.pool(), since).await?;
     let folded = fold::orders_of(store.pool(), &orders).await?;
     write(conn, table, &folded).await?;
     Ok(next)
@@ -152,9 +126,9 @@ async fn refold_recent(
 pub async fn rebuild_redis(
     store: &Store,
     redis: &RedisProjection,
-) -> Result<Summary, RebuildError> {
+) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
-    let mut summary = Summary::default();
+    let mut summary = RebuildSummary::default();
     redis.reset().await?;
     summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
     summary.keys_removed = remove_stale_keys(store, redis).await?;
@@ -202,99 +176,4 @@ async fn remove_stale_keys(store: &Store, redis: &RedisProjection) -> Result<u64
         }
     }
     Ok(removed)
-}
-
-/// The two kinds of Redis key projected per id or per order.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum KeyKind {
-    /// `global_order_lookup:{id}`: live while the id has a row.
-    Lookup,
-    /// `order_lifecycle_active:{order}`: live while the order has an active id.
-    Active,
-}
-
-impl KeyKind {
-    fn pattern(self, redis: &RedisProjection) -> String {
-        match self {
-            KeyKind::Lookup => redis.keys().lookup_pattern(),
-            KeyKind::Active => redis.keys().active_pattern(),
-        }
-    }
-
-    /// Finds which key suffixes are live (completed with an `IN` list).
-    fn live_query(self) -> &'static str {
-        match self {
-            KeyKind::Lookup => "SELECT CAST(lifecycle_id AS CHAR) FROM order_lifecycle_ids WHERE lifecycle_id IN",
-            KeyKind::Active => "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids WHERE status = 'active' AND order_id IN",
-        }
-    }
-}
-
-/// Keys of one kind that nothing in `order_lifecycle_ids` accounts for,
-/// one SCAN step at a time (memory holds one step).
-pub(crate) struct StrayKeys<'a> {
-    store: &'a Store,
-    redis: &'a RedisProjection,
-    kind: KeyKind,
-    pattern: String,
-    /// `None` once the scan has come round.
-    cursor: Option<u64>,
-}
-
-impl<'a> StrayKeys<'a> {
-    pub(crate) fn new(store: &'a Store, redis: &'a RedisProjection, kind: KeyKind) -> Self {
-        StrayKeys {
-            store,
-            redis,
-            kind,
-            pattern: kind.pattern(redis),
-            cursor: Some(0),
-        }
-    }
-
-    /// The stray keys of the next SCAN step (possibly none); `None` when the
-    /// scan is complete.
-    pub(crate) async fn next_batch(&mut self) -> Result<Option<Vec<String>>, RebuildError> {
-        let Some(cursor) = self.cursor else {
-            return Ok(None);
-        };
-        let (next, batch) = self.redis.scan(cursor, &self.pattern).await?;
-        self.cursor = (next != 0).then_some(next);
-        let suffixes: Vec<String> = batch
-            .iter()
-            .map(|k| k[self.pattern.len() - 1..].to_owned())
-            .collect();
-        let live = existing(self.store, self.kind.live_query(), &suffixes).await?;
-        Ok(Some(
-            batch
-                .into_iter()
-                .zip(&suffixes)
-                .filter(|(_, s)| !live.contains(*s))
-                .map(|(k, _)| k)
-                .collect(),
-        ))
-    }
-}
-
-/// Which of `values` a `SELECT ... WHERE column IN` query finds.
-async fn existing(
-    store: &Store,
-    select_in: &str,
-    values: &[String],
-) -> Result<std::collections::HashSet<String>, StoreError> {
-    let mut found = std::collections::HashSet::new();
-    if values.is_empty() {
-        return Ok(found);
-    }
-    let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(select_in);
-    qb.push(" (");
-    let mut list = qb.separated(", ");
-    for v in values {
-        list.push_bind(v.as_str());
-    }
-    list.push_unseparated(")");
-    for row in qb.build().fetch_all(store.pool()).await? {
-        found.insert(row.try_get::<String, _>(0)?);
-    }
-    Ok(found)
 }

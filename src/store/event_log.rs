@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
+use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
 
 use super::{push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
 use crate::domain::{EventId, OrderEvent, OrderId, Outcome, Recorded, Transition};
@@ -229,7 +229,7 @@ pub async fn event_id_at(
 
 /// A log entry as a follower projection reads it.
 #[derive(Debug, Clone)]
-pub struct LoggedEntry {
+pub struct EntryTransitions {
     pub position: i64,
     pub order_id: OrderId,
     pub seq: u64,
@@ -245,7 +245,7 @@ pub async fn read_after(
     pool: &sqlx::MySqlPool,
     position: i64,
     limit: u32,
-) -> Result<Vec<LoggedEntry>, StoreError> {
+) -> Result<Vec<EntryTransitions>, StoreError> {
     let rows = sqlx::query(
         "SELECT position, order_id, seq, transitions, event_id \
          FROM lifecycle_events WHERE position > ? ORDER BY position LIMIT ?",
@@ -262,7 +262,7 @@ pub async fn read_after(
         .map(|row| {
             let order = text(row, 1, TABLE)?;
             let transitions = text(row, 3, TABLE)?;
-            Ok(LoggedEntry {
+            Ok(EntryTransitions {
                 position: row.try_get(0)?,
                 order_id: OrderId::parse(order).map_err(|e| corrupt(format!("order_id: {e}")))?,
                 seq: u64::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
@@ -284,7 +284,7 @@ pub async fn head(pool: &sqlx::MySqlPool) -> Result<i64, StoreError> {
 
 /// One log entry as the read API shows it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct OrderEntry {
+pub struct StoredEntry {
     pub seq: u64,
     pub event_id: String,
     pub kind: String,
@@ -306,7 +306,7 @@ pub async fn order_entries(
     order: &OrderId,
     after_seq: u64,
     limit: u32,
-) -> Result<Vec<OrderEntry>, StoreError> {
+) -> Result<Vec<StoredEntry>, StoreError> {
     let rows = sqlx::query(
         "SELECT seq, event_id, kind, CAST(outcome AS CHAR), transitions, payload, occurred_at_ms, \
          source_topic, source_partition, source_offset FROM lifecycle_events \
@@ -333,7 +333,7 @@ pub async fn order_entries(
                 }),
                 _ => None,
             };
-            Ok(OrderEntry {
+            Ok(StoredEntry {
                 seq: seq as u64,
                 event_id: text(r, 1, TABLE)?.to_owned(),
                 kind: text(r, 2, TABLE)?.to_owned(),
@@ -345,4 +345,37 @@ pub async fn order_entries(
             })
         })
         .collect()
+}
+
+/// The orders with entries after log position `since`.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn orders_after(pool: &MySqlPool, since: i64) -> Result<Vec<OrderId>, StoreError> {
+    let recent: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT CAST(order_id AS CHAR) FROM lifecycle_events WHERE position > ?",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    Ok(recent
+        .iter()
+        .filter_map(|o| OrderId::parse(o).ok())
+        .collect())
+}
+
+/// Every entry's position by its event id (`bench-latency` matches what it
+/// sent to where it landed; a scratch log of a few hundred thousand
+/// entries).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn positions_by_event_id(pool: &MySqlPool) -> Result<HashMap<String, i64>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT CAST(event_id AS CHAR), position FROM lifecycle_events")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect(),
+    )
 }

@@ -1,7 +1,7 @@
 //! The `order_lifecycle_ids` read model: one row per lifecycle id, written in
 //! the same transaction as the log entries that changed it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
 
@@ -304,5 +304,136 @@ pub async fn exclusive_projection_lock(conn: &mut MySqlConnection) -> Result<(),
     sqlx::query("SELECT id FROM projection_lock WHERE id = 1 FOR UPDATE")
         .fetch_optional(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// The table a rebuild fills beside the live one.
+pub const SHADOW: &str = "order_lifecycle_ids_rebuild";
+/// The live table's name between the swap and its removal.
+const RETIRED: &str = "order_lifecycle_ids_retired";
+
+/// Creates an empty [`SHADOW`] table shaped like the live one (dropping a
+/// leftover of an interrupted rebuild).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn create_shadow(conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    sqlx::query("DROP TABLE IF EXISTS order_lifecycle_ids_rebuild")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("CREATE TABLE order_lifecycle_ids_rebuild LIKE order_lifecycle_ids")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Refreshes [`SHADOW`]'s index statistics: a table filled in bulk may
+/// still be estimated as nearly empty, and the optimizer would then scan it
+/// whole for every lookup once it is live.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn analyze_shadow(conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    sqlx::query("ANALYZE TABLE order_lifecycle_ids_rebuild")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Puts [`SHADOW`] in the live table's place in one `RENAME TABLE` (a
+/// reader sees the old table or the new one, never none), then drops the
+/// old one. The caller holds the exclusive projection lock.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn swap_in_shadow(conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    sqlx::query(
+        "RENAME TABLE order_lifecycle_ids TO order_lifecycle_ids_retired, \
+         order_lifecycle_ids_rebuild TO order_lifecycle_ids",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Drops the table [`swap_in_shadow`] retired.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn drop_retired(conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    sqlx::query(&format!("DROP TABLE {RETIRED}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Which of `ids` have a row.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn bound_ids_among(
+    conn: &mut MySqlConnection,
+    ids: &[String],
+) -> Result<HashSet<String>, StoreError> {
+    strings_among(
+        conn,
+        "SELECT CAST(lifecycle_id AS CHAR) FROM order_lifecycle_ids WHERE lifecycle_id IN",
+        ids,
+    )
+    .await
+}
+
+/// Which of `orders` have an active id.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn orders_with_active_ids_among(
+    conn: &mut MySqlConnection,
+    orders: &[String],
+) -> Result<HashSet<String>, StoreError> {
+    strings_among(
+        conn,
+        "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids \
+         WHERE status = 'active' AND order_id IN",
+        orders,
+    )
+    .await
+}
+
+/// Which of `values` the `SELECT ... IN` query `select_in` finds.
+async fn strings_among(
+    conn: &mut MySqlConnection,
+    select_in: &'static str,
+    values: &[String],
+) -> Result<HashSet<String>, StoreError> {
+    let mut found = HashSet::new();
+    for chunk in values.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new(select_in);
+        qb.push(" (");
+        let mut list = qb.separated(", ");
+        for v in chunk {
+            list.push_bind(v.as_str());
+        }
+        list.push_unseparated(")");
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            found.insert(text(&row, 0, TABLE)?.to_owned());
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes every row of `orders` (a repair re-writes them from the log).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn delete_orders(
+    conn: &mut MySqlConnection,
+    orders: &[OrderId],
+) -> Result<(), StoreError> {
+    for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new("DELETE FROM order_lifecycle_ids WHERE ");
+        push_in(&mut qb, "order_id", chunk);
+        qb.build().execute(&mut *conn).await?;
+    }
     Ok(())
 }

@@ -2,14 +2,17 @@
 //! dead letters, consumer offsets and projection checkpoints; and the Redis
 //! read model. Thin adapters: SQL with bound parameters only, no rules.
 
+pub mod audit;
 pub mod checkpoints;
 pub mod dead_letters;
 pub mod event_log;
 pub mod fold;
 pub mod id_projection;
+pub mod legacy;
 pub mod offsets;
 pub mod parked;
 pub mod redis_projection;
+pub mod stray_keys;
 
 use std::time::Duration;
 
@@ -217,6 +220,15 @@ impl Store {
     /// being applied.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether the database answers a trivial query (readiness).
+    ///
+    /// # Errors
+    /// [`StoreError`] when it does not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 

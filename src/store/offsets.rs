@@ -155,3 +155,20 @@ fn push_partitions<'a>(qb: &mut QueryBuilder<'a, MySql>, partitions: &'a [(Strin
     }
     list.push_unseparated(")");
 }
+
+/// Messages the group has committed over all partitions: the sum of its
+/// stored next offsets (for a fresh topic, where every partition starts at
+/// 0; the benches' progress).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn committed_total(pool: &sqlx::MySqlPool, group: &str) -> Result<u64, StoreError> {
+    let total: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM consumer_offsets \
+         WHERE group_id = ?",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(total).unwrap_or(0))
+}

@@ -26,8 +26,8 @@ pub struct ParkedRow {
 /// An event to park.
 #[derive(Debug, Clone)]
 pub struct NewParked<'a> {
-    pub awaited: &'a LifecycleId,
-    pub event_id: &'a EventId,
+    pub awaited: LifecycleId,
+    pub event_id: EventId,
     pub event_json: String,
     pub message: &'a InboundMessage,
 }

@@ -17,21 +17,10 @@ use serde_json::{Map, Value};
 
 use super::protobuf::proto::{self, order_event::Kind};
 use super::DecodeError;
-use crate::domain::OrderEvent;
+use crate::domain::{kind_names, OrderEvent};
 
 /// The `oneof kind` member names, each a possible top-level key.
-pub const KIND_NAMES: [&str; 10] = [
-    "order_placed",
-    "stop_loss_added",
-    "take_profit_added",
-    "stop_loss_cancelled",
-    "take_profit_cancelled",
-    "close_requested",
-    "pending_cancelled",
-    "pending_modified",
-    "provider_confirmation",
-    "legacy_id_imported",
-];
+pub const KIND_NAMES: [&str; 10] = kind_names::ALL;
 
 /// Decodes a JSON event.
 ///
@@ -73,15 +62,15 @@ fn kind_from_json(name: &str, body: Value) -> Result<Kind, DecodeError> {
         serde_json::from_value(body).map_err(|e| DecodeError::Json(format!("{name}: {e}")))
     }
     Ok(match name {
-        "order_placed" => Kind::OrderPlaced(parse(name, body)?),
-        "stop_loss_added" => Kind::StopLossAdded(parse(name, body)?),
-        "take_profit_added" => Kind::TakeProfitAdded(parse(name, body)?),
-        "stop_loss_cancelled" => Kind::StopLossCancelled(parse(name, body)?),
-        "take_profit_cancelled" => Kind::TakeProfitCancelled(parse(name, body)?),
-        "close_requested" => Kind::CloseRequested(parse(name, body)?),
-        "pending_cancelled" => Kind::PendingCancelled(parse(name, body)?),
-        "pending_modified" => Kind::PendingModified(parse(name, body)?),
-        "legacy_id_imported" => Kind::LegacyIdImported(parse(name, body)?),
+        kind_names::ORDER_PLACED => Kind::OrderPlaced(parse(name, body)?),
+        kind_names::STOP_LOSS_ADDED => Kind::StopLossAdded(parse(name, body)?),
+        kind_names::TAKE_PROFIT_ADDED => Kind::TakeProfitAdded(parse(name, body)?),
+        kind_names::STOP_LOSS_CANCELLED => Kind::StopLossCancelled(parse(name, body)?),
+        kind_names::TAKE_PROFIT_CANCELLED => Kind::TakeProfitCancelled(parse(name, body)?),
+        kind_names::CLOSE_REQUESTED => Kind::CloseRequested(parse(name, body)?),
+        kind_names::PENDING_CANCELLED => Kind::PendingCancelled(parse(name, body)?),
+        kind_names::PENDING_MODIFIED => Kind::PendingModified(parse(name, body)?),
+        kind_names::LEGACY_ID_IMPORTED => Kind::LegacyIdImported(parse(name, body)?),
         _ => Kind::ProviderConfirmation(parse(name, body)?),
     })
 }
@@ -131,16 +120,24 @@ fn to_value(m: &proto::OrderEvent) -> Value {
         object.insert("user_type".into(), Value::from(m.user_type.clone()));
     }
     let (name, body) = match &m.kind {
-        Some(Kind::OrderPlaced(k)) => ("order_placed", serde_json::to_value(k)),
-        Some(Kind::StopLossAdded(k)) => ("stop_loss_added", serde_json::to_value(k)),
-        Some(Kind::TakeProfitAdded(k)) => ("take_profit_added", serde_json::to_value(k)),
-        Some(Kind::StopLossCancelled(k)) => ("stop_loss_cancelled", serde_json::to_value(k)),
-        Some(Kind::TakeProfitCancelled(k)) => ("take_profit_cancelled", serde_json::to_value(k)),
-        Some(Kind::CloseRequested(k)) => ("close_requested", serde_json::to_value(k)),
-        Some(Kind::PendingCancelled(k)) => ("pending_cancelled", serde_json::to_value(k)),
-        Some(Kind::PendingModified(k)) => ("pending_modified", serde_json::to_value(k)),
-        Some(Kind::ProviderConfirmation(k)) => ("provider_confirmation", serde_json::to_value(k)),
-        Some(Kind::LegacyIdImported(k)) => ("legacy_id_imported", serde_json::to_value(k)),
+        Some(Kind::OrderPlaced(k)) => (kind_names::ORDER_PLACED, serde_json::to_value(k)),
+        Some(Kind::StopLossAdded(k)) => (kind_names::STOP_LOSS_ADDED, serde_json::to_value(k)),
+        Some(Kind::TakeProfitAdded(k)) => (kind_names::TAKE_PROFIT_ADDED, serde_json::to_value(k)),
+        Some(Kind::StopLossCancelled(k)) => {
+            (kind_names::STOP_LOSS_CANCELLED, serde_json::to_value(k))
+        }
+        Some(Kind::TakeProfitCancelled(k)) => {
+            (kind_names::TAKE_PROFIT_CANCELLED, serde_json::to_value(k))
+        }
+        Some(Kind::CloseRequested(k)) => (kind_names::CLOSE_REQUESTED, serde_json::to_value(k)),
+        Some(Kind::PendingCancelled(k)) => (kind_names::PENDING_CANCELLED, serde_json::to_value(k)),
+        Some(Kind::PendingModified(k)) => (kind_names::PENDING_MODIFIED, serde_json::to_value(k)),
+        Some(Kind::ProviderConfirmation(k)) => {
+            (kind_names::PROVIDER_CONFIRMATION, serde_json::to_value(k))
+        }
+        Some(Kind::LegacyIdImported(k)) => {
+            (kind_names::LEGACY_ID_IMPORTED, serde_json::to_value(k))
+        }
         None => return Value::Object(object),
     };
     // Serializing plain strings and maps cannot fail.

@@ -148,9 +148,10 @@ impl TryFrom<proto::OrderEvent> for OrderEvent {
         let user_id = optional_id("user_id", &m.user_id, UserId::parse)?;
         let user_type = match m.user_type.as_str() {
             "" => None,
-            "live" => Some(UserType::Live),
-            "demo" => Some(UserType::Demo),
-            _ => return Err(DecodeError::invalid("user_type", "must be live or demo")),
+            raw => Some(
+                UserType::parse(raw)
+                    .ok_or_else(|| DecodeError::invalid("user_type", "must be live or demo"))?,
+            ),
         };
         let kind = match m.kind.ok_or(DecodeError::MissingKind)? {
             Kind::OrderPlaced(k) => EventKind::OrderPlaced(OrderPlaced {

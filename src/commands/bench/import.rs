@@ -26,8 +26,8 @@ pub struct ImportBenchConfig {
     #[arg(long, default_value_t = 120_000)]
     pub orders: usize,
     /// `import-legacy --batch-size`.
-    #[arg(long, default_value_t = 1_000)]
-    pub batch_size: u32,
+    #[arg(long, default_value_t = 1_000, value_parser = crate::config::parse_batch_size)]
+    pub batch_size: usize,
     #[command(flatten)]
     pub services: BenchServices,
 }

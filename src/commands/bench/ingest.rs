@@ -24,7 +24,7 @@ use sqlx::{MySql, QueryBuilder};
 use super::{enqueue, plan, BenchServices, CpuReading, Layout, Scratch};
 use crate::config::KafkaConfig;
 use crate::kafka;
-use crate::store::{event_log, Store};
+use crate::store::{event_log, offsets, Store};
 
 /// Options of `bench-ingest`.
 #[derive(Debug, Clone, Args)]
@@ -39,7 +39,7 @@ pub struct IngestBenchConfig {
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
     /// The consumer's batch size (`run --batch-size`).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = crate::config::parse_batch_size)]
     pub batch_size: usize,
     /// Skip the ceiling (e.g. a second drain of a size already measured).
     #[arg(long)]
@@ -184,7 +184,7 @@ async fn drain(
     produced: usize,
 ) -> anyhow::Result<Drain> {
     let mut run = scratch.run_config(kafka, topics, config.partitions, 10);
-    run.batch_size = config.batch_size;
+    run.input.batch_size = config.batch_size;
     let redis = scratch.projection().await?;
     super::reset_peak_memory();
     let start_rss_mib = crate::telemetry::peak_memory_mib();
@@ -229,17 +229,10 @@ async fn drain(
     })
 }
 
-/// Messages committed by the group: the sum of its stored next offsets
-/// (every partition starts at 0 in a fresh topic).
+/// Messages committed by the group (see [`offsets::committed_total`]).
 async fn committed(store: &Store, group: &str) -> anyhow::Result<usize> {
-    let total: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM consumer_offsets \
-         WHERE group_id = ?",
-    )
-    .bind(group)
-    .fetch_one(store.pool())
-    .await?;
-    Ok(usize::try_from(total).unwrap_or(0))
+    let total = offsets::committed_total(store.pool(), group).await?;
+    Ok(usize::try_from(total).unwrap_or(usize::MAX))
 }
 
 /// What the ceiling measured.

@@ -155,12 +155,7 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     consumer.await??;
     anyhow::ensure!(complete, "not every event reached Redis within 120 s");
 
-    let positions: std::collections::HashMap<String, i64> =
-        sqlx::query_as("SELECT CAST(event_id AS CHAR), position FROM lifecycle_events")
-            .fetch_all(store.pool())
-            .await?
-            .into_iter()
-            .collect();
+    let positions = crate::store::event_log::positions_by_event_id(store.pool()).await?;
     let mut latencies: Vec<Duration> = Vec::with_capacity(sent_at.len());
     for (event_id, at) in &sent_at {
         let Some(position) = positions.get(event_id) else {

@@ -23,7 +23,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use sqlx::migrate::MigrateDatabase;
 
 use crate::config::{
-    DatabaseConfig, HttpConfig, KafkaConfig, KafkaOption, RedisConfig, RunConfig, SecretUrl,
+    DatabaseConfig, HttpConfig, InputConfig, KafkaConfig, KafkaOption, RedisConfig, RunConfig,
+    SecretUrl,
 };
 use crate::domain::{EventKind, OrderEvent};
 use crate::kafka;
@@ -124,14 +125,16 @@ impl Scratch {
             database: self.database(),
             redis: self.redis(),
             http: HttpConfig::off(),
-            topics: topics.to_vec(),
+            input: InputConfig {
+                topics: topics.to_vec(),
+                batch_size: 500,
+                park_timeout: Duration::from_secs(300),
+            },
             group_id: self.name.clone(),
             dead_letter_topic: self.dead_letter_topic(),
-            batch_size: 500,
             batch_linger: Duration::from_millis(50),
             session_timeout: Duration::from_secs(6),
             shutdown_timeout: Duration::from_secs(3),
-            park_timeout: Duration::from_secs(300),
             max_partition_idle: Duration::from_millis(100),
             create_topics: false,
             topic_partitions: partitions,

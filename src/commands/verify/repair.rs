@@ -1,0 +1,77 @@
+//! `verify --repair`: re-projects what the checks found wrong.
+
+use super::checks::Findings;
+use super::{Repaired, VerifyError};
+use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
+use crate::projection::rebuild;
+use crate::store::fold;
+use crate::store::redis_projection::RedisProjection;
+use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
+
+/// Re-projects the orders found wrong from the log (rows replaced in one
+/// transaction per chunk, holding the orders' rows so that no batch moves
+/// them meanwhile), rewrites their Redis keys, and removes stray keys.
+pub(super) async fn repair(
+    store: &Store,
+    redis: &RedisProjection,
+    findings: &Findings,
+) -> Result<Repaired, VerifyError> {
+    let pool = store.pool();
+    let mut repaired = Repaired::default();
+    if findings.redis_diverged {
+        redis.reset().await?;
+        repaired.redis_entries =
+            rebuild::catch_up_to_head(store, redis, "re-project redis").await?;
+    }
+    let orders: Vec<OrderId> = findings.orders.iter().cloned().collect();
+    // Keys the repair writes: a "stray" key of an id whose row was missing
+    // is right again once its order is re-projected.
+    let mut written = std::collections::HashSet::new();
+    let keys = redis.keys();
+    for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut tx = pool.begin().await.map_err(StoreError::from)?;
+        id_projection::share_projection_lock(&mut tx).await?;
+        id_projection::load_records(&mut tx, chunk, true).await?;
+        let folded = fold::orders_of(pool, chunk).await?;
+        id_projection::delete_orders(&mut tx, chunk).await?;
+        let rows: Vec<(&OrderId, &IdRecord)> =
+            folded.iter().flat_map(OrderLifecycle::rows).collect();
+        id_projection::upsert(&mut tx, &rows).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        repaired.orders += chunk.len() as u64;
+        repaired.rows += rows.len() as u64;
+
+        let lookups: Vec<(LifecycleId, OrderId)> = rows
+            .iter()
+            .map(|(o, r)| (r.lifecycle_id.clone(), (*o).clone()))
+            .collect();
+        let hashes: Vec<_> = chunk
+            .iter()
+            .map(|o| {
+                let active = folded
+                    .iter()
+                    .find(|f| f.order_id() == o)
+                    .map(|f| f.active_ids())
+                    .unwrap_or_default();
+                (o.clone(), active)
+            })
+            .collect();
+        redis.put(&lookups, &hashes).await?;
+        written.extend(lookups.iter().map(|(id, _)| keys.lookup(id)));
+        written.extend(
+            hashes
+                .iter()
+                .filter(|(_, active)| !active.is_empty())
+                .map(|(o, _)| keys.active(o)),
+        );
+    }
+    let stray: Vec<&String> = findings
+        .stray_keys
+        .iter()
+        .filter(|k| !written.contains(*k))
+        .collect();
+    for keys in stray.chunks(1000) {
+        repaired.redis_keys_removed += redis.delete(keys).await?;
+    }
+    Ok(repaired)
+}
