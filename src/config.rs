@@ -131,14 +131,7 @@ pub fn parse_timestamp_ms(raw: &str) -> Result<i64, String> {
     } else {
         return Err(bad());
     };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::calendar::days_from_civil(y, m, day);
     Ok(((days * 24 + t[0]) * 60 + t[1]) * 60_000 + t[2] * 1000 + millis)
 }
 
@@ -157,7 +150,8 @@ impl FromStr for KafkaOption {
                 key: k.trim().to_owned(),
                 value: v.trim().to_owned(),
             }),
-            _ => Err(format!("{s:?} is not key=value")),
+            // The value is not quoted: options carry credentials.
+            _ => Err("expected key=value (a librdkafka setting)".into()),
         }
     }
 }
@@ -175,10 +169,13 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (`key=value`), e.g. `security.protocol=SASL_SSL`;
     /// repeat the flag, or separate with commas in the variable. They override
     /// this service's defaults.
+    // The values are hidden from `--help`: options carry credentials
+    // (`sasl.password`).
     #[arg(
         id = "kafka_options",
         long = "kafka-option",
         env = "OL_KAFKA_OPTIONS",
+        hide_env_values = true,
         value_delimiter = ','
     )]
     pub options: Vec<KafkaOption>,

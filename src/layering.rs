@@ -6,8 +6,9 @@
 /// Layer of each top-level module; a module may import any module of a
 /// lower layer.
 const LAYERS: &[(&str, u8)] = &[
+    ("calendar", 0),
     ("clock", 0),
-    ("config", 0),
+    ("config", 1),
     ("progress", 0),
     ("shutdown", 0),
     ("telemetry", 0),

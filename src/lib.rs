@@ -9,7 +9,8 @@
 //! layer imports only those below it:
 //! `domain` < `wire` < `kafka`, `store` < `projection` < `ingest`, `http` <
 //! `commands` < `main`. The leaves (`clock`, `config`, `retry`,
-//! `shutdown`, `telemetry`, `progress`) import nothing above them.
+//! `shutdown`, `telemetry`, `progress`, `calendar`) import nothing above
+//! them.
 //!
 //! - [`domain`]: ids, input events and the lifecycle state machine; pure.
 //! - [`wire`]: the message as it arrived; protobuf and JSON decoding into
@@ -29,10 +30,12 @@
 //! - [`config`]: typed settings shared by the commands; [`retry`]: waiting
 //!   between retries; [`shutdown`]: the stop signal every task watches;
 //!   [`telemetry`]: logs; [`progress`]: the long jobs' progress bar;
-//!   [`clock`]: the wall clock, read in one place.
+//!   [`clock`]: the wall clock, read in one place; [`calendar`]: UTC
+//!   dates in Rust (past 2038).
 //! - `testing`: builders of valid events, compiled for tests only (the
 //!   `testing` feature).
 
+pub mod calendar;
 pub mod clock;
 pub mod commands;
 pub mod config;

@@ -687,13 +687,24 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
     let second = stream(42, 150);
     let sending = env.send_many(&second);
     let rebuilding = async {
-        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&env.db.store)
-            .await
-            .unwrap();
+        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(
+            &env.db.store,
+            &order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
+                .await
+                .expect("the rebuild lease"),
+        )
+        .await
+        .unwrap();
         let projection = env.redis.projection().await;
-        let redis = order_lifecycle::projection::rebuild::rebuild_redis(&env.db.store, &projection)
-            .await
-            .unwrap();
+        let redis = order_lifecycle::projection::rebuild::rebuild_redis(
+            &env.db.store,
+            &projection,
+            &order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
+                .await
+                .expect("the rebuild lease"),
+        )
+        .await
+        .unwrap();
         (mysql, redis)
     };
     let (_, (mysql, _)) = tokio::join!(sending, rebuilding);
@@ -959,6 +970,48 @@ async fn replay_over_a_healthy_store_changes_nothing() {
         (summary.messages, summary.duplicates, summary.recorded),
         (1, 1, 0)
     );
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// Every compression codec librdkafka knows (gzip, snappy, lz4, zstd):
+/// batches compressed with each are consumed, and nothing after them on
+/// their partitions stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_every_compression_codec_are_consumed() {
+    use order_lifecycle::kafka;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config());
+    let codecs = ["gzip", "snappy", "lz4", "zstd", "none"];
+    let mut sent = 0;
+    for (i, codec) in codecs.iter().enumerate() {
+        let producer: FutureProducer = kafka::producer_config(&common::kafka_config())
+            .set("compression.type", *codec)
+            .set("linger.ms", "50")
+            .create()
+            .unwrap_or_else(|e| panic!("a {codec} producer: {e}"));
+        let events = common::stream(15, 700 + i as u64);
+        let mut deliveries = Vec::new();
+        for (e, encoding) in &events {
+            let (topic, key) = env.destination(e);
+            let payload = order_lifecycle::wire::encode(e, *encoding);
+            let record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(payload.as_slice())
+                .headers(kafka::content_type_headers(Some(encoding.content_type())));
+            deliveries.push(kafka::enqueue(&producer, record).await.expect("enqueue"));
+        }
+        kafka::await_deliveries(deliveries)
+            .await
+            .unwrap_or_else(|e| panic!("{codec}: {e}"));
+        sent += events.len();
+        env.wait_until_logged(sent, std::time::Duration::from_secs(60))
+            .await;
+    }
+    assert_eq!(env.logged().await, sent as i64, "every event once");
+    assert_eq!(env.db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
     consumer.stop().await;
     env.cleanup().await;
 }

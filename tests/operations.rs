@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{TestDb, TestRedis};
 use order_lifecycle::ingest::{process_batch, PipelineConfig};
+use order_lifecycle::projection::rebuild::RebuildLease;
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::Encoding;
 
@@ -57,12 +58,7 @@ async fn insert_legacy(db: &TestDb, table: &str, rows: &[(&str, [Option<&str>; 7
 /// Runs the binary with the test's database and Redis prefix; returns
 /// (exit success, stdout, stderr).
 fn order_lifecycle(db: &TestDb, redis: &TestRedis, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("OL_DATABASE_URL", db.url.expose())
-        .env("OL_REDIS_URL", &redis.url)
-        .env("OL_REDIS_KEY_PREFIX", &redis.prefix)
-        .env("RUST_LOG", "warn")
+    let out = command(db, redis, args)
         .output()
         .expect("run order-lifecycle");
     (
@@ -70,6 +66,18 @@ fn order_lifecycle(db: &TestDb, redis: &TestRedis, args: &[&str]) -> (bool, Stri
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The binary with `args`, the test's database and Redis prefix.
+fn command(db: &TestDb, redis: &TestRedis, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("OL_DATABASE_URL", db.url.expose())
+        .env("OL_REDIS_URL", &redis.url)
+        .env("OL_REDIS_KEY_PREFIX", &redis.prefix)
+        .env("RUST_LOG", "warn");
+    command
 }
 
 /// The realistic legacy rows: live and demo, NULLs, blanks, surrounding
@@ -327,13 +335,18 @@ async fn import_legacy_of_100000_orders_runs_in_bounded_memory() {
 
 /// A healthy store: a realistic stream through the pipeline, Redis caught up.
 async fn healthy_store(seed: u64) -> (TestDb, TestRedis) {
+    store_of(20, seed).await
+}
+
+/// A store holding `orders` realistic lifecycles, Redis projected.
+async fn store_of(orders: usize, seed: u64) -> (TestDb, TestRedis) {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let pipeline = PipelineConfig {
         offsets_group: Some("verify-test".into()),
         park_timeout: Duration::from_secs(60),
     };
-    let events = common::stream(20, seed);
+    let events = common::stream(orders, seed);
     let messages =
         common::inbound_messages("order-events", 0, events.iter().map(|(e, enc)| (e, *enc)));
     for chunk in messages.chunks(100) {
@@ -703,4 +716,91 @@ async fn verify_repair_makes_a_corrupted_store_pass() {
     common::assert_projections_match_log(&db, &redis).await;
     redis.cleanup().await;
     db.drop().await;
+}
+
+/// Two `rebuild --target mysql` at once never wipe the read model: one holds
+/// the rebuild lease and replaces it, the other refuses at once (exit 75)
+/// and changes nothing; the leftovers of a crashed rebuild are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rebuilds_at_once_never_wipe_the_read_model() {
+    let (db, redis) = store_of(400, 41).await;
+    let before = db.rows().await;
+    assert!(before.len() > 1_000, "{} rows", before.len());
+    // A rebuild killed between its swap and its drop left the retired
+    // table; one killed while filling left its shadow table.
+    exec(
+        &db,
+        "CREATE TABLE order_lifecycle_ids_retired LIKE order_lifecycle_ids",
+    )
+    .await;
+    exec(
+        &db,
+        "CREATE TABLE order_lifecycle_ids_rebuild LIKE order_lifecycle_ids",
+    )
+    .await;
+
+    // While another holder has the lease: refused at once, nothing touched.
+    {
+        let _held = RebuildLease::acquire(&db.store).await.expect("the lease");
+        let out = command(&db, &redis, &["rebuild", "--target", "mysql"])
+            .output()
+            .expect("run rebuild");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{stderr}");
+        assert!(
+            stderr.contains("another rebuild of this database is running"),
+            "{stderr}"
+        );
+        assert_eq!(db.rows().await, before);
+        assert!(
+            matches!(
+                RebuildLease::acquire(&db.store).await,
+                Err(order_lifecycle::projection::rebuild::RebuildError::Busy)
+            ),
+            "a second holder in this process is refused too"
+        );
+    }
+
+    // Two started together, a few times: each ends done (0) or refused
+    // (75), at least one does the work, and the read model stays whole.
+    let mut refused = 0;
+    for round in 0..3 {
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                command(&db, &redis, &["rebuild", "--target", "mysql"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start rebuild")
+            })
+            .collect();
+        let codes: Vec<Option<i32>> = children
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().expect("rebuild ends");
+                let code = out.status.code();
+                assert!(
+                    matches!(code, Some(0) | Some(75)),
+                    "round {round}: exit {code:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                code
+            })
+            .collect();
+        assert!(codes.contains(&Some(0)), "round {round}: {codes:?}");
+        refused += codes.iter().filter(|c| **c == Some(75)).count();
+        assert_eq!(
+            db.rows().await,
+            before,
+            "round {round}: the read model is whole"
+        );
+    }
+    println!("{refused} of 6 rebuilds refused for the lease");
+    let leftovers = db
+        .count(
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
+             AND TABLE_NAME IN ('order_lifecycle_ids_retired', 'order_lifecycle_ids_rebuild')",
+        )
+        .await;
+    assert_eq!(leftovers, 0, "a crashed rebuild's tables are gone");
 }

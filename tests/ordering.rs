@@ -219,7 +219,10 @@ async fn lifecycles_on_four_topics_stamped_in_one_millisecond_are_applied_in_ord
             produce(&producer, topics.topic_of(e), e, stamp).await;
         }
     }
-    let mut config = env.run_config();
+    // Order across partitions holds within --max-partition-idle of a
+    // partition's messages arriving (rule R11); a second covers a fetch
+    // delayed by a busy machine.
+    let mut config = env.run_config_with(&["--max-partition-idle", "1s"]);
     config.input.topics = topics.all();
     let consumer = env.start(config);
     env.wait_for_log(backlog.len() as i64, 0).await;
@@ -306,7 +309,7 @@ async fn the_same_stream_on_four_topics_or_one_gives_the_same_log_and_replay_rep
         produce(&reference, &one.topics.orders, e, base + i as i64).await;
     }
 
-    let mut config = four.run_config();
+    let mut config = four.run_config_with(&["--max-partition-idle", "1s"]);
     config.input.topics = topics.all();
     let consumer = four.start(config);
     let reference_consumer = one.start(one.run_config());

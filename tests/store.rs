@@ -452,14 +452,25 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
     let keys = redis.snapshot().await;
     assert!(rows.len() > 500, "{} rows", rows.len());
 
-    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&db.store)
-        .await
-        .unwrap();
+    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(
+        &db.store,
+        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+            .await
+            .expect("the rebuild lease"),
+    )
+    .await
+    .unwrap();
     assert_eq!(mysql.rows as usize, rows.len());
     assert_eq!(db.full_rows().await, rows, "MySQL rebuilt row for row");
-    let redis_summary = order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection)
-        .await
-        .unwrap();
+    let redis_summary = order_lifecycle::projection::rebuild::rebuild_redis(
+        &db.store,
+        &projection,
+        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+            .await
+            .expect("the rebuild lease"),
+    )
+    .await
+    .unwrap();
     assert_eq!(redis_summary.keys_removed, 0);
     assert_eq!(redis.snapshot().await, keys, "Redis rebuilt key for key");
     redis.cleanup().await;
@@ -522,15 +533,88 @@ async fn rebuild_repairs_a_corrupted_projection() {
     assert_ne!(db.full_rows().await, rows);
     assert_ne!(redis.snapshot().await, keys);
 
-    order_lifecycle::projection::rebuild::rebuild_mysql(&db.store)
-        .await
-        .unwrap();
-    let summary = order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection)
-        .await
-        .unwrap();
+    order_lifecycle::projection::rebuild::rebuild_mysql(
+        &db.store,
+        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+            .await
+            .expect("the rebuild lease"),
+    )
+    .await
+    .unwrap();
+    let summary = order_lifecycle::projection::rebuild::rebuild_redis(
+        &db.store,
+        &projection,
+        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+            .await
+            .expect("the rebuild lease"),
+    )
+    .await
+    .unwrap();
     assert_eq!(db.full_rows().await, rows);
     assert_eq!(summary.keys_removed, 1, "the stray key");
     assert_eq!(redis.snapshot().await, keys);
     redis.cleanup().await;
+    db.drop().await;
+}
+
+/// Event times past 2038 (MariaDB's `FROM_UNIXTIME` ends at 2038-01-19)
+/// up to the contract's 2100 are stored and read back exactly, in a batch
+/// that commits whole (no `storage_rejected`, no one-by-one retry).
+#[tokio::test]
+async fn events_dated_2039_and_2099_are_stored_and_read_back_exactly() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let dated = |mut e: OrderEvent, ms: i64| {
+        e.occurred_at_ms = ms;
+        e
+    };
+    let (y2039, y2099) = (2_177_452_800_123, 4_102_444_799_999);
+    let mut s = EventScript::new("Y2039");
+    let mut t = EventScript::new("Y2099");
+    let events = [
+        dated(s.place(), y2039),
+        dated(s.sl("Y2039-SL"), y2039 + 1),
+        dated(t.place(), y2099 - 1),
+        dated(t.sl("Y2099-SL"), y2099),
+        // Before 2038 in the same batch: unchanged.
+        dated(s.tp("Y2039-TP"), 1_764_300_000_500),
+    ];
+    let report = process_batch(&db.store, &cfg, &messages("o", 0, &events))
+        .await
+        .expect("the batch commits");
+    assert_eq!(report.recorded_total(), 5);
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+
+    let stored: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT CAST(lifecycle_id AS CHAR), CAST(created_at AS CHAR), CAST(updated_at AS CHAR) \
+         FROM order_lifecycle_ids ORDER BY lifecycle_id",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    let at = |id: &str| stored.iter().find(|r| r.0 == id).expect(id).1.clone();
+    assert_eq!(at("Y2039"), "2039-01-01 00:00:00.123");
+    assert_eq!(at("Y2039-SL"), "2039-01-01 00:00:00.124");
+    assert_eq!(at("Y2099-SL"), "2099-12-31 23:59:59.999");
+    assert_eq!(at("Y2039-TP"), "2025-11-28 03:20:00.500");
+
+    // Read back through the store as the pipeline and the API do.
+    let mut conn = db.store.pool().acquire().await.unwrap();
+    let orders = [
+        order_lifecycle::domain::OrderId::parse("Y2039").unwrap(),
+        order_lifecycle::domain::OrderId::parse("Y2099").unwrap(),
+    ];
+    let records = order_lifecycle::store::id_projection::load_records(&mut conn, &orders, false)
+        .await
+        .unwrap();
+    let issued = |order: usize, id: &str| {
+        records[&orders[order]]
+            .iter()
+            .find(|r| r.lifecycle_id.as_str() == id)
+            .expect(id)
+            .issued_at_ms
+    };
+    assert_eq!(issued(0, "Y2039-SL"), y2039 + 1);
+    assert_eq!(issued(1, "Y2099-SL"), y2099);
     db.drop().await;
 }

@@ -97,8 +97,37 @@ where
         let entries = parse_config_file(&text).map_err(bad)?;
         command = with_defaults(command, &entries).map_err(bad)?;
     }
-    let matches = command.try_get_matches_from(args)?;
+    let matches = command
+        .clone()
+        .try_get_matches_from(args)
+        .map_err(|e| without_secret_value(e, &command))?;
     Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// `e` without the value it quotes when that value was given to a secret
+/// argument (one whose environment value is hidden: URLs with passwords,
+/// the API token, librdkafka options): clap's own message would print it.
+fn without_secret_value(e: clap::Error, command: &clap::Command) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let secret = std::iter::once(command)
+        .chain(command.get_subcommands())
+        .flat_map(clap::Command::get_arguments)
+        .filter(|a| a.is_hide_env_values_set())
+        .filter_map(clap::Arg::get_long)
+        .any(|long| invalid.starts_with(&format!("--{long}")));
+    if !secret {
+        return e;
+    }
+    let reason = std::error::Error::source(&e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    clap::Error::raw(
+        e.kind(),
+        format!("invalid value for '{invalid}' (not shown: it may hold a secret){reason}\n"),
+    )
 }
 
 /// Parses the process's command line (see [`parse_from`]).
@@ -255,7 +284,7 @@ impl Command {
             }
             Command::Migrate(db) => migrate::run(db).await.map(|()| ok),
             Command::Simulate(config) => simulate::run(*config).await.map(|()| ok),
-            Command::Rebuild(config) => Ok(rebuild::run(*config).await.map(|()| ok)?),
+            Command::Rebuild(config) => Ok(rebuild::run_command(*config).await?),
             Command::Replay(config) => Ok(replay::run(*config).await.map(|()| ok)?),
             Command::ImportLegacy(config) => Ok(import_legacy::run(*config).await.map(|()| ok)?),
             Command::Verify(config) => Ok(verify::run_command(*config).await),
@@ -308,6 +337,43 @@ mod tests {
         );
         let c = run_config(&["run", "--batch-size", "7"], file);
         assert_eq!(c.input.batch_size, 7, "a flag wins over the file");
+    }
+
+    #[test]
+    fn a_bad_secret_is_refused_without_being_echoed() {
+        for (flag, value) in [
+            ("--database-url", "no-scheme-user:hunter2secret@db"),
+            ("--api-token", "hunter2secret"),
+            ("--kafka-option", "hunter2secret"),
+        ] {
+            let err = super::parse_from(["order-lifecycle", "run", flag, value], None)
+                .expect_err("refused");
+            let shown = err.to_string();
+            assert!(!shown.contains("hunter2secret"), "{shown}");
+            assert!(shown.contains(flag), "{shown}");
+        }
+    }
+
+    #[test]
+    fn help_never_shows_a_secret_from_the_environment() {
+        // The values clap would show as `[env: NAME=value]`.
+        let command = super::Cli::command();
+        let run = command.find_subcommand("run").expect("run");
+        for name in [
+            "OL_KAFKA_OPTIONS",
+            "OL_DATABASE_URL",
+            "OL_REDIS_URL",
+            "OL_API_TOKEN",
+        ] {
+            let arg = run
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name))
+                .unwrap_or_else(|| panic!("{name} is read by run"));
+            assert!(
+                arg.is_hide_env_values_set(),
+                "{name}'s value would show in --help"
+            );
+        }
     }
 
     #[test]

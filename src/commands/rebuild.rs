@@ -5,7 +5,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::config::{DatabaseConfig, RedisConfig};
-use crate::projection::rebuild::{rebuild_mysql, rebuild_redis, RebuildError};
+use crate::projection::rebuild::{rebuild_mysql, rebuild_redis, RebuildError, RebuildLease};
 use crate::store::redis_projection::RedisProjection;
 use crate::store::Store;
 
@@ -29,7 +29,29 @@ pub struct RebuildConfig {
     pub target: Target,
 }
 
-/// Runs `rebuild` as the command line asks.
+/// Exit code of a rebuild refused because another one is running
+/// (`EX_TEMPFAIL`: try again later).
+pub const EXIT_BUSY: u8 = 75;
+
+/// `rebuild`'s exit code: 0 done, [`EXIT_BUSY`] when another rebuild of
+/// the same database holds the lease (nothing changed).
+///
+/// # Errors
+/// Any other [`RebuildError`] (exit code 1).
+pub async fn run_command(config: RebuildConfig) -> Result<std::process::ExitCode, RebuildError> {
+    match run(config).await {
+        Ok(()) => Ok(std::process::ExitCode::SUCCESS),
+        Err(e @ RebuildError::Busy) => {
+            tracing::error!("{e}");
+            eprintln!("rebuild: {e}");
+            Ok(std::process::ExitCode::from(EXIT_BUSY))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `rebuild` as the command line asks, holding the rebuild lease for
+/// the whole run.
 ///
 /// # Errors
 /// [`RebuildError`]; the live read models are then unchanged (MySQL) or
@@ -37,8 +59,9 @@ pub struct RebuildConfig {
 pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
     let store = Store::connect(&config.database.url, 4).await?;
     store.migrate().await?;
+    let lease = RebuildLease::acquire(&store).await?;
     if matches!(config.target, Target::Mysql | Target::All) {
-        let s = rebuild_mysql(&store).await?;
+        let s = rebuild_mysql(&store, &lease).await?;
         println!(
             "rebuild mysql: {} events, {} orders, {} rows in {:.1} s ({:.0} events/s)",
             s.events,
@@ -51,7 +74,7 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
     if matches!(config.target, Target::Redis | Target::All) {
         let redis =
             RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
-        let s = rebuild_redis(&store, &redis).await?;
+        let s = rebuild_redis(&store, &redis, &lease).await?;
         println!(
             "rebuild redis: {} log entries re-projected, {} stale keys removed in {:.1} s ({:.0} events/s)",
             s.events,

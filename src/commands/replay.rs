@@ -270,7 +270,16 @@ pub async fn replay(
     }
 
     if summary.recorded > 0 {
-        summary.redis_entries = rebuild::rebuild_redis(store, redis).await?.events;
+        match rebuild::RebuildLease::acquire(store).await {
+            Ok(lease) => {
+                summary.redis_entries = rebuild::rebuild_redis(store, redis, &lease).await?.events;
+            }
+            // The running rebuild re-projects Redis from this log anyway.
+            Err(RebuildError::Busy) => {
+                tracing::warn!("a rebuild is running; Redis is left to it to re-project")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)

@@ -8,6 +8,7 @@ use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
 use super::{opt_text, push_in, text, StoreError, MAX_ROWS_PER_STATEMENT};
 
 const TABLE: &str = "order_lifecycle_ids";
+use crate::calendar;
 use crate::domain::{IdRecord, IdStatus, IdType, LifecycleId, OrderId, OrderLifecycle};
 
 fn corrupt(detail: impl ToString) -> StoreError {
@@ -59,8 +60,7 @@ pub async fn load_records(
         let mut qb = QueryBuilder::<MySql>::new(
             "SELECT order_id, CAST(id_type AS CHAR), lifecycle_id, CAST(status AS CHAR), \
              replaced_by, target_id, \
-             CAST(ROUND(UNIX_TIMESTAMP(created_at) * 1000) AS SIGNED), \
-             CAST(ROUND(UNIX_TIMESTAMP(updated_at) * 1000) AS SIGNED), \
+             CAST(created_at AS CHAR), CAST(updated_at AS CHAR), \
              issued_seq, updated_seq FROM order_lifecycle_ids FORCE INDEX (idx_order_lifecycle_ids_order_type_status) WHERE ",
         );
         push_in(&mut qb, "order_id", chunk);
@@ -78,8 +78,8 @@ pub async fn load_records(
                 status: IdStatus::parse(status).ok_or_else(|| corrupt(status))?,
                 replaced_by: opt_id(opt_text(&row, 4, TABLE)?).map_err(corrupt)?,
                 target: opt_id(opt_text(&row, 5, TABLE)?).map_err(corrupt)?,
-                issued_at_ms: row.try_get(6)?,
-                updated_at_ms: row.try_get(7)?,
+                issued_at_ms: datetime_ms(&row, 6)?,
+                updated_at_ms: datetime_ms(&row, 7)?,
                 issued_seq: u64::try_from(row.try_get::<i64, _>(8)?).map_err(corrupt)?,
                 updated_seq: u64::try_from(row.try_get::<i64, _>(9)?).map_err(corrupt)?,
             };
@@ -87,6 +87,12 @@ pub async fn load_records(
         }
     }
     Ok(by_order)
+}
+
+/// A `DATETIME` column (read as text) in Unix milliseconds.
+fn datetime_ms(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<i64, StoreError> {
+    let raw = text(row, index, TABLE)?;
+    calendar::parse_datetime_utc(raw).ok_or_else(|| corrupt(format!("not a DATETIME: {raw:?}")))
 }
 
 /// Loads whole orders: their ids and their last log sequence number.
@@ -208,9 +214,9 @@ fn update_rows<'r>(rows: &'r [(&'r OrderId, &'r IdRecord)]) -> QueryBuilder<'r, 
         if i == 0 {
             qb.push(" AS replaced_by");
         }
-        qb.push(", FROM_UNIXTIME(")
-            .push_bind(r.updated_at_ms)
-            .push(" / 1000)");
+        qb.push(", CAST(")
+            .push_bind(calendar::datetime_utc(r.updated_at_ms))
+            .push(" AS DATETIME(3))");
         if i == 0 {
             qb.push(" AS updated_at");
         }
@@ -243,11 +249,8 @@ fn insert_rows<'r>(
             .push_bind(r.status.as_str())
             .push_bind(r.replaced_by.as_ref().map(|x| x.as_str()))
             .push_bind(r.target.as_ref().map(|x| x.as_str()))
-            .push_unseparated(", FROM_UNIXTIME(")
-            .push_bind_unseparated(r.issued_at_ms)
-            .push_unseparated(" / 1000), FROM_UNIXTIME(")
-            .push_bind_unseparated(r.updated_at_ms)
-            .push_unseparated(" / 1000)")
+            .push_bind(calendar::datetime_utc(r.issued_at_ms))
+            .push_bind(calendar::datetime_utc(r.updated_at_ms))
             .push_bind(r.issued_seq as i64)
             .push_bind(r.updated_seq as i64);
     });
@@ -312,13 +315,15 @@ pub const SHADOW: &str = "order_lifecycle_ids_rebuild";
 /// The live table's name between the swap and its removal.
 const RETIRED: &str = "order_lifecycle_ids_retired";
 
-/// Creates an empty [`SHADOW`] table shaped like the live one (dropping a
-/// leftover of an interrupted rebuild).
+/// Creates an empty [`SHADOW`] table shaped like the live one, dropping the
+/// leftovers of a rebuild that died (its shadow table, or the retired table
+/// of one killed between the swap and the drop). Only under the rebuild
+/// lease: another rebuild's tables are never anyone's leftovers then.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn create_shadow(conn: &mut MySqlConnection) -> Result<(), StoreError> {
-    sqlx::query("DROP TABLE IF EXISTS order_lifecycle_ids_rebuild")
+    sqlx::query("DROP TABLE IF EXISTS order_lifecycle_ids_rebuild, order_lifecycle_ids_retired")
         .execute(&mut *conn)
         .await?;
     sqlx::query("CREATE TABLE order_lifecycle_ids_rebuild LIKE order_lifecycle_ids")

@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod event_log;
 pub mod fold;
 pub mod id_projection;
+pub mod lease;
 pub mod legacy;
 pub mod offsets;
 pub mod parked;
@@ -203,7 +204,13 @@ impl Store {
                         "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
                     )
                     .await?;
-                    sqlx::Executor::execute(&mut *conn, "SET SESSION innodb_lock_wait_timeout = 10")
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        "SET SESSION innodb_lock_wait_timeout = 10",
+                    )
+                    .await?;
+                    // DATETIME columns hold UTC (see `crate::calendar`).
+                    sqlx::Executor::execute(&mut *conn, "SET SESSION time_zone = '+00:00'")
                         .await
                         .map(|_| ())
                 })

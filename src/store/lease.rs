@@ -1,0 +1,37 @@
+//! Named leases: one holder at a time per database, for work that must not
+//! run twice at once (a rebuild replacing the read model). A lease is a
+//! MariaDB/MySQL named lock (`GET_LOCK`) on a connection of its own, so it
+//! ends with its holder, even a killed one: the server releases a session's
+//! locks when the session closes. Lock names are server-wide, so the name
+//! carries a digest of the database's name: two databases on one server
+//! (tests, tenants) never contend.
+
+use sqlx::MySqlConnection;
+
+use super::{Store, StoreError};
+
+/// A held lease; released when dropped (its connection closes).
+#[derive(Debug)]
+pub struct Lease {
+    /// Kept open for the lease's life; never returned to the pool, which
+    /// would keep the lock with a connection someone else then uses.
+    _session: MySqlConnection,
+}
+
+impl Lease {
+    /// Takes the lease `name` on `store`'s database if no one holds it;
+    /// `None` when someone does (no waiting).
+    ///
+    /// # Errors
+    /// [`StoreError`] from the database.
+    pub async fn try_acquire(store: &Store, name: &str) -> Result<Option<Lease>, StoreError> {
+        let mut session = store.pool().acquire().await?.detach();
+        // Names are at most 64 characters: a fixed prefix and an MD5.
+        let got: Option<i64> =
+            sqlx::query_scalar("SELECT GET_LOCK(CONCAT(?, ':', MD5(DATABASE())), 0)")
+                .bind(name)
+                .fetch_one(&mut session)
+                .await?;
+        Ok((got == Some(1)).then_some(Lease { _session: session }))
+    }
+}
