@@ -33,18 +33,19 @@ impl SecretUrl {
     }
 }
 
-/// Masks the password of `scheme://user:password@host/...`.
+/// Masks the password of `scheme://user:password@host/...`. The userinfo
+/// ends at the last `@`, so a password holding `/`, `?`, `#` or `@` (not
+/// escaped, as people write them) is masked whole; a URL with an `@` in its
+/// query may then be masked more than needed, never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_owned(),
     }
 }
@@ -293,6 +294,18 @@ pub struct HttpConfig {
     /// Health and metrics stay open for probes and scrapers.
     #[arg(long = "api-token", env = "OL_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
+    /// File holding the bearer token (its first line), instead of
+    /// `--api-token`: a flag or variable shows in `ps` and `/proc`, a file
+    /// readable by the service only does not (a Kubernetes Secret mounted
+    /// as a file).
+    #[arg(
+        long = "api-token-file",
+        env = "OL_API_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "api_token",
+        value_parser = read_token_file
+    )]
+    pub api_token_file: Option<Secret>,
     /// Most ids in one batch-resolve request.
     #[arg(
         long = "max-batch-ids",
@@ -302,12 +315,34 @@ pub struct HttpConfig {
     pub max_batch_ids: usize,
 }
 
+/// The token in the first line of the file at `path`. Errors name the file,
+/// never its content.
+///
+/// # Errors
+/// The file cannot be read, or its first line is not a token.
+pub fn read_token_file(path: &str) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {path}: {e}"))?;
+    let first = text.lines().next().unwrap_or_default();
+    first
+        .parse()
+        .map_err(|e| format!("the token file {path}: {e}"))
+}
+
 impl HttpConfig {
+    /// The bearer token, from `--api-token` or `--api-token-file`.
+    pub fn token(&self) -> Option<Secret> {
+        self.api_token
+            .clone()
+            .or_else(|| self.api_token_file.clone())
+    }
+
     /// No HTTP server (tests, tools).
     pub fn off() -> HttpConfig {
         HttpConfig {
             listen: Listen(None),
             api_token: None,
+            api_token_file: None,
             max_batch_ids: 500,
         }
     }
@@ -518,6 +553,19 @@ mod tests {
         assert!(!format!("{url:?}").contains("s3cret"));
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        for (url, shown) in [
+            ("mysql://app:p#ss@db/ol", "mysql://app:***@db/ol"),
+            ("mysql://app:pa/ss@db/ol", "mysql://app:***@db/ol"),
+            ("mysql://app:pa?ss@db/ol", "mysql://app:***@db/ol"),
+            ("mysql://app:p@ss@db/ol", "mysql://app:***@db/ol"),
+            ("redis://:x#y/z?w@h:6379/0", "redis://:***@h:6379/0"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        assert_eq!(
+            redact_url("mysql://db/ol?note=a@b"),
+            "mysql://db/ol?note=a@b"
+        );
     }
 
     #[test]

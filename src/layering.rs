@@ -8,6 +8,7 @@
 const LAYERS: &[(&str, u8)] = &[
     ("calendar", 0),
     ("clock", 0),
+    ("fnv", 0),
     ("config", 1),
     ("progress", 0),
     ("shutdown", 0),

@@ -9,8 +9,8 @@
 //! layer imports only those below it:
 //! `domain` < `wire` < `kafka`, `store` < `projection` < `ingest`, `http` <
 //! `commands` < `main`. The leaves (`clock`, `config`, `retry`,
-//! `shutdown`, `telemetry`, `progress`, `calendar`) import nothing above
-//! them.
+//! `shutdown`, `telemetry`, `progress`, `calendar`, `fnv`) import nothing
+//! above them.
 //!
 //! - [`domain`]: ids, input events and the lifecycle state machine; pure.
 //! - [`wire`]: the message as it arrived; protobuf and JSON decoding into
@@ -31,7 +31,7 @@
 //!   between retries; [`shutdown`]: the stop signal every task watches;
 //!   [`telemetry`]: logs; [`progress`]: the long jobs' progress bar;
 //!   [`clock`]: the wall clock, read in one place; [`calendar`]: UTC
-//!   dates in Rust (past 2038).
+//!   dates in Rust (past 2038); [`fnv`]: a stable hash.
 //! - `testing`: builders of valid events, compiled for tests only (the
 //!   `testing` feature).
 
@@ -40,6 +40,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod domain;
+pub mod fnv;
 pub mod http;
 pub mod ingest;
 pub mod kafka;

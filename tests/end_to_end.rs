@@ -687,24 +687,17 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
     let second = stream(42, 150);
     let sending = env.send_many(&second);
     let rebuilding = async {
-        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(
-            &env.db.store,
-            &order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
-                .await
-                .expect("the rebuild lease"),
-        )
-        .await
-        .unwrap();
+        let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
+            .await
+            .expect("the rebuild lease");
+        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&env.db.store, &lease)
+            .await
+            .unwrap();
         let projection = env.redis.projection().await;
-        let redis = order_lifecycle::projection::rebuild::rebuild_redis(
-            &env.db.store,
-            &projection,
-            &order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
+        let redis =
+            order_lifecycle::projection::rebuild::rebuild_redis(&env.db.store, &projection, &lease)
                 .await
-                .expect("the rebuild lease"),
-        )
-        .await
-        .unwrap();
+                .unwrap();
         (mysql, redis)
     };
     let (_, (mysql, _)) = tokio::join!(sending, rebuilding);
@@ -752,6 +745,19 @@ async fn stored_offsets_beyond_a_recreated_topics_end_are_ignored() {
     env.wait_for_log(3, 0).await;
     assert_eq!(env.db.rows().await["SL1"].2, "executed");
     consumer.stop().await;
+    // The stale offsets are forgotten, not kept by "only grow": once the
+    // new partitions passed 500, a restart would otherwise skip to 500.
+    let stored: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT CAST(topic AS CHAR), next_offset FROM consumer_offsets WHERE group_id = ? \
+         ORDER BY topic",
+    )
+    .bind(&env.group_id)
+    .fetch_all(env.db.store.pool())
+    .await
+    .unwrap();
+    let at = |topic: &str| stored.iter().find(|(t, _)| t == topic).map(|(_, n)| *n);
+    assert_eq!(at(&env.topics.orders), Some(2), "{stored:?}");
+    assert_eq!(at(&env.topics.confirmations), Some(1), "{stored:?}");
     env.cleanup().await;
 }
 
@@ -1012,6 +1018,72 @@ async fn batches_in_every_compression_codec_are_consumed() {
     }
     assert_eq!(env.logged().await, sent as i64, "every event once");
     assert_eq!(env.db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// A dead letter larger than the dead-letter topic takes is published
+/// shortened (its first 8 KiB, with its length and digest in headers), and
+/// the letters after it are published as usual: one oversized message never
+/// blocks the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_topic_is_shortened_and_blocks_nothing() {
+    let env = Env::new().await;
+    // The service's producer takes records of 20,000 bytes at most, as a
+    // dead-letter topic with a small max.message.bytes would.
+    let consumer = env.start(env.run_config_with(&["--kafka-option", "message.max.bytes=20000"]));
+    let big = format!("{{{}", "x".repeat(40 * 1024 - 1));
+    env.send_raw(
+        &env.topics.orders,
+        "big",
+        big.as_bytes(),
+        Some("application/json"),
+    )
+    .await;
+    env.send_raw(
+        &env.topics.orders,
+        "small",
+        b"{not json",
+        Some("application/json"),
+    )
+    .await;
+    env.wait_for_log(0, 2).await;
+    wait_until(
+        "both letters published",
+        std::time::Duration::from_secs(30),
+        || async {
+            env.db
+                .count("SELECT COUNT(*) FROM dead_letters WHERE published_at IS NOT NULL")
+                .await
+                == 2
+        },
+    )
+    .await;
+    let letters = env.read_dead_letter_topic(2);
+    assert_eq!(letters.len(), 2);
+    let shortened = letters
+        .iter()
+        .find(|l| l.contains_key("dead-letter-shortened"))
+        .expect("the big letter, shortened");
+    assert_eq!(
+        shortened["original-payload-length"],
+        (40 * 1024).to_string()
+    );
+    assert_eq!(shortened["payload"].len(), 8 * 1024);
+    assert_eq!(shortened["original-payload-fnv1a64"].len(), 16);
+    let small = letters
+        .iter()
+        .find(|l| !l.contains_key("dead-letter-shortened"))
+        .expect("the small letter, whole");
+    assert_eq!(small["payload"], "{not json");
+    assert_eq!(small["dead-letter-reason"], "undecodable_json");
+    // The table keeps the whole letter.
+    assert_eq!(
+        env.db
+            .count("SELECT COUNT(*) FROM dead_letters WHERE LENGTH(payload) = 40960")
+            .await,
+        1
+    );
     consumer.stop().await;
     env.cleanup().await;
 }

@@ -285,18 +285,18 @@ async fn the_read_api_answers_exactly_after_a_known_stream() {
         (r.status, r.json()["error"]["code"].clone()),
         (400, json!("invalid_query"))
     );
-    let r = http_request(
-        addr,
-        "GET",
-        "/v1/orders/API1/events?after_seq=-1",
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(
-        (r.status, r.json()["error"]["code"].clone()),
-        (400, json!("invalid_query"))
-    );
+    // Negative, and past the largest sequence the log can hold (it would
+    // wrap to a negative number and page from the start).
+    for after in ["-1", "9223372036854775808", "18446744073709551615"] {
+        let path = format!("/v1/orders/API1/events?after_seq={after}");
+        let r = http_request(addr, "GET", &path, None, None).await;
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].clone()),
+            (400, json!("invalid_query")),
+            "after_seq={after}: {}",
+            r.body
+        );
+    }
     let r = http_request(addr, "GET", "/v2/anything", None, None).await;
     assert_eq!(
         (r.status, r.json()["error"]["code"].clone()),
@@ -467,6 +467,32 @@ async fn readiness_names_redis_while_it_is_down() {
     assert_eq!(
         ready().await.json(),
         json!({"status": "ok", "checks": {"consumer": "ok", "database": "ok", "redis": "ok"}})
+    );
+    // Probes reuse one connection: 20 of them open none.
+    let client = redis::Client::open(own.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let accepted = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the connection count")
+    };
+    let before: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(ready().await.status, 200);
+    }
+    let after: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        accepted(after) - accepted(before) <= 1,
+        "readiness probes opened Redis connections"
     );
 
     own.stop();

@@ -370,6 +370,25 @@ async fn the_redis_follower_projects_lookups_and_active_ids_from_the_log() {
     db.drop().await;
 }
 
+/// Parks `event`, read at `offset` of topic `c`, to wait for `awaited`, as
+/// another instance's batch would.
+async fn park(db: &TestDb, event: &OrderEvent, awaited: &str, offset: i64) {
+    let message = &messages("c", offset, std::slice::from_ref(event))[0];
+    let mut conn = db.store.pool().acquire().await.unwrap();
+    order_lifecycle::store::parked::insert(
+        &mut conn,
+        &[order_lifecycle::store::parked::NewParked {
+            awaited: order_lifecycle::domain::LifecycleId::parse(awaited).unwrap(),
+            event_id: event.event_id.clone(),
+            event_json: wire::json::encode(event),
+            message,
+        }],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_round() {
     let db = TestDb::new().await;
@@ -384,23 +403,7 @@ async fn an_event_parked_after_its_id_was_issued_is_released_by_the_stranded_rou
     .unwrap();
     // Another instance, not yet seeing SL1, parked its confirmation just
     // after the batch above had looked for parked events.
-    let confirm = s.confirm("SL1", "EXECUTED");
-    let message = &messages("c", 0, std::slice::from_ref(&confirm))[0];
-    let awaited = order_lifecycle::domain::LifecycleId::parse("SL1").unwrap();
-    let mut conn = db.store.pool().acquire().await.unwrap();
-    order_lifecycle::store::parked::insert(
-        &mut conn,
-        &[order_lifecycle::store::parked::NewParked {
-            awaited: awaited.clone(),
-            event_id: confirm.event_id.clone(),
-            event_json: wire::json::encode(&confirm),
-            message,
-        }],
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    drop(conn);
+    park(&db, &s.confirm("SL1", "EXECUTED"), "SL1", 0).await;
     // The round looks only after the row it is told (rows parked within its
     // window): at the row itself, nothing.
     let row = db.count("SELECT MAX(id) FROM parked_events").await;
@@ -452,25 +455,18 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
     let keys = redis.snapshot().await;
     assert!(rows.len() > 500, "{} rows", rows.len());
 
-    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(
-        &db.store,
-        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
-            .await
-            .expect("the rebuild lease"),
-    )
-    .await
-    .unwrap();
+    let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+        .await
+        .expect("the rebuild lease");
+    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &lease)
+        .await
+        .unwrap();
     assert_eq!(mysql.rows as usize, rows.len());
     assert_eq!(db.full_rows().await, rows, "MySQL rebuilt row for row");
-    let redis_summary = order_lifecycle::projection::rebuild::rebuild_redis(
-        &db.store,
-        &projection,
-        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+    let redis_summary =
+        order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection, &lease)
             .await
-            .expect("the rebuild lease"),
-    )
-    .await
-    .unwrap();
+            .unwrap();
     assert_eq!(redis_summary.keys_removed, 0);
     assert_eq!(redis.snapshot().await, keys, "Redis rebuilt key for key");
     redis.cleanup().await;
@@ -533,23 +529,16 @@ async fn rebuild_repairs_a_corrupted_projection() {
     assert_ne!(db.full_rows().await, rows);
     assert_ne!(redis.snapshot().await, keys);
 
-    order_lifecycle::projection::rebuild::rebuild_mysql(
-        &db.store,
-        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+    let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+        .await
+        .expect("the rebuild lease");
+    order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &lease)
+        .await
+        .unwrap();
+    let summary =
+        order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection, &lease)
             .await
-            .expect("the rebuild lease"),
-    )
-    .await
-    .unwrap();
-    let summary = order_lifecycle::projection::rebuild::rebuild_redis(
-        &db.store,
-        &projection,
-        &order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
-            .await
-            .expect("the rebuild lease"),
-    )
-    .await
-    .unwrap();
+            .unwrap();
     assert_eq!(db.full_rows().await, rows);
     assert_eq!(summary.keys_removed, 1, "the stray key");
     assert_eq!(redis.snapshot().await, keys);
@@ -616,5 +605,280 @@ async fn events_dated_2039_and_2099_are_stored_and_read_back_exactly() {
     };
     assert_eq!(issued(0, "Y2039-SL"), y2039 + 1);
     assert_eq!(issued(1, "Y2099-SL"), y2099);
+    db.drop().await;
+}
+
+/// 400 rejected messages of 60 KiB each in one batch: 24 MB of dead
+/// letters, over MariaDB's default 16 MiB packet limit for one statement,
+/// are written in statements bounded by bytes, and the batch commits.
+#[tokio::test]
+async fn a_batch_of_400_rejected_60_kib_messages_commits_whole() {
+    let db = TestDb::new().await;
+    let garbage: Vec<u8> = (0..60 * 1024).map(|i| (i % 251) as u8 | 0x80).collect();
+    let mut batch: Vec<InboundMessage> = (0..400)
+        .map(|i| InboundMessage {
+            topic: "o".into(),
+            partition: 0,
+            offset: i,
+            key: Some(format!("big-{i}").into_bytes()),
+            payload: Some(garbage.clone()),
+            content_type: Some(b"application/x-protobuf".to_vec()),
+            timestamp_ms: None,
+        })
+        .collect();
+    let mut s = EventScript::new("AFTER-BIG");
+    batch.extend(messages("o", 400, &[s.place()]));
+    let report = process_batch(&db.store, &config(Duration::from_secs(60)), &batch)
+        .await
+        .expect("the batch commits");
+    assert_eq!(report.dead_letters.len(), 400);
+    assert_eq!(report.recorded_total(), 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 400);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE LENGTH(payload) = 61440")
+            .await,
+        400,
+        "payloads kept whole"
+    );
+    db.drop().await;
+}
+
+/// A stranded parked event that cannot be applied (its stored event no
+/// longer decodes) does not stop the stranded round, nor, through a
+/// restart, the next `run`: it is dead-lettered as `storage_rejected` and
+/// leaves the parking lot; the good ones beside it are applied.
+#[tokio::test]
+async fn a_parked_event_that_cannot_be_applied_is_dead_lettered_not_fatal() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("Q1");
+    process_batch(
+        &db.store,
+        &cfg,
+        &messages("o", 0, &[s.place(), s.sl("SL1")]),
+    )
+    .await
+    .unwrap();
+    // A row this version cannot read back (valid JSON, not an event),
+    // waiting for the bound SL1, parked before a good one.
+    sqlx::query(
+        "INSERT INTO parked_events (awaited_id, event_id, event, source_topic, source_partition, \
+         source_offset, payload, expires_at_ms) \
+         VALUES ('SL1', 'BAD-1', '{\"event_id\":\"BAD-1\"}', 'c', 0, 7, 'raw', 9999999999999)",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    park(&db, &s.confirm("SL1", "EXECUTED"), "SL1", 8).await;
+
+    let outcome = order_lifecycle::ingest::release_stranded(&db.store, &cfg, 0)
+        .await
+        .expect("the round goes on");
+    assert_eq!(outcome.unparked, 2);
+    assert_eq!(outcome.recorded_total(), 1, "the good confirmation");
+    assert_eq!(outcome.dead_letters.len(), 1);
+    assert_eq!(outcome.dead_letters[0].reason, "storage_rejected");
+    assert_eq!(outcome.dead_letters[0].offset, 7);
+    assert_eq!(db.rows().await["SL1"].2, "executed");
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE reason = 'storage_rejected'")
+            .await,
+        1
+    );
+    db.drop().await;
+}
+
+/// Event ids with `import-legacy`'s prefix are the import's own: on a
+/// topic they are refused (`reserved_event_id`), so that a re-import never
+/// mistakes a producer's event for its own.
+#[tokio::test]
+async fn topic_events_with_the_import_event_id_prefix_are_refused() {
+    let db = TestDb::new().await;
+    let mut s = EventScript::new("PFX1");
+    let place = s.place();
+    let mut imitation = s.sl("PFX1-SL");
+    imitation.event_id =
+        order_lifecycle::domain::EventId::parse("legacy:live:PFX1:stoploss_id:0000000000000001")
+            .unwrap();
+    let outcome = process_batch(
+        &db.store,
+        &config(Duration::from_secs(60)),
+        &messages("o", 0, &[place, imitation]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.recorded_total(), 1, "the placement");
+    assert_eq!(outcome.dead_letters.len(), 1);
+    assert_eq!(outcome.dead_letters[0].reason, "reserved_event_id");
+    assert!(!db.rows().await.contains_key("PFX1-SL"));
+    db.drop().await;
+}
+
+/// A long transaction reading `order_lifecycle_ids` during a rebuild's swap
+/// holds the table's metadata lock: the swap gives up after a bounded wait
+/// (the live table untouched), so ingestion, which waits for the swap,
+/// stops for seconds, not for the server's default of a year; once the
+/// reader ends, the rebuild goes through.
+#[tokio::test]
+async fn a_long_reader_during_the_swap_delays_ingestion_by_seconds_only() {
+    use order_lifecycle::projection::rebuild::{
+        rebuild_mysql, RebuildError, RebuildLease, SWAP_LOCK_WAIT,
+    };
+    use sqlx::Connection;
+
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("LR1");
+    process_batch(
+        &db.store,
+        &cfg,
+        &messages("o", 0, &[s.place(), s.sl("LR1-SL")]),
+    )
+    .await
+    .unwrap();
+    let before = db.rows().await;
+
+    let mut reader = sqlx::MySqlConnection::connect(db.url.expose())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_lifecycle_ids")
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+
+    let lease = RebuildLease::acquire(&db.store).await.unwrap();
+    let started = std::time::Instant::now();
+    let blocked = rebuild_mysql(&db.store, &lease).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(blocked, Err(RebuildError::SwapBlocked { .. })),
+        "{blocked:?}"
+    );
+    assert!(
+        waited >= SWAP_LOCK_WAIT && waited < SWAP_LOCK_WAIT * 4,
+        "{waited:?}"
+    );
+    assert_eq!(db.rows().await, before, "the live table is untouched");
+    // Ingestion goes on at once.
+    process_batch(&db.store, &cfg, &messages("o", 2, &[s.tp("LR1-TP")]))
+        .await
+        .expect("a batch after the swap gave up");
+
+    sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+    rebuild_mysql(&db.store, &lease)
+        .await
+        .expect("the rebuild, reader gone");
+    assert_eq!(db.rows().await.len(), before.len() + 1);
+    db.drop().await;
+}
+
+/// 20,000 confirmations for one id that is not issued: 1,000 are parked,
+/// the rest dead-lettered as `parking_full` (nothing dropped, the partition
+/// moves on); when the id comes, the parked ones are applied.
+#[tokio::test]
+async fn confirmations_parked_on_one_id_are_capped() {
+    use order_lifecycle::ingest::pipeline::MAX_PARKED_PER_ID;
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(3600));
+    let mut s = EventScript::new("CAP1");
+    let confirmations: Vec<OrderEvent> = (0..20_000).map(|_| s.confirm("CAP1-SL", "NEW")).collect();
+    let mut dead = 0;
+    for (i, chunk) in confirmations.chunks(500).enumerate() {
+        let outcome = process_batch(&db.store, &cfg, &messages("c", i as i64 * 500, chunk))
+            .await
+            .expect("a batch of confirmations commits");
+        assert_eq!(outcome.parked + outcome.dead_letters.len(), chunk.len());
+        assert!(outcome
+            .dead_letters
+            .iter()
+            .all(|d| d.reason == "parking_full" && d.event_id.is_some()));
+        dead += outcome.dead_letters.len();
+    }
+    let parked = db.count("SELECT COUNT(*) FROM parked_events").await;
+    assert_eq!(parked as u64, MAX_PARKED_PER_ID);
+    assert_eq!(dead as u64, 20_000 - MAX_PARKED_PER_ID);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE reason = 'parking_full'")
+            .await,
+        dead as i64
+    );
+    // The id comes: the parked ones are applied, in arrival order.
+    let outcome = process_batch(
+        &db.store,
+        &cfg,
+        &messages("o", 0, &[s.place(), s.sl("CAP1-SL")]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.unparked as u64, MAX_PARKED_PER_ID);
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    db.assert_sequences_gap_free().await;
+    db.drop().await;
+}
+
+/// A revoked grant is the database's state, not the event's fault: the
+/// batch fails as transient (retried until the grant is back), it is never
+/// dead-lettered as `storage_rejected`; with the grant back it commits.
+#[tokio::test]
+async fn a_revoked_grant_is_retried_not_dead_lettered() {
+    let db = TestDb::new().await;
+    let user = format!("olt_u{}", fastrand::u32(..));
+    let grant = |sql: String| {
+        let pool = db.store.pool().clone();
+        async move { sqlx::query(&sql).execute(&pool).await.unwrap() }
+    };
+    // Everything but INSERT into the log, granted per table: table grants
+    // take effect on open sessions at their next statement.
+    grant(format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{user}'"
+    ))
+    .await;
+    grant(format!(
+        "GRANT SELECT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP ON `{}`.* TO '{user}'@'%'",
+        db.name
+    ))
+    .await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME <> 'lifecycle_events'",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    for table in tables {
+        grant(format!(
+            "GRANT INSERT ON `{}`.`{table}` TO '{user}'@'%'",
+            db.name
+        ))
+        .await;
+    }
+    let url = db
+        .url
+        .expose()
+        .replacen("root@", &format!("{user}:pw-{user}@"), 1);
+    let limited = Store::connect(&order_lifecycle::config::SecretUrl::new(url), 2)
+        .await
+        .unwrap();
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("GR1");
+    let batch = messages("o", 0, &[s.place()]);
+    let err = process_batch(&limited, &cfg, &batch)
+        .await
+        .expect_err("INSERT is not granted");
+    assert!(err.is_transient(), "{err}");
+    assert!(!err.is_refusal(), "never dead-lettered: {err}");
+    grant(format!(
+        "GRANT INSERT ON `{}`.`lifecycle_events` TO '{user}'@'%'",
+        db.name
+    ))
+    .await;
+    let outcome = process_batch(&limited, &cfg, &batch)
+        .await
+        .expect("granted again");
+    assert_eq!(outcome.recorded_total(), 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    grant(format!("DROP USER '{user}'@'%'")).await;
     db.drop().await;
 }

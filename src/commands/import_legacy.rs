@@ -35,7 +35,7 @@ use sqlx::MySqlPool;
 use crate::config::{parse_batch_size, DatabaseConfig, LegacyTables, RedisConfig, SecretUrl};
 use crate::domain::{
     EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
-    Rejection, UserType,
+    Rejection, UserType, IMPORT_EVENT_ID_PREFIX,
 };
 use crate::ingest::pipeline::{append_events, load_book};
 use crate::ingest::plan::Applied;
@@ -279,7 +279,7 @@ pub async fn import(
     let mut progress = Progress::new("import-legacy", "orders", Some(total.max(0) as u64));
     let mut summary = ImportSummary::default();
     for (table, user_type) in tables {
-        let mut after: Option<String> = None;
+        let mut after: Option<Vec<u8>> = None;
         summary.orders.insert(table.to_owned(), 0);
         loop {
             let rows = legacy::page(
@@ -353,7 +353,14 @@ fn events_of(
     };
     let mut events = Vec::new();
     for row in rows {
-        let raw_order = row.order_id.trim();
+        let raw_order = match std::str::from_utf8(&row.order_id) {
+            Ok(text) => text.trim(),
+            Err(_) => {
+                let shown = String::from_utf8_lossy(&row.order_id).into_owned();
+                error(summary, &shown, "order_id", not_utf8(&row.order_id));
+                continue;
+            }
+        };
         let order_id = match OrderId::parse(raw_order) {
             Ok(o) => o,
             Err(e) => {
@@ -365,10 +372,21 @@ fn events_of(
             .created_at_ms
             .filter(|ms| *ms >= 1 && *ms <= wire::protobuf::MAX_OCCURRED_AT_MS)
             .unwrap_or(now_ms);
-        let values = std::iter::once((IdType::OrderId, Some(raw_order.to_owned())))
-            .chain(ID_COLUMNS.iter().copied().zip(row.ids.iter().cloned()));
+        let values = std::iter::once((IdType::OrderId, Some(raw_order.as_bytes()))).chain(
+            ID_COLUMNS
+                .iter()
+                .copied()
+                .zip(row.ids.iter().map(Option::as_deref)),
+        );
         for (id_type, value) in values {
-            let value = value.as_deref().map(str::trim).unwrap_or_default();
+            let value = match value.map(std::str::from_utf8).transpose() {
+                Ok(text) => text.map(str::trim).unwrap_or_default(),
+                Err(_) => {
+                    let bytes = value.unwrap_or_default();
+                    error(summary, raw_order, id_type.as_str(), not_utf8(bytes));
+                    continue;
+                }
+            };
             if value.is_empty() {
                 summary.blank += 1;
                 continue;
@@ -401,6 +419,16 @@ fn events_of(
     events
 }
 
+/// The error for a value that is not UTF-8: its length and first bytes in
+/// hex (never a lossy conversion, which could read as another id).
+fn not_utf8(bytes: &[u8]) -> String {
+    let head: String = bytes.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "is not UTF-8 ({} bytes, starting {head}); not imported",
+        bytes.len()
+    )
+}
+
 /// `legacy:{live|demo}:{order}:{column}:{hash of the value}`: the same
 /// legacy value always gets the same event id (at most 112 characters).
 pub fn import_event_id(
@@ -410,21 +438,13 @@ pub fn import_event_id(
     value: &str,
 ) -> EventId {
     let raw = format!(
-        "legacy:{}:{order}:{}:{:016x}",
+        "{IMPORT_EVENT_ID_PREFIX}{}:{order}:{}:{:016x}",
         user_type.as_str(),
         id_type.as_str(),
-        fnv1a64(value.as_bytes())
+        crate::fnv::fnv1a64(value.as_bytes())
     );
     // Order ids and column names are valid id characters, so this parses.
     EventId::parse(&raw).unwrap_or_else(|_| unreachable!("import event id {raw:?} is valid"))
-}
-
-/// FNV-1a, 64 bits: stable across versions and platforms (unlike std's
-/// hasher), which deterministic event ids need.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// Applies one page's events in one transaction (rolled back for a dry run).

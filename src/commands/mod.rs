@@ -377,6 +377,42 @@ mod tests {
     }
 
     #[test]
+    fn the_api_token_can_come_from_a_file_and_never_shows() {
+        let path = std::env::temp_dir().join(format!("ol-token-{}", fastrand::u64(..)));
+        std::fs::write(&path, "a-token-of-thirty-characters-1\n").unwrap();
+        let shown = path.to_string_lossy().into_owned();
+        let c = run_config(&["run", "--api-token-file", &shown], "");
+        assert_eq!(
+            c.http.token().map(|t| t.expose().to_owned()),
+            Some("a-token-of-thirty-characters-1".to_owned())
+        );
+        std::fs::write(&path, "hunter2short\n").unwrap();
+        let err = super::parse_from(["order-lifecycle", "run", "--api-token-file", &shown], None)
+            .expect_err("a short token");
+        assert!(!err.to_string().contains("hunter2short"), "{err}");
+        assert!(err.to_string().contains("16 characters"), "{err}");
+        let _ = std::fs::remove_file(&path);
+        let err = super::parse_from(["order-lifecycle", "run", "--api-token-file", &shown], None)
+            .expect_err("a missing file");
+        assert!(
+            err.to_string().contains("cannot read the token file"),
+            "{err}"
+        );
+        let both = super::parse_from(
+            [
+                "order-lifecycle",
+                "run",
+                "--api-token",
+                "a-token-of-thirty-characters-1",
+                "--api-token-file",
+                &shown,
+            ],
+            None,
+        );
+        assert!(both.is_err(), "one source of the token at a time");
+    }
+
+    #[test]
     fn a_flag_given_twice_takes_its_last_value() {
         let c = run_config(&["run", "--batch-size", "7", "--batch-size", "9"], "");
         assert_eq!(c.input.batch_size, 9);

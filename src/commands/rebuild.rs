@@ -83,5 +83,6 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
             s.events as f64 / s.seconds.max(1e-9)
         );
     }
+    lease.release().await?;
     Ok(())
 }

@@ -16,6 +16,12 @@ pub const MAX_ID_CHARS: usize = 64;
 /// `service-counter`), so they get more room than lifecycle ids.
 pub const MAX_EVENT_ID_CHARS: usize = 128;
 
+/// Event ids beginning with this are written by `import-legacy` only
+/// (`legacy:{live|demo}:{order}:{column}:{digest}`): the import relies on
+/// them being its own (a re-import recognises what it wrote), so an event
+/// on a topic with such an id is refused.
+pub const IMPORT_EVENT_ID_PREFIX: &str = "legacy:";
+
 /// Why a string is not a valid id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -52,12 +58,30 @@ fn parse_id(raw: &str, max: usize) -> Result<String, IdError> {
     Ok(raw.to_owned())
 }
 
-/// Zero-width and byte-order characters that render as nothing: an id made
-/// of them would look identical to another id in every log and UI.
+/// Characters that render as nothing, or reorder or restyle what is
+/// around them: an id holding one would look identical to another id in
+/// every log and UI. Soft hyphen; Arabic letter mark; Mongolian vowel
+/// separator; zero-width spaces and joiners, direction marks, embeddings,
+/// overrides and isolates; word joiner and invisible operators; variation
+/// selectors; the byte-order mark; Hangul fillers (they render as blank);
+/// Unicode tags.
 fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
-        '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{E0000}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}'
     )
 }
 
@@ -292,6 +316,43 @@ mod tests {
             LifecycleId::parse("SL\u{200B}"),
             Err(IdError::NotPrintable { .. })
         ));
+    }
+
+    #[test]
+    fn rejects_every_invisible_or_reordering_character() {
+        for c in [
+            '\u{061C}',
+            '\u{115F}',
+            '\u{1160}',
+            '\u{180E}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{3164}',
+            '\u{FE00}',
+            '\u{FE0F}',
+            '\u{FFA0}',
+            '\u{E0001}',
+            '\u{E0041}',
+            '\u{E007F}',
+            '\u{E0100}',
+        ] {
+            let id = format!("SL{c}1");
+            assert_eq!(
+                LifecycleId::parse(&id),
+                Err(IdError::NotPrintable {
+                    position: 2,
+                    code: c as u32
+                }),
+                "U+{:04X}",
+                c as u32
+            );
+        }
+        // Visible letters and symbols beside them stay accepted.
+        for ok in ["SL-1", "ㅎ1", "注文1", "SL✓"] {
+            assert!(LifecycleId::parse(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

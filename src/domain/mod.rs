@@ -13,7 +13,9 @@ pub use event::{
     PendingCancelled, PendingModified, ProviderConfirmation, ProviderReport, StopLossAdded,
     StopLossCancelled, TakeProfitAdded, TakeProfitCancelled, UserType,
 };
-pub use ids::{EventId, IdError, IdStatus, IdType, LifecycleId, OrderId, UserId};
+pub use ids::{
+    EventId, IdError, IdStatus, IdType, LifecycleId, OrderId, UserId, IMPORT_EVENT_ID_PREFIX,
+};
 pub use lifecycle::{Decision, IdRecord, OrderLifecycle, Outcome, Rejection, Transition};
 
 #[cfg(test)]

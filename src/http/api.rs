@@ -333,6 +333,12 @@ pub async fn order_events(
         });
     }
     let after = query.after_seq.unwrap_or(0);
+    if i64::try_from(after).is_err() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("after_seq must be at most {}", i64::MAX),
+        });
+    }
     let store = state.store()?;
     let entries = event_log::order_entries(store.pool(), &order, after, limit).await?;
     if entries.is_empty() && after == 0 {

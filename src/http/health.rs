@@ -11,6 +11,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::ApiState;
+use crate::store::redis_projection::RedisProjection;
 
 /// How long each dependency may take to answer a readiness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -82,9 +83,13 @@ async fn database(state: &ApiState) -> String {
 
 async fn redis(state: &ApiState) -> String {
     let probe = async {
-        let client = redis::Client::open(state.redis.url.expose())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
+        let redis = state
+            .redis_probe
+            .get_or_try_init(|| {
+                RedisProjection::connect(state.redis.url.expose(), &state.redis.key_prefix)
+            })
+            .await?;
+        redis.ping().await
     };
     match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(Ok(_)) => "ok".to_owned(),

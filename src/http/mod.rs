@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::config::{HttpConfig, RedisConfig, Secret};
 use crate::shutdown::Shutdown;
+use crate::store::redis_projection::RedisProjection;
 use crate::store::Store;
 
 /// Largest request body accepted (a batch of ids fits many times over).
@@ -62,6 +63,10 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     pub api_token: Option<Secret>,
     pub max_batch_ids: usize,
+    /// The readiness probe's Redis connection, made by the first probe that
+    /// reaches Redis and kept (it reconnects by itself): a probe every few
+    /// seconds must not open a connection each time.
+    pub redis_probe: Arc<tokio::sync::OnceCell<RedisProjection>>,
 }
 
 impl ApiState {
@@ -76,8 +81,9 @@ impl ApiState {
             redis,
             consumer,
             metrics: METRICS.get().cloned(),
-            api_token: config.api_token.clone(),
+            api_token: config.token(),
             max_batch_ids: config.max_batch_ids,
+            redis_probe: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 
@@ -271,6 +277,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// The method as a metric label: the standard ones by name, any other token
+/// (a client may send any) as `other`, so that no request can add a label
+/// value.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Traces and counts every request by route (the template, never the raw
 /// path, so that ids do not explode the label set).
 async fn observe(request: Request, next: Next) -> Response {
@@ -279,7 +304,7 @@ async fn observe(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let span = tracing::info_span!("http", %method, %route, status = tracing::field::Empty);
     let started = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
@@ -333,7 +358,17 @@ async fn no_such_route() -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, method_label};
+
+    #[test]
+    fn any_method_token_is_one_of_ten_labels() {
+        use axum::http::Method;
+        assert_eq!(method_label(&Method::GET), "GET");
+        for token in ["FOO", "X-ANY-TOKEN-123", "get"] {
+            let method = Method::from_bytes(token.as_bytes()).expect("a token");
+            assert_eq!(method_label(&method), "other", "{token}");
+        }
+    }
 
     #[test]
     fn tokens_compare_whole() {

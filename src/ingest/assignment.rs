@@ -237,6 +237,22 @@ impl OffsetGate {
                     // created again (or truncated). Skipping to the stored
                     // offset would skip every new message; read on instead.
                     tracing::error!(topic = %m.topic, partition = m.partition, stored, kafka = m.offset, "the stored offset is beyond the end of the partition (topic recreated?); ignoring it and reading from Kafka's position");
+                    // And forgetting it: stored offsets only grow, so the
+                    // old one would stay, and once the new partition grew
+                    // past it a restart would skip to it.
+                    if let Err(e) = offsets::reset(
+                        store.pool(),
+                        &self.group_id,
+                        &m.topic,
+                        m.partition,
+                        m.offset,
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %e, "cannot reset the stored offset; checking again with the next message");
+                        self.fresh.insert(p);
+                        return true;
+                    }
                 }
                 Some(stored) if stored > m.offset => {
                     tracing::info!(topic = %m.topic, partition = m.partition, from = m.offset, to = stored, "skipping what the database already has");

@@ -36,12 +36,13 @@ use sqlx::MySqlConnection;
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Transition,
+    IMPORT_EVENT_ID_PREFIX,
 };
 use crate::projection::redis_follower::HandedBatch;
 use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::event_log::{self, NewEntry, Positions};
 use crate::store::offsets::{self, PartitionOffset};
-use crate::store::parked::{self, ParkedRow};
+use crate::store::parked::{self, NewParked, ParkedRow};
 use crate::store::redis_projection::ActiveIds;
 use crate::store::{self, id_projection, Store, StoreError};
 use crate::wire::{self, InboundMessage};
@@ -139,14 +140,79 @@ pub async fn process_batch(
 /// over the rows parked in the last minute ([`StrandedWindow`]), picks it
 /// up.
 ///
+/// A parked row the database or this version refuses (its event no
+/// longer decodes, a write of it is refused) must not stop the round, nor,
+/// through a restart, the next `run`: the rows are then released one at a
+/// time, and the one refused is dead-lettered as `storage_rejected` and
+/// leaves the parking lot.
+///
 /// # Errors
-/// [`StoreError`], as [`process_batch`].
+/// [`StoreError`]: transient, or the database refusing even the dead
+/// letter.
 pub async fn release_stranded(
     store: &Store,
     config: &PipelineConfig,
     after: i64,
 ) -> Result<BatchOutcome, StoreError> {
-    run_batch(store, config, &[], Release::Stranded { after }).await
+    match release_stranded_rows(store, config, after, STRANDED_ROUND).await {
+        Err(e) if e.is_refusal() => {
+            tracing::error!(error = %e, "a stranded parked event was refused; releasing them one at a time");
+            let rows = {
+                let mut conn = store.pool().acquire().await?;
+                parked::stranded(&mut conn, after, STRANDED_ROUND).await?
+            };
+            let mut merged = BatchOutcome::default();
+            for row in rows {
+                match release_stranded_rows(store, config, row.row_id - 1, 1).await {
+                    Ok(outcome) => merged.merge(outcome),
+                    Err(e) if e.is_refusal() => {
+                        tracing::error!(error = %e, row = row.row_id, "dead-lettering a parked event that cannot be applied");
+                        merged.merge(quarantine_parked(store, &row, &e).await?);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(merged)
+        }
+        other => other,
+    }
+}
+
+/// Stranded rows looked at in one round.
+const STRANDED_ROUND: u32 = 500;
+
+async fn release_stranded_rows(
+    store: &Store,
+    config: &PipelineConfig,
+    after: i64,
+    limit: u32,
+) -> Result<BatchOutcome, StoreError> {
+    run_batch(store, config, &[], Release::Stranded { after, limit }).await
+}
+
+/// Moves a parked row that cannot be applied to the dead letters
+/// (`storage_rejected`), in one transaction.
+async fn quarantine_parked(
+    store: &Store,
+    row: &ParkedRow,
+    error: &StoreError,
+) -> Result<BatchOutcome, StoreError> {
+    let event = wire::json::decode(row.event_json.as_bytes()).ok();
+    let letter = DeadLetter::for_message(
+        &row.message,
+        "storage_rejected",
+        format!("a parked event that cannot be applied: {error}"),
+        event.as_ref(),
+    );
+    let mut tx = store.pool().begin().await?;
+    dead_letters::insert(&mut tx, std::slice::from_ref(&letter)).await?;
+    parked::delete(&mut tx, &[row.row_id]).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome {
+        unparked: 1,
+        dead_letters: vec![letter],
+        ..BatchOutcome::default()
+    })
 }
 
 /// Which parked rows [`release_stranded`] looks at: those parked in the
@@ -203,7 +269,7 @@ async fn run_batch(
     let works = drop_seen(&mut tx, works, &mut report.duplicates).await?;
     let released_rows: Vec<(ParkedRow, OrderEvent)> = match release {
         Release::IssuedByBatch => load_releasable(&mut tx, &works).await?,
-        Release::Stranded { after } => parked::stranded(&mut tx, after, 500)
+        Release::Stranded { after, limit } => parked::stranded(&mut tx, after, limit)
             .await?
             .into_iter()
             .map(decode_parked)
@@ -219,12 +285,14 @@ async fn run_batch(
     let mut book = load_book(&mut tx, works.iter().chain(&released).map(|w| &w.event)).await?;
     let stored = book.bound_ids();
 
-    let plan = decide(&mut book, works, released, release);
+    let mut plan = decide(&mut book, works, released, release);
+    let overflow = cap_parking(&mut tx, &mut plan.to_park).await?;
 
     report.recorded = plan.recorded;
     report.unparked = plan.done_rows.len();
     report.parked = plan.to_park.len();
     report.dead_letters.extend(plan.dead_letters);
+    report.dead_letters.extend(overflow);
     parked::delete(&mut tx, &plan.done_rows).await?;
     for (row, id) in &plan.repoint {
         parked::set_awaited(&mut tx, *row, id).await?;
@@ -243,8 +311,49 @@ async fn run_batch(
     Ok(report)
 }
 
-/// Decodes the batch's messages; undecodable input, and the synthetic
-/// kind only `import-legacy` writes, become dead letters.
+/// Most events parked for one id. A producer (or an attacker) sending
+/// confirmations for an id that never comes must not fill the parking lot,
+/// nor make the batch that finally issues the id load them all at once.
+pub const MAX_PARKED_PER_ID: u64 = 1_000;
+
+/// Keeps in `to_park` what fits under [`MAX_PARKED_PER_ID`] beside what
+/// already waits (in arrival order); returns the rest as dead letters
+/// (`parking_full`).
+async fn cap_parking(
+    conn: &mut MySqlConnection,
+    to_park: &mut Vec<NewParked<'_>>,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    if to_park.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&LifecycleId> = unique(to_park.iter().map(|p| &p.awaited).collect());
+    let mut waiting = parked::count_awaiting(conn, &ids).await?;
+    let mut overflow = Vec::new();
+    to_park.retain(|p| {
+        let n = waiting.entry(p.awaited.clone()).or_default();
+        if *n < MAX_PARKED_PER_ID {
+            *n += 1;
+            return true;
+        }
+        let mut letter = DeadLetter::for_message(
+            p.message,
+            "parking_full",
+            format!(
+                "{MAX_PARKED_PER_ID} events already wait for {}; this one is not parked",
+                p.awaited
+            ),
+            None,
+        );
+        letter.event_id = Some(p.event_id.clone());
+        overflow.push(letter);
+        false
+    });
+    Ok(overflow)
+}
+
+/// Decodes the batch's messages; undecodable input, and what only
+/// `import-legacy` writes (its synthetic kind, its event-id prefix), become
+/// dead letters.
 fn decode<'m>(messages: &'m [InboundMessage], dead_letters: &mut Vec<DeadLetter>) -> Vec<Work<'m>> {
     let mut works = Vec::with_capacity(messages.len());
     for m in messages {
@@ -256,6 +365,17 @@ fn decode<'m>(messages: &'m [InboundMessage], dead_letters: &mut Vec<DeadLetter>
                     "reserved_kind",
                     "legacy_id_imported is written by import-legacy only and is refused on a topic"
                         .into(),
+                    Some(&event),
+                ))
+            }
+            Ok(event) if event.event_id.as_str().starts_with(IMPORT_EVENT_ID_PREFIX) => {
+                dead_letters.push(DeadLetter::for_message(
+                    m,
+                    "reserved_event_id",
+                    format!(
+                        "event ids starting with {IMPORT_EVENT_ID_PREFIX:?} are written by \
+                         import-legacy only and are refused on a topic"
+                    ),
                     Some(&event),
                 ))
             }

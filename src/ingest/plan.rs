@@ -55,9 +55,9 @@ pub enum Release {
     /// Those waiting for ids the batch's own events issue: each is applied
     /// right after the event that issues its id.
     IssuedByBatch,
-    /// Those after row `after` whose awaited id is already bound: applied
-    /// first (see `pipeline::release_stranded`).
-    Stranded { after: i64 },
+    /// Up to `limit` of those after row `after` whose awaited id is already
+    /// bound: applied first (see `pipeline::release_stranded`).
+    Stranded { after: i64, limit: u32 },
 }
 
 /// Applied events as the log and the read model take them: the core that
@@ -319,7 +319,10 @@ mod tests {
                 Work::released(&stranded, confirm),
                 Work::released(&misfiled, unknown),
             ],
-            Release::Stranded { after: 0 },
+            Release::Stranded {
+                after: 0,
+                limit: 500,
+            },
         );
         assert_eq!(plan.applied.entries.len(), 1);
         assert_eq!(plan.done_rows, vec![3]);

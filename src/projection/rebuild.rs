@@ -52,6 +52,13 @@ pub enum RebuildError {
     Redis(#[from] RedisError),
     #[error(transparent)]
     StrayScan(#[from] StrayScanError),
+    /// The swap waited [`SWAP_LOCK_WAIT`] for a reader of the live table.
+    #[error(
+        "the swap waited {seconds} s for a long transaction or query reading \
+         order_lifecycle_ids; nothing was replaced and ingestion went on: run the \
+         rebuild again when that reader has finished"
+    )]
+    SwapBlocked { seconds: u64 },
     /// Another rebuild of this database holds the lease.
     #[error(
         "another rebuild of this database is running (it holds the rebuild lease); \
@@ -67,12 +74,22 @@ pub enum RebuildError {
 /// when dropped, or when its holder dies.
 #[derive(Debug)]
 pub struct RebuildLease {
-    /// Held, not read: the lease lasts as long as this value.
-    _held: Lease,
+    held: Lease,
 }
+
+/// Longest wait of the swap for the live table's metadata lock: ingestion
+/// waits for the swap (it holds the projection lock), so a long reader of
+/// the table must not stop ingestion for longer than this.
+pub const SWAP_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Name of the rebuild lease.
 const REBUILD_LEASE: &str = "order_lifecycle_rebuild";
+
+impl From<sqlx::Error> for RebuildError {
+    fn from(e: sqlx::Error) -> RebuildError {
+        RebuildError::Store(e.into())
+    }
+}
 
 impl RebuildLease {
     /// Takes the lease, or says [`RebuildError::Busy`] at once.
@@ -81,9 +98,18 @@ impl RebuildLease {
     /// [`RebuildError::Busy`], or [`StoreError`] from the database.
     pub async fn acquire(store: &Store) -> Result<RebuildLease, RebuildError> {
         match Lease::try_acquire(store, REBUILD_LEASE).await? {
-            Some(lease) => Ok(RebuildLease { _held: lease }),
+            Some(lease) => Ok(RebuildLease { held: lease }),
             None => Err(RebuildError::Busy),
         }
+    }
+
+    /// Gives the lease back at once (dropped, it ends a moment later, when
+    /// the server sees its connection close).
+    ///
+    /// # Errors
+    /// [`StoreError`] from the database.
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.held.release().await
     }
 }
 
@@ -94,7 +120,7 @@ impl RebuildLease {
 pub async fn rebuild_mysql(
     store: &Store,
     _lease: &RebuildLease,
-) -> Result<RebuildSummary, StoreError> {
+) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
     let pool = store.pool();
     let head = event_log::head(pool).await?;
@@ -122,7 +148,16 @@ pub async fn rebuild_mysql(
     let mut lock = pool.begin().await?;
     id_projection::exclusive_projection_lock(&mut lock).await?;
     refold_recent(store, &mut conn, SHADOW, first_pass).await?;
-    id_projection::swap_in_shadow(&mut conn).await?;
+    match id_projection::swap_in_shadow(&mut conn, SWAP_LOCK_WAIT).await {
+        Ok(()) => {}
+        Err(e) if e.is_lock_wait_timeout() => {
+            lock.rollback().await?;
+            return Err(RebuildError::SwapBlocked {
+                seconds: SWAP_LOCK_WAIT.as_secs(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
     lock.commit().await?;
     id_projection::drop_retired(&mut conn).await?;
     summary.seconds = started.elapsed().as_secs_f64();

@@ -132,7 +132,8 @@ pub async fn bindings_after(
     .await?)
 }
 
-/// The next `limit` orders with an active id after order `after`.
+/// The next `limit` orders with an active id after order `after`, in the
+/// column's (binary) order.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
@@ -142,8 +143,11 @@ pub async fn active_orders_after(
     limit: u32,
 ) -> Result<Vec<String>, StoreError> {
     Ok(sqlx::query_scalar(
-        "SELECT DISTINCT CAST(order_id AS CHAR) FROM order_lifecycle_ids \
-         WHERE status = 'active' AND order_id > ? ORDER BY 1 LIMIT ?",
+        // Ordered by the column itself, in its binary collation, as the
+        // `>` compares: ordering by the CAST (the connection's
+        // case-insensitive collation) skipped mixed-case orders.
+        "SELECT CAST(order_id AS CHAR) FROM order_lifecycle_ids \
+         WHERE status = 'active' AND order_id > ? GROUP BY order_id ORDER BY order_id LIMIT ?",
     )
     .bind(after)
     .bind(limit)

@@ -63,7 +63,13 @@ impl DeadLetter {
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn insert(conn: &mut MySqlConnection, letters: &[DeadLetter]) -> Result<(), StoreError> {
-    for chunk in letters.chunks(MAX_ROWS_PER_STATEMENT) {
+    let bytes = |d: &DeadLetter| {
+        d.payload.as_ref().map_or(0, Vec::len)
+            + d.key.as_ref().map_or(0, Vec::len)
+            + d.error.len().min(MAX_ERROR_CHARS * 4)
+            + 512
+    };
+    for chunk in super::byte_bounded(letters, bytes) {
         let mut qb = QueryBuilder::<MySql>::new(
             "INSERT IGNORE INTO dead_letters (source_topic, source_partition, source_offset, \
              message_key, payload, content_type, reason, error, event_id, order_id) ",

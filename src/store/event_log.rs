@@ -146,7 +146,9 @@ pub async fn append(
         detail: format!("position {head} out of range"),
     })?;
     let mut position = head - count;
-    for chunk in super::shaped_chunks(entries) {
+    let bytes = |e: &NewEntry| e.payload.len() + 128 * e.transitions.len() + 512;
+    let chunks = super::byte_bounded(entries, bytes).flat_map(super::shaped_chunks);
+    for chunk in chunks {
         let mut qb = QueryBuilder::<MySql>::new(
             "INSERT INTO lifecycle_events (position, order_id, seq, event_id, kind, outcome, \
              transitions, payload, occurred_at_ms, source_topic, source_partition, source_offset) ",
@@ -313,7 +315,8 @@ pub async fn order_entries(
          WHERE order_id = ? AND seq > ? ORDER BY seq LIMIT ?",
     )
     .bind(order.as_str())
-    .bind(after_seq as i64)
+    // Past i64::MAX no sequence exists: an empty page, never a wrap.
+    .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
     .bind(limit)
     .fetch_all(pool)
     .await?;

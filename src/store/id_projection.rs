@@ -346,18 +346,35 @@ pub async fn analyze_shadow(conn: &mut MySqlConnection) -> Result<(), StoreError
 }
 
 /// Puts [`SHADOW`] in the live table's place in one `RENAME TABLE` (a
-/// reader sees the old table or the new one, never none), then drops the
-/// old one. The caller holds the exclusive projection lock.
+/// reader sees the old table or the new one, never none). The caller holds
+/// the exclusive projection lock, so ingestion waits while this does: the
+/// wait for the table's metadata lock (a long transaction reading it holds
+/// that) is bounded by `lock_wait` instead of the server's default of a
+/// year.
 ///
 /// # Errors
-/// [`StoreError`] from the database.
-pub async fn swap_in_shadow(conn: &mut MySqlConnection) -> Result<(), StoreError> {
-    sqlx::query(
+/// [`StoreError`]; a lock wait that ran out is
+/// [`StoreError::is_lock_wait_timeout`], and nothing was renamed then.
+pub async fn swap_in_shadow(
+    conn: &mut MySqlConnection,
+    lock_wait: std::time::Duration,
+) -> Result<(), StoreError> {
+    sqlx::query("SET SESSION lock_wait_timeout = ?")
+        .bind(lock_wait.as_secs().max(1))
+        .execute(&mut *conn)
+        .await?;
+    let renamed = sqlx::query(
         "RENAME TABLE order_lifecycle_ids TO order_lifecycle_ids_retired, \
          order_lifecycle_ids_rebuild TO order_lifecycle_ids",
     )
     .execute(&mut *conn)
-    .await?;
+    .await;
+    // The connection goes back to the pool: its other users keep the
+    // server's setting.
+    sqlx::query("SET SESSION lock_wait_timeout = DEFAULT")
+        .execute(&mut *conn)
+        .await?;
+    renamed?;
     Ok(())
 }
 

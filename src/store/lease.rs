@@ -10,12 +10,14 @@ use sqlx::MySqlConnection;
 
 use super::{Store, StoreError};
 
-/// A held lease; released when dropped (its connection closes).
+/// A held lease; [`Lease::release`] gives it back at once; dropped, it
+/// ends when the server sees its connection close (a moment later).
 #[derive(Debug)]
 pub struct Lease {
     /// Kept open for the lease's life; never returned to the pool, which
     /// would keep the lock with a connection someone else then uses.
-    _session: MySqlConnection,
+    session: MySqlConnection,
+    name: String,
 }
 
 impl Lease {
@@ -32,6 +34,23 @@ impl Lease {
                 .bind(name)
                 .fetch_one(&mut session)
                 .await?;
-        Ok((got == Some(1)).then_some(Lease { _session: session }))
+        Ok((got == Some(1)).then(|| Lease {
+            session,
+            name: name.to_owned(),
+        }))
+    }
+
+    /// Gives the lease back and closes its connection.
+    ///
+    /// # Errors
+    /// [`StoreError`] from the database (the lease ends with the
+    /// connection anyway).
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        sqlx::query("DO RELEASE_LOCK(CONCAT(?, ':', MD5(DATABASE())))")
+            .bind(&self.name)
+            .execute(&mut self.session)
+            .await?;
+        sqlx::Connection::close(self.session).await?;
+        Ok(())
     }
 }

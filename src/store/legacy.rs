@@ -9,12 +9,14 @@ use sqlx::{MySqlPool, Row};
 use super::StoreError;
 use crate::domain::IdType;
 
-/// One legacy row, as text (values that are not UTF-8 shown lossily).
+/// One legacy row, its text columns as stored: bytes, which the import
+/// reads as UTF-8 and reports when they are not (never converted lossily,
+/// which would import an id that was never issued).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LegacyRow {
-    pub order_id: String,
+    pub order_id: Vec<u8>,
     /// The id columns, in the order asked for.
-    pub ids: Vec<Option<String>>,
+    pub ids: Vec<Option<Vec<u8>>>,
     pub created_at_ms: Option<i64>,
 }
 
@@ -54,14 +56,17 @@ pub async fn page(
     pool: &MySqlPool,
     table: &str,
     id_columns: &[IdType],
-    after: Option<&str>,
+    after: Option<&[u8]>,
     size: usize,
 ) -> Result<Vec<LegacyRow>, StoreError> {
+    // The columns as they are: the server converts text to the
+    // connection's UTF-8 (a latin1 table reads right) and sends binary
+    // columns' bytes untouched, which a CAST would have replaced.
     let columns = format!(
-        "CAST(order_id AS CHAR), {}, CAST(UNIX_TIMESTAMP(created_at) * 1000 AS SIGNED)",
+        "order_id, {}, CAST(UNIX_TIMESTAMP(created_at) * 1000 AS SIGNED)",
         id_columns
             .iter()
-            .map(|c| format!("CAST({} AS CHAR)", c.as_str()))
+            .map(|c| c.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -73,7 +78,7 @@ pub async fn page(
     };
     let mut q = sqlx::query(&query);
     if let Some(after) = after {
-        q = q.bind(after);
+        q = bind_text_or_bytes(q, after);
     }
     let read = |row: &sqlx::mysql::MySqlRow| legacy_row(row, id_columns.len());
     let mut rows: Vec<LegacyRow> = q
@@ -87,7 +92,8 @@ pub async fn page(
         if let Some(last) = rows.last().map(|r| r.order_id.clone()) {
             rows.retain(|r| r.order_id != last);
             let same = format!("SELECT {columns} FROM `{table}` WHERE order_id = ?");
-            for row in sqlx::query(&same).bind(&last).fetch_all(pool).await? {
+            let q = bind_text_or_bytes(sqlx::query(&same), &last);
+            for row in q.fetch_all(pool).await? {
                 rows.push(read(&row)?);
             }
         }
@@ -95,14 +101,26 @@ pub async fn page(
     Ok(rows)
 }
 
+/// Binds an order id as text when it is UTF-8, so that it compares in the
+/// column's collation as `ORDER BY order_id` sorts (a binary parameter
+/// would compare bytes, and a case-insensitive table would page
+/// inconsistently); as bytes only when it is not (a binary column, whose
+/// collation is bytes anyway).
+fn bind_text_or_bytes<'q>(
+    q: sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+    value: &'q [u8],
+) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+    match std::str::from_utf8(value) {
+        Ok(text) => q.bind(text),
+        Err(_) => q.bind(value),
+    }
+}
+
 fn legacy_row(row: &sqlx::mysql::MySqlRow, id_columns: usize) -> Result<LegacyRow, StoreError> {
-    let text = |i: usize| -> Result<Option<String>, StoreError> {
-        let raw: Option<Vec<u8>> = row.try_get(i)?;
-        Ok(raw.map(|b| String::from_utf8_lossy(&b).into_owned()))
-    };
+    let bytes = |i: usize| -> Result<Option<Vec<u8>>, StoreError> { Ok(row.try_get(i)?) };
     Ok(LegacyRow {
-        order_id: text(0)?.unwrap_or_default(),
-        ids: (1..=id_columns).map(text).collect::<Result<_, _>>()?,
+        order_id: bytes(0)?.unwrap_or_default(),
+        ids: (1..=id_columns).map(bytes).collect::<Result<_, _>>()?,
         created_at_ms: row.try_get(id_columns + 1)?,
     })
 }

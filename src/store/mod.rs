@@ -29,6 +29,39 @@ use crate::config::SecretUrl;
 /// as every statement size on the hot path is (see [`shaped_chunks`]).
 pub const MAX_ROWS_PER_STATEMENT: usize = 512;
 
+/// Most bytes of row data in one statement. MariaDB refuses a packet over
+/// `max_allowed_packet` (16 MiB by default) by dropping the connection,
+/// which looks like an outage and would be retried forever: 512 dead
+/// letters of 64 KiB are 32 MiB. Rows are cut into statements of at most
+/// this much (a row larger than it goes alone).
+pub const MAX_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// `items` in consecutive runs of at most [`MAX_ROWS_PER_STATEMENT`] rows
+/// and [`MAX_STATEMENT_BYTES`] bytes, by `bytes` of each row.
+pub(crate) fn byte_bounded<'a, T>(
+    items: &'a [T],
+    bytes: impl Fn(&T) -> usize + 'a,
+) -> impl Iterator<Item = &'a [T]> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut total = 0;
+        let mut n = 0;
+        for item in rest.iter().take(MAX_ROWS_PER_STATEMENT) {
+            total += bytes(item);
+            if n > 0 && total > MAX_STATEMENT_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        Some(run)
+    })
+}
+
 /// Prepared statements kept per connection: every shape the hot path uses
 /// (each statement at each power-of-two size) fits, so a batch prepares
 /// nothing once the connection has seen every size.
@@ -101,6 +134,14 @@ impl StoreError {
         matches!(self, StoreError::Conflict(_))
     }
 
+    /// Whether a lock or metadata-lock wait ran out (MySQL error 1205).
+    pub fn is_lock_wait_timeout(&self) -> bool {
+        match self {
+            StoreError::Transient(e) | StoreError::Fatal(e) => mysql_error_number(e) == Some(1205),
+            _ => false,
+        }
+    }
+
     /// Whether the database refused the data itself (anything not
     /// transient, or a conflict that retries did not resolve), rather than
     /// being unavailable.
@@ -150,16 +191,43 @@ fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
     }
 }
 
+/// Errors of the database's state, not of the data: retried (and logged
+/// at each retry) until an operator or the server fixes them, never turned
+/// into `storage_rejected` dead letters, which would drop good events for
+/// an environmental fault.
+///
 /// Deadlock (1213), lock wait timeout (1205), server shutting down (1053),
 /// connection lost or killed (2006, 2013, 1927, 4031), read-only during a
-/// fail-over (1290, 1836).
+/// fail-over (1290, 1836); a grant revoked while running (1142 table, 1143
+/// column; a refused login, 1045, stays a configuration error that stops
+/// the start), a full table or disk (1114, 1021), too
+/// many connections (1040, 1203), a user's resource limit (1226), a
+/// statement killed by a time limit (1969, 3024).
 fn is_transient_mysql_code(db: &dyn sqlx::error::DatabaseError) -> bool {
     let number = db
         .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
         .map(|e| e.number());
     matches!(
         number,
-        Some(1205 | 1213 | 1053 | 2006 | 2013 | 1290 | 1927 | 1836 | 4031)
+        Some(
+            1205 | 1213
+                | 1053
+                | 2006
+                | 2013
+                | 1290
+                | 1927
+                | 1836
+                | 4031
+                | 1142
+                | 1143
+                | 1114
+                | 1021
+                | 1040
+                | 1203
+                | 1226
+                | 1969
+                | 3024
+        )
     )
 }
 
@@ -367,7 +435,7 @@ fn event_id(row: &MySqlRow, table: &'static str) -> Result<crate::domain::EventI
 
 #[cfg(test)]
 mod tests {
-    use super::{padded, shaped_chunks, MAX_ROWS_PER_STATEMENT};
+    use super::{byte_bounded, padded, shaped_chunks, MAX_ROWS_PER_STATEMENT};
 
     #[test]
     fn chunks_are_powers_of_two_largest_first_and_cover_every_item_once() {
@@ -383,6 +451,13 @@ mod tests {
             }
         }
         let sizes: Vec<usize> = shaped_chunks(&[0; 37]).map(<[i32]>::len).collect();
+        let mb = 1024 * 1024;
+        let rows = [3 * mb, 2 * mb, mb, 5 * mb, 1, 1];
+        let runs: Vec<usize> = byte_bounded(&rows, |r| *r).map(<[usize]>::len).collect();
+        assert_eq!(runs, vec![1, 2, 1, 2], "4 MiB at most, a larger row alone");
+        let small = [1usize; 1000];
+        let runs: Vec<usize> = byte_bounded(&small, |r| *r).map(<[usize]>::len).collect();
+        assert_eq!(runs, vec![512, 488]);
         assert_eq!(sizes, [32, 4, 1]);
     }
 

@@ -172,3 +172,29 @@ pub async fn committed_total(pool: &sqlx::MySqlPool, group: &str) -> Result<u64,
     .await?;
     Ok(u64::try_from(total).unwrap_or(0))
 }
+
+/// Sets a partition's stored offset to `next_offset`, down as well as up
+/// ([`save`] only raises it): for a topic deleted and created again, whose
+/// offsets start over.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn reset(
+    pool: &sqlx::MySqlPool,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE consumer_offsets SET next_offset = ? \
+         WHERE group_id = ? AND topic = ? AND kafka_partition = ?",
+    )
+    .bind(next_offset)
+    .bind(group_id)
+    .bind(topic)
+    .bind(partition)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! The `parked_events` table: events waiting for an id not issued yet
 //! (rule R7). Durable, so that parked events survive restarts.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::mysql::MySqlRow;
@@ -83,6 +84,31 @@ pub async fn awaiting(
     Ok(rows)
 }
 
+/// How many events wait for each of `ids` (ids with none absent).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn count_awaiting(
+    conn: &mut MySqlConnection,
+    ids: &[&LifecycleId],
+) -> Result<HashMap<LifecycleId, u64>, StoreError> {
+    let mut counts = HashMap::new();
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<MySql>::new(
+            "SELECT awaited_id, COUNT(*) FROM parked_events \
+             FORCE INDEX (idx_parked_events_awaited) WHERE ",
+        );
+        push_in(&mut qb, "awaited_id", chunk);
+        qb.push(" GROUP BY awaited_id");
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            let id = LifecycleId::parse(text(&row, 0, TABLE)?).map_err(corrupt)?;
+            let n: i64 = row.try_get(1)?;
+            counts.insert(id, u64::try_from(n).unwrap_or(0));
+        }
+    }
+    Ok(counts)
+}
+
 /// Parks events until `timeout` after their message's Kafka timestamp, in
 /// stream time (rule R7; see [`expired`]). A message without a timestamp
 /// counts from now.
@@ -96,7 +122,10 @@ pub async fn insert(
 ) -> Result<(), StoreError> {
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let now_ms = crate::clock::now_ms();
-    for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+    let bytes = |p: &NewParked<'_>| {
+        p.event_json.len() + p.message.payload.as_ref().map_or(0, Vec::len) + 512
+    };
+    for chunk in super::byte_bounded(rows, bytes) {
         let mut qb = QueryBuilder::<MySql>::new(
             "INSERT INTO parked_events (awaited_id, event_id, event, source_topic, \
              source_partition, source_offset, message_key, payload, content_type, expires_at_ms) ",

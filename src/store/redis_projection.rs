@@ -121,6 +121,16 @@ impl RedisProjection {
         })
     }
 
+    /// Whether Redis answers (readiness), on this projection's connection.
+    ///
+    /// # Errors
+    /// [`RedisError`] when it does not.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok(())
+    }
+
     /// The key names this projection writes.
     pub fn keys(&self) -> RedisKeys {
         RedisKeys::new(&self.prefix)
