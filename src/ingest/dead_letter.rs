@@ -50,10 +50,7 @@ impl DeadLetterPublisher {
         let mut deliveries = Vec::with_capacity(letters.len());
         for d in letters {
             let delivery = match kafka::enqueue(&self.producer, self.record(d, Form::Whole)).await {
-                Err(e) if too_large(&e) => {
-                    tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, "dead letter too large for the dead-letter topic; publishing it shortened");
-                    kafka::enqueue(&self.producer, self.record(d, Form::Shortened)).await?
-                }
+                Err(e) if too_large(&e) => self.enqueue_shortened(d, "the client").await?,
                 other => other?,
             };
             deliveries.push(delivery);
@@ -63,9 +60,7 @@ impl DeadLetterPublisher {
             match result {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) if too_large(&e) => {
-                    tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, "the broker refused a dead letter as too large; publishing it shortened");
-                    let retry =
-                        kafka::enqueue(&self.producer, self.record(d, Form::Shortened)).await?;
+                    let retry = self.enqueue_shortened(d, "the broker").await?;
                     kafka::await_deliveries(vec![retry]).await?;
                 }
                 Ok(Err((e, _))) => return Err(e),
@@ -73,6 +68,17 @@ impl DeadLetterPublisher {
             }
         }
         Ok(())
+    }
+
+    /// Queues the shortened form of a letter that `refused_by` (the client
+    /// or the broker) refused as too large.
+    async fn enqueue_shortened(
+        &self,
+        d: &DeadLetter,
+        refused_by: &str,
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, refused_by, "dead letter too large for the dead-letter topic; publishing it shortened");
+        kafka::enqueue(&self.producer, self.record(d, Form::Shortened)).await
     }
 
     /// The record of a letter, whole or shortened.
