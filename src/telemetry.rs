@@ -35,10 +35,21 @@ pub fn init(format: LogFormat) {
 /// This process's peak resident memory in MiB (`VmHWM`), where the platform
 /// tells it (Linux); for the long jobs' summaries.
 pub fn peak_memory_mib() -> Option<u64> {
+    memory_status_mib("VmHWM:")
+}
+
+/// This process's resident memory now in MiB (`VmRSS`), where the platform
+/// tells it (Linux).
+pub fn resident_memory_mib() -> Option<u64> {
+    memory_status_mib("VmRSS:")
+}
+
+/// A `/proc/self/status` line given in kB, in MiB.
+fn memory_status_mib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: u64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()

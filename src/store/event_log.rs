@@ -367,18 +367,42 @@ pub async fn orders_after(pool: &MySqlPool, since: i64) -> Result<Vec<OrderId>, 
         .collect())
 }
 
-/// Every entry's position by its event id (`bench-latency` matches what it
-/// sent to where it landed; a scratch log of a few hundred thousand
-/// entries).
+/// Where an entry landed and when its row was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landing {
+    pub position: i64,
+    /// `recorded_at` in microseconds since the epoch: when the batch's
+    /// insert ran, just before its commit.
+    pub recorded_us: i64,
+}
+
+/// Every entry's position and write time by its event id (`bench-latency`
+/// matches what it sent to where and when it landed; a scratch log of a
+/// few hundred thousand entries).
 ///
 /// # Errors
 /// [`StoreError`] from the database.
-pub async fn positions_by_event_id(pool: &MySqlPool) -> Result<HashMap<String, i64>, StoreError> {
-    Ok(
-        sqlx::query_as("SELECT CAST(event_id AS CHAR), position FROM lifecycle_events")
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .collect(),
+pub async fn landings_by_event_id(
+    pool: &MySqlPool,
+) -> Result<HashMap<String, Landing>, StoreError> {
+    // Sessions run at UTC (see `store::connect`), so the DATETIME converts
+    // as it was written.
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT CAST(event_id AS CHAR), position, \
+         CAST(UNIX_TIMESTAMP(recorded_at) * 1000000 AS SIGNED) FROM lifecycle_events",
     )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, position, recorded_us)| {
+            (
+                id,
+                Landing {
+                    position,
+                    recorded_us,
+                },
+            )
+        })
+        .collect())
 }

@@ -21,7 +21,7 @@ use clap::Args;
 use rdkafka::producer::FutureProducer;
 use sqlx::{MySql, QueryBuilder};
 
-use super::{enqueue, plan, BenchServices, CpuReading, Layout, Scratch};
+use super::{enqueue, plain_consumer, plan, BenchServices, CpuReading, Layout, Scratch};
 use crate::config::KafkaConfig;
 use crate::kafka;
 use crate::store::{event_log, offsets, Store};
@@ -89,6 +89,15 @@ async fn measure(config: &IngestBenchConfig, scratch: &Scratch) -> anyhow::Resul
     println!(
         "bench-ingest: produced {produced} events ({:?} layout, {} partitions a topic) in {:.1} s",
         config.layout, config.partitions, produce_seconds
+    );
+
+    let read = broker_read(scratch, &kafka, &topics, config.partitions, produced).await?;
+    println!(
+        "bench-ingest: broker alone: a plain consumer read the {produced} events in {:.1} s = \
+         {:.0} events/s (nothing done with them; the drain cannot be faster); CPU {}",
+        read.seconds,
+        produced as f64 / read.seconds,
+        read.cpu
     );
 
     let drain = drain(config, scratch, &kafka, &topics, &store, produced).await?;
@@ -160,6 +169,50 @@ async fn produce(
     Ok(produced)
 }
 
+/// What reading the backlog through the broker alone measured.
+struct BrokerRead {
+    seconds: f64,
+    cpu: String,
+}
+
+/// Reads the backlog with a plain consumer assigned every partition (no
+/// group, the service's fetch settings), doing nothing with it: the rate
+/// at which the broker serves this backlog, which bounds the drain.
+async fn broker_read(
+    scratch: &Scratch,
+    kafka: &KafkaConfig,
+    topics: &[String],
+    partitions: i32,
+    produced: usize,
+) -> anyhow::Result<BrokerRead> {
+    let kafka = scratch.run_config(kafka, topics, partitions, 10).kafka;
+    let consumer = plain_consumer(
+        &kafka,
+        &format!("{}-plain", scratch.name),
+        topics,
+        partitions,
+    )?;
+    let cpu0 = CpuReading::now();
+    let started = Instant::now();
+    let mut read = 0;
+    while read < produced {
+        match tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await {
+            Ok(Ok(_)) => read += 1,
+            Ok(Err(e)) => tracing::warn!(error = %e, "plain consumer"),
+            Err(_) => anyhow::bail!(
+                "the plain consumer read {read} of {produced} events and then nothing for 60 s"
+            ),
+        }
+    }
+    Ok(BrokerRead {
+        seconds: started.elapsed().as_secs_f64(),
+        cpu: CpuReading::now().since(&cpu0),
+    })
+}
+
+/// How often the drain prints its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
+
 /// What the drain measured.
 struct Drain {
     events: usize,
@@ -194,11 +247,28 @@ async fn drain(
 
     // From the first committed batch on: events committed, log projected.
     let mut first: Option<(Instant, usize, CpuReading)> = None;
+    // Progress each PROGRESS_EVERY: the rate since the last line shows
+    // whether it holds as the tables grow.
+    let mut last_progress: Option<(Instant, usize)> = None;
     let finished = loop {
         anyhow::ensure!(!consumer.is_finished(), "the consumer stopped early");
         let committed = committed(store, &scratch.name).await?;
         if committed > 0 && first.is_none() {
             first = Some((Instant::now(), committed, CpuReading::now()));
+            last_progress = Some((Instant::now(), committed));
+        }
+        if let Some((at, then)) = last_progress {
+            if at.elapsed() >= PROGRESS_EVERY {
+                println!(
+                    "bench-ingest: {committed} of {produced} committed; {:.0} events/s over the \
+                     last {} s; RSS {} MiB",
+                    (committed - then) as f64 / at.elapsed().as_secs_f64(),
+                    at.elapsed().as_secs(),
+                    crate::telemetry::resident_memory_mib()
+                        .map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
+                );
+                last_progress = Some((Instant::now(), committed));
+            }
         }
         if committed >= produced {
             let head = event_log::head(store.pool()).await?;

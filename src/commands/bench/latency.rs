@@ -15,11 +15,15 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use anyhow::Context;
 use clap::Args;
-use rdkafka::producer::FutureProducer;
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 
-use super::{enqueue, plan, wait_projected, BenchServices, Layout, Scratch};
+use super::{enqueue, plain_consumer, plan, wait_projected, BenchServices, Layout, Scratch};
+use crate::config::KafkaConfig;
 use crate::kafka;
 
 /// Options of `bench-latency`.
@@ -72,16 +76,18 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     let mut run = scratch.run_config(&kafka, &topics, config.partitions, config.fetch_wait_ms);
     run.batch_linger = config.batch_linger;
     run.max_partition_idle = config.max_partition_idle;
+    let producer: FutureProducer = kafka::producer_config(&kafka)
+        .set("linger.ms", "1")
+        .create()
+        .context("creating the producer")?;
+    broker_alone(config, scratch, &run.kafka, &producer).await?;
+
     // The database exists and is migrated before the consumer starts.
     let store = crate::store::Store::connect(url, 2).await?;
     store.migrate().await?;
     let (stop, stopped) = crate::shutdown::Shutdown::new();
     let consumer = tokio::spawn(crate::commands::run::run(run, stopped));
 
-    let producer: FutureProducer = kafka::producer_config(&kafka)
-        .set("linger.ms", "1")
-        .create()
-        .context("creating the producer")?;
     let redis = scratch.projection().await?;
     let topic_of = |event: &crate::domain::OrderEvent| -> &str {
         &topics[config.layout.topic_index(&event.kind)]
@@ -130,21 +136,16 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     let total = (u64::from(config.rate) * config.seconds) as usize;
     let events = plan(total / 8 + 1, &format!("lat{}", crate::clock::now_ms()), 7);
     let events = &events[..total.min(events.len())];
-    let mut sent_at: Vec<(String, Instant)> = Vec::with_capacity(events.len());
-    let mut deliveries = Vec::with_capacity(events.len());
     let cpu_before = super::CpuReading::now();
     let start = Instant::now();
-    let per_event = Duration::from_secs_f64(1.0 / f64::from(config.rate.max(1)));
-    for (i, (event, encoding)) in events.iter().enumerate() {
-        let due = start + per_event * i as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            tokio::time::sleep(wait).await;
-        }
-        sent_at.push((event.event_id.to_string(), Instant::now()));
-        deliveries.push(enqueue(&producer, topic_of(event), event, *encoding).await?);
-    }
+    let steady = produce_steady(&producer, events, config.rate, topic_of).await?;
     let produced_in = start.elapsed();
-    kafka::await_deliveries(deliveries).await?;
+    kafka::await_deliveries(steady.deliveries).await?;
+    let sent_at: Vec<(String, Instant)> = events
+        .iter()
+        .map(|(e, _)| e.event_id.to_string())
+        .zip(steady.sent_at)
+        .collect();
     let expected = skip + events.len() as i64;
     let complete = wait_projected(&redis, expected, Duration::from_secs(120)).await?;
     let cpu = super::CpuReading::now().since(&cpu_before);
@@ -155,17 +156,161 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
     consumer.await??;
     anyhow::ensure!(complete, "not every event reached Redis within 120 s");
 
-    let positions = crate::store::event_log::positions_by_event_id(store.pool()).await?;
+    // The log's recorded_at (wall clock, µs) placed on the Instant scale.
+    let (base_instant, base_us) = (Instant::now(), crate::clock::now_us());
+    let instant_of = |us: i64| -> Instant {
+        let behind = Duration::from_micros(u64::try_from(base_us - us).unwrap_or(0));
+        base_instant.checked_sub(behind).unwrap_or(base_instant)
+    };
+    let landings = crate::store::event_log::landings_by_event_id(store.pool()).await?;
     let mut latencies: Vec<Duration> = Vec::with_capacity(sent_at.len());
+    let (mut to_log, mut log_to_redis) = (Vec::new(), Vec::new());
     for (event_id, at) in &sent_at {
-        let Some(position) = positions.get(event_id) else {
+        let Some(landing) = landings.get(event_id) else {
             continue;
         };
-        let i = seen.partition_point(|(_, p)| p < position);
+        let i = seen.partition_point(|(_, p)| *p < landing.position);
         if let Some((visible, _)) = seen.get(i) {
+            let recorded = instant_of(landing.recorded_us);
             latencies.push(visible.saturating_duration_since(*at));
+            to_log.push(recorded.saturating_duration_since(*at));
+            log_to_redis.push(visible.saturating_duration_since(recorded));
         }
     }
+    println!(
+        "bench-latency: layout {:?}, {} partitions, fetch.wait.max.ms {}: {} events at {:.0}/s \
+         (asked {}/s); event -> Redis {} ({} measured); of which event -> log row written {}, \
+         log row -> Redis {}; CPU in {wall:.1} s: {cpu} (the service's includes this bench's \
+         producer and poller)",
+        config.layout,
+        config.partitions,
+        config.fetch_wait_ms,
+        events.len(),
+        events.len() as f64 / produced_in.as_secs_f64(),
+        config.rate,
+        percentiles(&mut latencies),
+        latencies.len(),
+        percentiles(&mut to_log),
+        percentiles(&mut log_to_redis),
+    );
+    Ok(())
+}
+
+/// The same stream through the broker alone, on topics of its own: a plain
+/// consumer assigned every partition (no group join, no database, no
+/// Redis) with the service's fetch settings; produce -> receive. What the
+/// service adds is the difference to this.
+async fn broker_alone(
+    config: &LatencyConfig,
+    scratch: &Scratch,
+    kafka: &KafkaConfig,
+    producer: &FutureProducer,
+) -> anyhow::Result<()> {
+    let topics = config.layout.topics(&format!("{}-plain", scratch.name));
+    scratch
+        .create_topics(kafka, &topics, config.partitions)
+        .await?;
+    let consumer = plain_consumer(
+        kafka,
+        &format!("{}-plain", scratch.name),
+        &topics,
+        config.partitions,
+    )?;
+
+    let total = (u64::from(config.rate) * config.seconds) as usize;
+    let events = plan(
+        total / 8 + 1,
+        &format!("plain{}", crate::clock::now_ms()),
+        11,
+    );
+    let events = &events[..total.min(events.len())];
+    let receiver = tokio::spawn(async move {
+        let mut received: HashMap<(String, i32, i64), Instant> = HashMap::new();
+        while received.len() < total {
+            match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    received.insert(
+                        (m.topic().to_owned(), m.partition(), m.offset()),
+                        Instant::now(),
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "plain consumer"),
+                Err(_) => break,
+            }
+        }
+        received
+    });
+    let topic_of = |event: &crate::domain::OrderEvent| -> &str {
+        &topics[config.layout.topic_index(&event.kind)]
+    };
+    let steady = produce_steady(producer, events, config.rate, topic_of).await?;
+    let mut placed = Vec::with_capacity(events.len());
+    for ((event, _), delivery) in events.iter().zip(steady.deliveries) {
+        match delivery.await {
+            Ok(Ok(delivery)) => placed.push((
+                topic_of(event).to_owned(),
+                delivery.partition,
+                delivery.offset,
+            )),
+            Ok(Err((e, _))) => return Err(e).context("producing"),
+            Err(_) => anyhow::bail!("a delivery was cancelled"),
+        }
+    }
+    let received = receiver.await?;
+    let mut latencies: Vec<Duration> = placed
+        .into_iter()
+        .zip(&steady.sent_at)
+        .filter_map(|(at, sent)| {
+            received
+                .get(&at)
+                .map(|r| r.saturating_duration_since(*sent))
+        })
+        .collect();
+    println!(
+        "bench-latency: broker alone (plain consumer, same rate and fetch.wait.max.ms): \
+         event -> consumer {} ({} of {} received)",
+        percentiles(&mut latencies),
+        latencies.len(),
+        events.len(),
+    );
+    Ok(())
+}
+
+/// What [`produce_steady`] sent.
+struct Steady {
+    /// When each event was handed to the producer, in order.
+    sent_at: Vec<Instant>,
+    deliveries: Vec<DeliveryFuture>,
+}
+
+/// Produces `events` at `rate` a second, each to `topic_of` it.
+async fn produce_steady<'t>(
+    producer: &FutureProducer,
+    events: &[(crate::domain::OrderEvent, crate::wire::Encoding)],
+    rate: u32,
+    topic_of: impl Fn(&crate::domain::OrderEvent) -> &'t str,
+) -> anyhow::Result<Steady> {
+    let mut steady = Steady {
+        sent_at: Vec::with_capacity(events.len()),
+        deliveries: Vec::with_capacity(events.len()),
+    };
+    let start = Instant::now();
+    let per_event = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    for (i, (event, encoding)) in events.iter().enumerate() {
+        let due = start + per_event * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        steady.sent_at.push(Instant::now());
+        steady
+            .deliveries
+            .push(enqueue(producer, topic_of(event), event, *encoding).await?);
+    }
+    Ok(steady)
+}
+
+/// `p50 .. ms, p99 .. ms, max .. ms` of `latencies` (sorted here).
+fn percentiles(latencies: &mut [Duration]) -> String {
     latencies.sort();
     let pick = |q: f64| -> f64 {
         let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
@@ -173,20 +318,10 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
             .get(i)
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
     };
-    println!(
-        "bench-latency: layout {:?}, {} partitions, fetch.wait.max.ms {}: {} events at {:.0}/s \
-         (asked {}/s); event -> Redis p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} measured); \
-         CPU in {wall:.1} s: {cpu} (the service's includes this bench's producer and poller)",
-        config.layout,
-        config.partitions,
-        config.fetch_wait_ms,
-        events.len(),
-        events.len() as f64 / produced_in.as_secs_f64(),
-        config.rate,
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         pick(0.50),
         pick(0.99),
-        pick(1.0),
-        latencies.len(),
-    );
-    Ok(())
+        pick(1.0)
+    )
 }

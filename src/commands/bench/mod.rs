@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::migrate::MigrateDatabase;
 
 use crate::config::{
@@ -280,6 +282,31 @@ pub async fn enqueue(
         .payload(payload.as_slice())
         .headers(kafka::content_type_headers(Some(encoding.content_type())));
     Ok(kafka::enqueue(producer, record).await?)
+}
+
+/// A consumer assigned every partition of `topics` from the beginning (no
+/// group join, so it starts at once), with `kafka`'s settings: what the
+/// benches' "broker alone" figures read with.
+///
+/// # Errors
+/// The client cannot be created or assigned.
+pub fn plain_consumer(
+    kafka: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+    partitions: i32,
+) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = kafka::consumer_config(kafka, group, Duration::from_secs(6))
+        .create()
+        .context("creating the plain consumer")?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        for partition in 0..partitions {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }
 
 /// Waits until Redis's projection covers `position`; false after `within`.
