@@ -313,6 +313,36 @@ pub struct HttpConfig {
         default_value_t = 500
     )]
     pub max_batch_ids: usize,
+    /// Most `/v1` requests served at once; beyond it a request is answered
+    /// 503 `overloaded` at once (with `Retry-After`) instead of queueing.
+    /// Health and metrics are not counted, so probes answer under load.
+    #[arg(
+        long = "http-max-concurrent",
+        env = "OL_HTTP_MAX_CONCURRENT",
+        default_value_t = 128,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    pub max_concurrent: u32,
+    /// Longest a request may take, from its headers read to its answer
+    /// (e.g. `10s`); a slower one is answered 503 `timeout`. Headers must
+    /// arrive within the same time, or the connection is closed.
+    #[arg(
+        long = "http-request-timeout",
+        env = "OL_HTTP_REQUEST_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_positive_duration
+    )]
+    pub request_timeout: Duration,
+    /// Database connections of the read API under `run`, apart from the
+    /// consumer's, so that slow reads never take the consumer's
+    /// connections.
+    #[arg(
+        long = "http-database-connections",
+        env = "OL_HTTP_DATABASE_CONNECTIONS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=1_000)
+    )]
+    pub database_connections: u32,
 }
 
 /// The token in the first line of the file at `path`. Errors name the file,
@@ -344,6 +374,9 @@ impl HttpConfig {
             api_token: None,
             api_token_file: None,
             max_batch_ids: 500,
+            max_concurrent: 128,
+            request_timeout: Duration::from_secs(10),
+            database_connections: 4,
         }
     }
 }

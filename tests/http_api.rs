@@ -310,6 +310,13 @@ async fn the_read_api_answers_exactly_after_a_known_stream() {
 /// A store fed through the pipeline (no broker needed) and an API server on
 /// it, optionally with a token.
 async fn api_on_store(token: Option<&str>) -> (TestDb, std::net::SocketAddr) {
+    let mut config = HttpConfig::off();
+    config.api_token = token.map(|t| t.parse().expect("token"));
+    api_on_store_with(config).await
+}
+
+/// [`api_on_store`] with the HTTP settings given.
+async fn api_on_store_with(config: HttpConfig) -> (TestDb, std::net::SocketAddr) {
     let db = TestDb::new().await;
     let (first, second) = known_stream();
     let messages = common::inbound_messages(
@@ -324,8 +331,6 @@ async fn api_on_store(token: Option<&str>) -> (TestDb, std::net::SocketAddr) {
     process_batch(&db.store, &pipeline, &messages)
         .await
         .expect("known stream");
-    let mut config = HttpConfig::off();
-    config.api_token = token.map(|t| t.parse().expect("token"));
     let redis = RedisConfig {
         url: SecretUrl::new(common::redis_url()),
         key_prefix: String::new(),
@@ -338,6 +343,81 @@ async fn api_on_store(token: Option<&str>) -> (TestDb, std::net::SocketAddr) {
     let addr = listener.local_addr().expect("bound address");
     http::serve(listener, state, Shutdown::never());
     (db, addr)
+}
+
+/// Reads what the server sends on `stream` until it closes the
+/// connection, or `within` has passed (`None` then).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
+    match read {
+        Ok(_) => Some(String::from_utf8_lossy(&received).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// A client sending its headers slowly is cut off after the request
+/// timeout; past `--http-max-concurrent` requests a /v1 request is answered
+/// 503 `overloaded` at once (health still answers); a request whose body
+/// never comes is answered 503 `timeout` and frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_and_bursts_are_cut_off_not_queued() {
+    use tokio::io::AsyncWriteExt;
+    let mut config = HttpConfig::off();
+    config.max_concurrent = 1;
+    config.request_timeout = Duration::from_secs(1);
+    let (db, addr) = api_on_store_with(config).await;
+
+    // Slowloris: half the headers, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .expect("write");
+    let closed = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    assert!(
+        closed.is_some(),
+        "a connection without complete headers was still open after 5 s"
+    );
+
+    // A request holding the only place: its body never comes.
+    let mut holder = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    holder
+        .write_all(
+            b"POST /v1/ids/resolve HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"ids\": [",
+        )
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = http_request(addr, "GET", "/v1/ids/API1-SL-A", None, None).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "overloaded");
+    assert!(
+        r.headers.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        r.headers
+    );
+    let r = http_request(addr, "GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200, "health is not limited: {}", r.body);
+
+    // The held request is given up after the timeout...
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), holder.read(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"timeout\""), "{answer}");
+    // ...and its place is free again.
+    let r = http_request(addr, "GET", "/v1/ids/API1-SL-A", None, None).await;
+    assert_eq!(
+        (r.status, r.json()["order_id"].clone()),
+        (200, json!("API1"))
+    );
+    db.drop().await;
 }
 
 /// With a token configured, /v1 wants it; health stays open.

@@ -882,3 +882,61 @@ async fn a_revoked_grant_is_retried_not_dead_lettered() {
     grant(format!("DROP USER '{user}'@'%'")).await;
     db.drop().await;
 }
+
+/// A page of an order's log entries ends at its byte budget (with at least
+/// one entry, however large) and says that more may follow; pages chained
+/// by their last sequence number cover the order exactly once.
+#[tokio::test]
+async fn an_order_events_page_is_bounded_by_bytes_as_well_as_count() {
+    use order_lifecycle::domain::OrderId;
+    use order_lifecycle::store::event_log;
+    let db = TestDb::new().await;
+    let mut s = EventScript::new("PG1");
+    let events = [s.place(), s.sl("A"), s.sl("B"), s.tp("C"), s.modify("M")];
+    process_batch(
+        &db.store,
+        &config(Duration::from_secs(60)),
+        &messages("o", 0, &events),
+    )
+    .await
+    .unwrap();
+    let order = OrderId::parse("PG1").unwrap();
+    let all = event_log::order_entries(db.store.pool(), &order, 0, 100, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!((all.entries.len(), all.full), (5, false));
+    let size = |e: &event_log::StoredEntry| e.payload.len() + e.transitions.len();
+
+    // One byte: one entry a page; every page but the last says more may
+    // follow (the last ran out of rows, not of bytes).
+    let mut pages = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = event_log::order_entries(db.store.pool(), &order, after, 100, 1)
+            .await
+            .unwrap();
+        assert_eq!(page.entries.len(), 1);
+        after = page.entries[0].seq;
+        pages.push((after, page.full));
+        if !page.full {
+            break;
+        }
+    }
+    assert_eq!(
+        pages,
+        vec![(1, true), (2, true), (3, true), (4, true), (5, false)]
+    );
+
+    // Exactly the first two entries' bytes: two entries, and more to come.
+    let two = size(&all.entries[0]) + size(&all.entries[1]);
+    let page = event_log::order_entries(db.store.pool(), &order, 0, 100, two)
+        .await
+        .unwrap();
+    assert_eq!((page.entries.len(), page.full), (2, true));
+    // By count as before: a page of exactly the limit is full.
+    let page = event_log::order_entries(db.store.pool(), &order, 0, 5, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!((page.entries.len(), page.full), (5, true));
+    db.drop().await;
+}

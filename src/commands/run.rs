@@ -35,9 +35,19 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
     let status = Arc::new(ConsumerStatus::default());
     let readiness: ReadinessCheck = {
         let status = status.clone();
-        Arc::new(move || match status.assigned() {
-            Some(_) => Ok(()),
-            None => Err("waiting for its partition assignment".to_owned()),
+        Arc::new(move || {
+            status
+                .assigned()
+                .ok_or_else(|| "waiting for its partition assignment".to_owned())?;
+            let stalled = status.stalled();
+            if stalled.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "partitions not advancing although the broker has messages for them: {}",
+                    stalled.join(", ")
+                ))
+            }
         })
     };
     let api = ApiState::new(&config.http, config.redis.clone(), Some(readiness));
@@ -53,7 +63,14 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
     let Some(store) = connect(&config, &mut shutdown).await? else {
         return Ok(());
     };
-    let _ = api.store.set(store.clone());
+    if server.is_some() {
+        // The read API's own connections: slow or many reads never take
+        // the consumer's.
+        let reads = Store::connect(&config.database.url, config.http.database_connections)
+            .await
+            .context("connecting the read API to the database")?;
+        let _ = api.store.set(reads);
+    }
 
     // The follower stops after the consumer, so that it projects the last
     // batches: it has a signal of its own.

@@ -22,6 +22,10 @@ use crate::store::{event_log, id_projection, StoreError};
 pub const MAX_PAGE: u32 = 1000;
 /// Log entries per page when `limit` is not given.
 pub const DEFAULT_PAGE: u32 = 100;
+/// Most event and transition text per page of log entries: a page ends
+/// early (with `next_after_seq`) rather than grow past it; one entry is
+/// always served, whatever its size.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// One id resolved.
 #[derive(Debug, Clone, Serialize)]
@@ -340,16 +344,15 @@ pub async fn order_events(
         });
     }
     let store = state.store()?;
-    let entries = event_log::order_entries(store.pool(), &order, after, limit).await?;
+    let page = event_log::order_entries(store.pool(), &order, after, limit, MAX_PAGE_BYTES).await?;
+    let entries = page.entries;
     if entries.is_empty() && after == 0 {
         return Err(ApiError::NotFound {
             code: "unknown_order",
             message: format!("no log entries for order {order}"),
         });
     }
-    let next_after_seq = (entries.len() == limit as usize)
-        .then(|| entries.last().map(|e| e.seq))
-        .flatten();
+    let next_after_seq = page.full.then(|| entries.last().map(|e| e.seq)).flatten();
     let events = entries
         .into_iter()
         .map(|e| EventEntryBody {

@@ -13,7 +13,7 @@ pub mod api;
 pub mod health;
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -67,6 +67,10 @@ pub struct ApiState {
     /// reaches Redis and kept (it reconnects by itself): a probe every few
     /// seconds must not open a connection each time.
     pub redis_probe: Arc<tokio::sync::OnceCell<RedisProjection>>,
+    /// `/v1` requests being served take one (`--http-max-concurrent`).
+    pub permits: Arc<tokio::sync::Semaphore>,
+    /// `--http-request-timeout`.
+    pub request_timeout: Duration,
 }
 
 impl ApiState {
@@ -84,6 +88,8 @@ impl ApiState {
             api_token: config.token(),
             max_batch_ids: config.max_batch_ids,
             redis_probe: Arc::new(tokio::sync::OnceCell::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent as usize)),
+            request_timeout: config.request_timeout,
         }
     }
 
@@ -135,7 +141,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/ids/resolve", post(api::resolve_batch))
         .route("/v1/orders/{order_id}/ids", get(api::order_ids))
         .route("/v1/orders/{order_id}/events", get(api::order_events))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_concurrency,
+        ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(health::healthz))
@@ -143,29 +153,105 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(prometheus))
         .fallback(no_such_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
 
 /// Serves `state` on `listener` (bound by the caller at start-up, so that
 /// a taken port fails the start and a test can bind port 0) in a task,
-/// until `shutdown`.
+/// until `shutdown`; then open connections finish their request in flight
+/// and close.
+///
+/// Each connection is HTTP/1.1 with a header-read timeout of
+/// `--http-request-timeout`: a client that opens connections and sends
+/// headers slowly (slowloris) holds none of them for longer.
 pub fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, "http server listening");
-    }
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move { shutdown.requested().await })
-            .await
-        {
-            tracing::error!(error = %e, "http server failed");
+        if !address.ip().is_loopback() && state.api_token.is_none() {
+            tracing::warn!(
+                %address,
+                "the read API is reachable beyond this host without a token; set \
+                 OL_API_TOKEN_FILE (or OL_API_TOKEN) unless a network policy guards it"
+            );
         }
+    }
+    let header_timeout = state.request_timeout;
+    let router = router(state);
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        let mut stopping = shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = stopping.requested() => break,
+                accepted = listener.accept() => accepted,
+                // Reap finished connections as they end.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let mut stop = shutdown.clone();
+            connections.spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "http connection ended");
+                        }
+                    }
+                    _ = stop.requested() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+            });
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
     })
+}
+
+/// Answers 503 `overloaded` at once when `--http-max-concurrent` `/v1`
+/// requests are being served: a burst is shed, not queued behind reads
+/// that already wait on the database.
+async fn limit_concurrency(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
+        return Err(ApiError::Overloaded);
+    };
+    Ok(next.run(request).await)
+}
+
+/// Answers 503 `timeout` when a request takes longer than
+/// `--http-request-timeout` (its work is dropped).
+async fn deadline(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    tokio::time::timeout(state.request_timeout, next.run(request))
+        .await
+        .map_err(|_| ApiError::TimedOut)
 }
 
 /// An API error: status, stable code, message for people.
@@ -184,6 +270,10 @@ pub enum ApiError {
     Starting,
     /// The database failed; details are logged, not returned.
     Unavailable(String),
+    /// `--http-max-concurrent` requests are being served.
+    Overloaded,
+    /// The request took longer than `--http-request-timeout`.
+    TimedOut,
 }
 
 #[derive(Serialize)]
@@ -216,6 +306,16 @@ impl IntoResponse for ApiError {
                 "starting",
                 "the service is starting; retry shortly",
             ),
+            ApiError::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests are being served; retry shortly",
+            ),
+            ApiError::TimedOut => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "the request took too long and was given up; retry shortly",
+            ),
             ApiError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "a read failed");
                 (
@@ -232,10 +332,18 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
-        if matches!(self, ApiError::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            ApiError::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::Overloaded => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

@@ -34,17 +34,33 @@ use crate::wire::InboundMessage;
 pub struct ConsumerStatus {
     /// Partitions assigned now; -1 until the first assignment.
     assigned: AtomicI64,
+    /// Partitions that stopped advancing, as `topic/partition`.
+    stalled: Mutex<Vec<String>>,
 }
 
 impl Default for ConsumerStatus {
     fn default() -> ConsumerStatus {
         ConsumerStatus {
             assigned: AtomicI64::new(-1),
+            stalled: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl ConsumerStatus {
+    /// The partitions reported stalled (see [`super::stall`]), as
+    /// `topic/partition`.
+    pub fn stalled(&self) -> Vec<String> {
+        self.stalled.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Records the partitions stalled now.
+    pub fn set_stalled(&self, partitions: Vec<String>) {
+        if let Ok(mut stalled) = self.stalled.lock() {
+            *stalled = partitions;
+        }
+    }
+
     /// Partitions assigned now, or `None` before the group's first
     /// assignment reached this member (it is not consuming yet).
     pub fn assigned(&self) -> Option<u64> {
@@ -131,6 +147,11 @@ impl ConsumerContext for AssignmentContext {
 }
 
 impl AssignmentContext {
+    /// The status this context reports to.
+    pub fn status(&self) -> &ConsumerStatus {
+        &self.status
+    }
+
     /// A context reporting to `status`.
     pub fn new(status: Arc<ConsumerStatus>) -> AssignmentContext {
         AssignmentContext {

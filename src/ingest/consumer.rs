@@ -34,6 +34,7 @@ use super::pipeline::{
     expire_parked, process_batch, process_isolating, release_stranded, BatchOutcome,
     PipelineConfig, StrandedWindow,
 };
+use super::stall::{StallChange, StallWatch, STALL_AFTER};
 use crate::clock;
 use crate::config::RunConfig;
 use crate::kafka;
@@ -146,6 +147,7 @@ impl Ingest<'_> {
         let mut gate = OffsetGate::new(&self.config.group_id, metadata.clone());
         let mut merger = Merger::new(self.config.max_partition_idle);
         let mut stranded = StrandedWindow::default();
+        let mut stalls = StallWatch::new(STALL_AFTER);
         let mut periodic_round = tokio::time::interval(std::time::Duration::from_secs(1));
         periodic_round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = |topic: &str, partition: i32| self.end_offset(topic, partition);
@@ -212,7 +214,7 @@ impl Ingest<'_> {
                 biased;
                 _ = shutdown.requested() => continue,
                 _ = periodic_round.tick() => {
-                    self.periodic(&merger, &mut stranded).await?;
+                    self.periodic(&merger, &mut stranded, &mut stalls).await?;
                     continue;
                 }
                 m = recv_until(self.consumer, deadline) => m,
@@ -426,6 +428,51 @@ impl Ingest<'_> {
             .await
     }
 
+    /// Reports partitions that stopped advancing (see [`super::stall`]):
+    /// ERROR log, gauge, readiness.
+    fn watch_stalls(&self, merger: &Merger, stalls: &mut StallWatch) {
+        let now = Instant::now();
+        let paused = self.paused.lock().map(|p| p.clone()).unwrap_or_default();
+        let assigned: std::collections::HashSet<(&str, i32)> =
+            merger.positions().map(|(t, p, _)| (t, p)).collect();
+        for (topic, partition) in stalls.retain(|t, p| assigned.contains(&(t, p))) {
+            set_stalled_gauge(&topic, partition, false);
+        }
+        for (topic, partition, position) in merger.positions() {
+            let end = self.end_offset(topic, partition);
+            let is_paused = paused.contains(&(topic.to_owned(), partition));
+            match stalls.observe(now, topic, partition, position, end, is_paused) {
+                Some(StallChange::Stalled {
+                    topic,
+                    partition,
+                    position,
+                    end,
+                }) => {
+                    tracing::error!(
+                        %topic,
+                        partition,
+                        position,
+                        end,
+                        seconds = STALL_AFTER.as_secs(),
+                        "a partition with messages on the broker delivered nothing; its fetch \
+                         keeps failing (see the kafka receive warnings: a codec this build \
+                         lacks, a corrupt batch, a broker refusing the fetch)"
+                    );
+                    set_stalled_gauge(&topic, partition, true);
+                }
+                Some(StallChange::Recovered { topic, partition }) => {
+                    tracing::info!(%topic, partition, "a stalled partition advances again");
+                    set_stalled_gauge(&topic, partition, false);
+                }
+                None => {}
+            }
+        }
+        self.consumer
+            .context()
+            .status()
+            .set_stalled(stalls.stalled());
+    }
+
     /// Publishes the outbox of dead letters, retrying a few times; what is
     /// left is published by a later call (after the next batch, or within a
     /// second by the periodic round).
@@ -448,7 +495,13 @@ impl Ingest<'_> {
     /// The periodic round: release stranded parked events, move the stream
     /// time of caught-up partitions to now, expire parked events in stream
     /// time (rule R7), publish the outbox.
-    async fn periodic(&self, merger: &Merger, stranded: &mut StrandedWindow) -> anyhow::Result<()> {
+    async fn periodic(
+        &self,
+        merger: &Merger,
+        stranded: &mut StrandedWindow,
+        stalls: &mut StallWatch,
+    ) -> anyhow::Result<()> {
+        self.watch_stalls(merger, stalls);
         let after = match parked::last_row_id(self.store.pool()).await {
             Ok(last) => stranded.advance(Instant::now(), last),
             Err(e) => {
@@ -601,6 +654,15 @@ fn record(report: &BatchOutcome, seconds: f64) {
         ms = (seconds * 1000.0) as u64,
         "batch committed"
     );
+}
+
+fn set_stalled_gauge(topic: &str, partition: i32, stalled: bool) {
+    metrics::gauge!(
+        "order_lifecycle_partition_stalled",
+        "topic" => topic.to_owned(),
+        "partition" => partition.to_string()
+    )
+    .set(if stalled { 1.0 } else { 0.0 });
 }
 
 /// `topic/partition@first..last` for each partition of the batch.

@@ -1,6 +1,6 @@
 //! Ingestion: the Kafka consumer loop, the batch pipeline it hands messages
 //! to, the order in which messages of several partitions are applied (rule
-//! R11), and dead-letter publishing.
+//! R11), partitions that stop advancing, and dead-letter publishing.
 
 pub mod assignment;
 pub mod consumer;
@@ -8,6 +8,7 @@ pub mod dead_letter;
 pub mod ordering;
 pub mod pipeline;
 pub mod plan;
+pub mod stall;
 
 pub use consumer::consume;
 pub use pipeline::{

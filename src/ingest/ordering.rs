@@ -254,6 +254,14 @@ impl Merger {
             .map(|l| (l.topic.as_str(), l.partition, l.queue.len()))
     }
 
+    /// The next offset expected from each partition (after the last
+    /// message received, or its stored start; `None` before either).
+    pub fn positions(&self) -> impl Iterator<Item = (&str, i32, Option<i64>)> {
+        self.lanes
+            .iter()
+            .map(|l| (l.topic.as_str(), l.partition, l.next_offset))
+    }
+
     /// The next message to apply, if the watermark lets it go now. `end`
     /// gives a partition's end offset as last heard from the broker.
     pub fn pop_ready(

@@ -299,7 +299,19 @@ pub struct StoredEntry {
     pub source: Option<Source>,
 }
 
-/// Up to `limit` entries of one order with `seq > after_seq`, in sequence.
+/// A page of one order's entries.
+#[derive(Debug, Clone)]
+pub struct EntryPage {
+    pub entries: Vec<StoredEntry>,
+    /// The page is full (by count or by bytes): entries may follow it.
+    pub full: bool,
+}
+
+/// Up to `limit` entries of one order with `seq > after_seq`, in sequence,
+/// and no more than `max_bytes` of event and transition text (at least one
+/// entry, however large): entries reach 64 KiB each, and a page of a
+/// thousand must not make a response of 64 MiB. Rows past the budget are
+/// left unread.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
@@ -308,8 +320,10 @@ pub async fn order_entries(
     order: &OrderId,
     after_seq: u64,
     limit: u32,
-) -> Result<Vec<StoredEntry>, StoreError> {
-    let rows = sqlx::query(
+    max_bytes: usize,
+) -> Result<EntryPage, StoreError> {
+    use futures_util::TryStreamExt;
+    let mut rows = sqlx::query(
         "SELECT seq, event_id, kind, CAST(outcome AS CHAR), transitions, payload, occurred_at_ms, \
          source_topic, source_partition, source_offset FROM lifecycle_events \
          WHERE order_id = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -318,36 +332,50 @@ pub async fn order_entries(
     // Past i64::MAX no sequence exists: an empty page, never a wrap.
     .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
     .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let seq: i64 = r.try_get(0)?;
-            let topic = super::opt_text(r, 7, TABLE)?;
-            let source = match (
-                topic,
-                r.try_get::<Option<i32>, _>(8)?,
-                r.try_get::<Option<i64>, _>(9)?,
-            ) {
-                (Some(topic), Some(partition), Some(offset)) => Some(Source {
-                    topic: topic.to_owned(),
-                    partition,
-                    offset,
-                }),
-                _ => None,
-            };
-            Ok(StoredEntry {
-                seq: seq as u64,
-                event_id: text(r, 1, TABLE)?.to_owned(),
-                kind: text(r, 2, TABLE)?.to_owned(),
-                outcome: text(r, 3, TABLE)?.to_owned(),
-                transitions: text(r, 4, TABLE)?.to_owned(),
-                payload: text(r, 5, TABLE)?.to_owned(),
-                occurred_at_ms: r.try_get(6)?,
-                source,
-            })
-        })
-        .collect()
+    .fetch(pool);
+    let mut page = EntryPage {
+        entries: Vec::new(),
+        full: false,
+    };
+    let mut bytes = 0;
+    while let Some(r) = rows.try_next().await? {
+        let entry = stored_entry(&r)?;
+        bytes += entry.payload.len() + entry.transitions.len();
+        if bytes > max_bytes && !page.entries.is_empty() {
+            page.full = true;
+            return Ok(page);
+        }
+        page.entries.push(entry);
+    }
+    page.full = page.entries.len() == limit as usize;
+    Ok(page)
+}
+
+fn stored_entry(r: &sqlx::mysql::MySqlRow) -> Result<StoredEntry, StoreError> {
+    let seq: i64 = r.try_get(0)?;
+    let topic = super::opt_text(r, 7, TABLE)?;
+    let source = match (
+        topic,
+        r.try_get::<Option<i32>, _>(8)?,
+        r.try_get::<Option<i64>, _>(9)?,
+    ) {
+        (Some(topic), Some(partition), Some(offset)) => Some(Source {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+        }),
+        _ => None,
+    };
+    Ok(StoredEntry {
+        seq: seq as u64,
+        event_id: text(r, 1, TABLE)?.to_owned(),
+        kind: text(r, 2, TABLE)?.to_owned(),
+        outcome: text(r, 3, TABLE)?.to_owned(),
+        transitions: text(r, 4, TABLE)?.to_owned(),
+        payload: text(r, 5, TABLE)?.to_owned(),
+        occurred_at_ms: r.try_get(6)?,
+        source,
+    })
 }
 
 /// The orders with entries after log position `since`.
