@@ -940,3 +940,99 @@ async fn an_order_events_page_is_bounded_by_bytes_as_well_as_count() {
     assert_eq!((page.entries.len(), page.full), (5, true));
     db.drop().await;
 }
+
+/// Stray-key removal asks the read model again right before deleting: a
+/// key found stray by a scan whose id was bound meanwhile (a batch, then
+/// the follower) is kept; a key still unexplained goes; a key written
+/// between the watch and the deletion stops the deletion.
+#[tokio::test]
+async fn a_stray_key_bound_after_the_scan_is_kept() {
+    use order_lifecycle::domain::{LifecycleId, OrderId};
+    use order_lifecycle::store::stray_keys::{remove_stray, KeyKind, StrayKeys};
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let projection = redis.projection().await;
+    let id = |s: &str| LifecycleId::parse(s).unwrap();
+    let order = |s: &str| OrderId::parse(s).unwrap();
+    // Left from a restored database or the legacy platform.
+    projection
+        .put(
+            &[
+                (id("GHOST-SL"), order("OLD1")),
+                (id("GHOST-X"), order("OLD2")),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut found = Vec::new();
+    let mut scan = StrayKeys::new(&db.store, &projection, KeyKind::Lookup);
+    while let Some(batch) = scan.next_batch().await.unwrap() {
+        found.extend(batch);
+    }
+    found.sort();
+    let keys = projection.keys();
+    assert_eq!(
+        found,
+        vec![keys.lookup(&id("GHOST-SL")), keys.lookup(&id("GHOST-X"))]
+    );
+
+    // Meanwhile a batch binds GHOST-SL and the follower projects it.
+    let mut s = EventScript::new("NEW1");
+    process_batch(
+        &db.store,
+        &config(Duration::from_secs(60)),
+        &messages("o", 0, &[s.place(), s.sl("GHOST-SL")]),
+    )
+    .await
+    .unwrap();
+    while redis_follower::catch_up(&db.store, &projection)
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert_eq!(
+        redis.get("global_order_lookup:GHOST-SL").await.as_deref(),
+        Some("NEW1"),
+        "projected"
+    );
+
+    assert_eq!(
+        remove_stray(&db.store, &projection, &found).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        redis.get("global_order_lookup:GHOST-SL").await.as_deref(),
+        Some("NEW1")
+    );
+    assert_eq!(redis.get("global_order_lookup:GHOST-X").await, None);
+
+    // A key written between the watch and the deletion: nothing deleted.
+    projection
+        .put(&[(id("GHOST-Y"), order("OLD3"))], &[])
+        .await
+        .unwrap();
+    let ghost_y = [keys.lookup(&id("GHOST-Y"))];
+    projection
+        .watch_keys(&ghost_y.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let other = redis.projection().await;
+    other
+        .put(&[(id("GHOST-Y"), order("OLD4"))], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        projection
+            .delete_watched(&ghost_y.iter().collect::<Vec<_>>())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        redis.get("global_order_lookup:GHOST-Y").await.as_deref(),
+        Some("OLD4")
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}

@@ -28,7 +28,7 @@ use crate::store::fold::{self, FoldedChunks};
 use crate::store::id_projection::SHADOW;
 use crate::store::lease::Lease;
 use crate::store::redis_projection::{RedisError, RedisProjection};
-use crate::store::stray_keys::{KeyKind, StrayKeys, StrayScanError};
+use crate::store::stray_keys::{remove_stray, KeyKind, StrayKeys, StrayScanError};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// What a rebuild did.
@@ -245,7 +245,7 @@ async fn remove_stale_keys(store: &Store, redis: &RedisProjection) -> Result<u64
     for kind in [KeyKind::Lookup, KeyKind::Active] {
         let mut scan = StrayKeys::new(store, redis, kind);
         while let Some(stale) = scan.next_batch().await? {
-            removed += redis.delete(&stale.iter().collect::<Vec<_>>()).await?;
+            removed += remove_stray(store, redis, &stale).await?;
         }
     }
     Ok(removed)

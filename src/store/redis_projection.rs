@@ -318,6 +318,39 @@ impl RedisProjection {
         }
     }
 
+    /// Watches `keys` (after dropping any earlier watch), for
+    /// [`RedisProjection::delete_watched`]. The watch belongs to this
+    /// projection's connection: only one task may use it in between.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn watch_keys(&self, keys: &[&String]) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("WATCH").arg(keys).query_async(&mut conn).await
+    }
+
+    /// Deletes `keys` in one MULTI/EXEC, unless a key watched by
+    /// [`RedisProjection::watch_keys`] changed since: then `None`, and
+    /// nothing is deleted. `Some(n)`: `n` keys existed.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn delete_watched(&self, keys: &[&String]) -> Result<Option<u64>, RedisError> {
+        let mut conn = self.conn.clone();
+        if keys.is_empty() {
+            redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
+            return Ok(Some(0));
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(keys);
+        let reply: Option<(u64,)> = pipe.query_async(&mut conn).await?;
+        Ok(reply.map(|(n,)| n))
+    }
+
     /// Deletes keys; returns how many existed.
     ///
     /// # Errors

@@ -17,7 +17,7 @@ pub enum StrayScanError {
 }
 
 /// The two kinds of Redis key projected per id or per order.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind {
     /// `global_order_lookup:{id}`: live while the id has a row.
     Lookup,
@@ -26,6 +26,18 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
+    /// The kind of `key` and its suffix (id or order), if it is one of
+    /// `redis`'s projected keys.
+    fn of<'k>(redis: &RedisProjection, key: &'k str) -> Option<(KeyKind, &'k str)> {
+        [KeyKind::Lookup, KeyKind::Active]
+            .into_iter()
+            .find_map(|kind| {
+                let pattern = kind.pattern(redis);
+                key.strip_prefix(pattern.trim_end_matches('*'))
+                    .map(|suffix| (kind, suffix))
+            })
+    }
+
     fn pattern(self, redis: &RedisProjection) -> String {
         match self {
             KeyKind::Lookup => redis.keys().lookup_pattern(),
@@ -95,5 +107,59 @@ impl<'a> StrayKeys<'a> {
                 .map(|(k, _)| k)
                 .collect(),
         ))
+    }
+}
+
+/// Deletes those of `keys` that are still stray, and none if one of them
+/// changes meanwhile: WATCH the keys, ask the read model again which of
+/// them it accounts for, then delete the rest in one MULTI/EXEC. A key
+/// found stray by an earlier scan may have become live since (the id bound
+/// by a batch, projected by the follower): written after the WATCH, it
+/// aborts the deletion (nothing is deleted; the next `rebuild` or `verify`
+/// looks again); written before, its row was committed before it was
+/// projected, so the re-check sees it. Returns the keys deleted.
+///
+/// The watch is on `redis`'s connection: no other task may use that
+/// projection meanwhile (`rebuild` and `verify --repair` have their own).
+///
+/// # Errors
+/// [`StrayScanError`] from Redis or the database.
+pub async fn remove_stray(
+    store: &Store,
+    redis: &RedisProjection,
+    keys: &[String],
+) -> Result<u64, StrayScanError> {
+    let watched: Vec<&String> = keys.iter().collect();
+    redis.watch_keys(&watched).await?;
+    let mut still = Vec::with_capacity(keys.len());
+    for kind in [KeyKind::Lookup, KeyKind::Active] {
+        let of_kind: Vec<(&String, String)> = keys
+            .iter()
+            .filter_map(|k| match KeyKind::of(redis, k) {
+                Some((found, suffix)) if found == kind => Some((k, suffix.to_owned())),
+                _ => None,
+            })
+            .collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        let suffixes: Vec<String> = of_kind.iter().map(|(_, s)| s.clone()).collect();
+        let live = kind.live_among(store, &suffixes).await?;
+        still.extend(
+            of_kind
+                .into_iter()
+                .filter(|(_, s)| !live.contains(s))
+                .map(|(k, _)| k),
+        );
+    }
+    match redis.delete_watched(&still).await? {
+        Some(deleted) => Ok(deleted),
+        None => {
+            tracing::info!(
+                keys = still.len(),
+                "stray keys changed while being removed; left for the next look"
+            );
+            Ok(0)
+        }
     }
 }

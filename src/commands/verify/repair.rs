@@ -6,6 +6,7 @@ use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
 use crate::projection::rebuild;
 use crate::store::fold;
 use crate::store::redis_projection::RedisProjection;
+use crate::store::stray_keys::remove_stray;
 use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// Re-projects the orders found wrong from the log (rows replaced in one
@@ -65,13 +66,15 @@ pub(super) async fn repair(
                 .map(|(o, _)| keys.active(o)),
         );
     }
-    let stray: Vec<&String> = findings
+    let stray: Vec<String> = findings
         .stray_keys
         .iter()
         .filter(|k| !written.contains(*k))
+        .cloned()
         .collect();
+    // Found stray by the checks a while ago: removed only if still stray.
     for keys in stray.chunks(1000) {
-        repaired.redis_keys_removed += redis.delete(keys).await?;
+        repaired.redis_keys_removed += remove_stray(store, redis, keys).await?;
     }
     Ok(repaired)
 }
