@@ -24,10 +24,12 @@
 //! - `--dry-run` runs every page in a transaction that is rolled back: the
 //!   counts are what a real run would report (conflicts between two pages
 //!   of the same run are the exception: the first page's ids are not kept).
-//! - Redis is brought up to the log at the end (as the `run` follower does).
+//! - Redis follows the log during the import (`run`'s follower) and is at the
+//!   log's head when the import ends.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use clap::Args;
 use sqlx::MySqlPool;
@@ -41,7 +43,8 @@ use crate::ingest::pipeline::{append_events, load_book};
 use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
-use crate::projection::redis_follower;
+use crate::projection::redis_follower::{self, Handoff};
+use crate::shutdown::Shutdown;
 use crate::store::event_log;
 use crate::store::legacy::{self, LegacyRow};
 use crate::store::redis_projection::{RedisError, RedisProjection};
@@ -279,20 +282,33 @@ pub async fn import(
     }
     let mut progress = Progress::new("import-legacy", "orders", Some(total.max(0) as u64));
     let mut summary = ImportSummary::default();
-    // Redis follows the log while pages are applied (the follower reads
-    // what is committed; positions are dense, rule R12), instead of after:
-    // measured, projecting afterwards took as long as the pages themselves.
-    let follower = (!config.dry_run).then(|| RedisAlongside::start(store, redis));
+    // Redis follows the log while pages are applied (`run`'s follower: it
+    // reads what is committed, positions being dense, rule R12), instead
+    // of after them.
+    let projected_from = redis.position().await?;
+    let follower = (!config.dry_run).then(|| {
+        let (stop, stopped) = Shutdown::new();
+        let task = tokio::spawn(redis_follower::run(
+            store.clone(),
+            config.redis.clone(),
+            Arc::new(Handoff::new()),
+            stopped,
+        ));
+        (stop, task)
+    });
     let pages = import_pages(legacy, store, config, tables, &mut summary, &mut progress).await;
-    let alongside = match follower {
-        Some(f) => f.stop().await,
-        None => Ok(0),
-    };
+    if let Some((stop, task)) = follower {
+        stop.trigger();
+        joined(task.await);
+    }
     pages?;
     progress.finish();
     if !config.dry_run {
+        // What the follower has not projected (Redis unreachable meanwhile):
+        // now, or the import fails saying so.
+        rebuild::catch_up_to_head(store, redis, "import-legacy redis").await?;
         summary.redis_entries =
-            alongside? + rebuild::catch_up_to_head(store, redis, "import-legacy redis").await?;
+            u64::try_from(redis.position().await? - projected_from).unwrap_or(0);
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -333,42 +349,6 @@ async fn import_pages(
         }
     }
     Ok(())
-}
-
-/// The Redis follower running beside the import.
-struct RedisAlongside {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<u64, RebuildError>>,
-}
-
-impl RedisAlongside {
-    fn start(store: &Store, redis: &RedisProjection) -> RedisAlongside {
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let (store, redis) = (store.clone(), redis.clone());
-        let task = tokio::spawn(async move {
-            let mut projected = 0u64;
-            while !*stopped.borrow() {
-                let n = redis_follower::catch_up(&store, &redis)
-                    .await
-                    .map_err(RebuildError::from)?;
-                projected += n as u64;
-                if n == 0 {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        _ = stopped.changed() => {}
-                    }
-                }
-            }
-            Ok(projected)
-        });
-        RedisAlongside { stop, task }
-    }
-
-    /// Stops following; the entries projected so far.
-    async fn stop(self) -> Result<u64, RebuildError> {
-        let _ = self.stop.send(true);
-        joined(self.task.await)
-    }
 }
 
 /// The output of a task this command spawned (never aborted): a panic in
