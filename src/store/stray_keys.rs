@@ -131,25 +131,27 @@ pub async fn remove_stray(
 ) -> Result<u64, StrayScanError> {
     let watched: Vec<&String> = keys.iter().collect();
     redis.watch_keys(&watched).await?;
+    // Each key with its kind and suffix (id or order), classified once.
+    let classified: Vec<(&String, KeyKind, String)> = keys
+        .iter()
+        .filter_map(|k| KeyKind::of(redis, k).map(|(kind, suffix)| (k, kind, suffix.to_owned())))
+        .collect();
     let mut still = Vec::with_capacity(keys.len());
     for kind in [KeyKind::Lookup, KeyKind::Active] {
-        let of_kind: Vec<(&String, String)> = keys
+        let suffixes: Vec<String> = classified
             .iter()
-            .filter_map(|k| match KeyKind::of(redis, k) {
-                Some((found, suffix)) if found == kind => Some((k, suffix.to_owned())),
-                _ => None,
-            })
+            .filter(|(_, k, _)| *k == kind)
+            .map(|(_, _, s)| s.clone())
             .collect();
-        if of_kind.is_empty() {
+        if suffixes.is_empty() {
             continue;
         }
-        let suffixes: Vec<String> = of_kind.iter().map(|(_, s)| s.clone()).collect();
         let live = kind.live_among(store, &suffixes).await?;
         still.extend(
-            of_kind
-                .into_iter()
-                .filter(|(_, s)| !live.contains(s))
-                .map(|(k, _)| k),
+            classified
+                .iter()
+                .filter(|(_, k, s)| *k == kind && !live.contains(s))
+                .map(|(key, _, _)| *key),
         );
     }
     match redis.delete_watched(&still).await? {

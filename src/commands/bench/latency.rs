@@ -133,9 +133,8 @@ async fn measure(config: &LatencyConfig, scratch: &Scratch) -> anyhow::Result<()
 
     // Produce at the rate, in the plan's order, sending each tick's due
     // events without waiting for their deliveries.
-    let total = (u64::from(config.rate) * config.seconds) as usize;
-    let events = plan(total / 8 + 1, &format!("lat{}", crate::clock::now_ms()), 7);
-    let events = &events[..total.min(events.len())];
+    let events = steady_plan(config, "lat", 7);
+    let events = events.as_slice();
     let cpu_before = super::CpuReading::now();
     let start = Instant::now();
     let steady = produce_steady(&producer, events, config.rate, topic_of).await?;
@@ -217,13 +216,9 @@ async fn broker_alone(
         config.partitions,
     )?;
 
-    let total = (u64::from(config.rate) * config.seconds) as usize;
-    let events = plan(
-        total / 8 + 1,
-        &format!("plain{}", crate::clock::now_ms()),
-        11,
-    );
-    let events = &events[..total.min(events.len())];
+    let events = steady_plan(config, "plain", 11);
+    let events = events.as_slice();
+    let total = events.len();
     let receiver = tokio::spawn(async move {
         let mut received: HashMap<(String, i32, i64), Instant> = HashMap::new();
         while received.len() < total {
@@ -274,6 +269,23 @@ async fn broker_alone(
         events.len(),
     );
     Ok(())
+}
+
+/// The events of a run: `--rate` times `--seconds` of realistic
+/// lifecycles, with ids unique to `name` and the moment.
+fn steady_plan(
+    config: &LatencyConfig,
+    name: &str,
+    seed: u64,
+) -> Vec<(crate::domain::OrderEvent, crate::wire::Encoding)> {
+    let total = (u64::from(config.rate) * config.seconds) as usize;
+    let mut events = plan(
+        total / 8 + 1,
+        &format!("{name}{}", crate::clock::now_ms()),
+        seed,
+    );
+    events.truncate(total);
+    events
 }
 
 /// What [`produce_steady`] sent.
