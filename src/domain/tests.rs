@@ -1,11 +1,9 @@
 //! Table-driven tests per rule, the worked example of `domain.md`, and a
 //! property test over random event sequences.
-
-use std::collections::{HashMap, HashSet};
-
 use proptest::prelude::*;
 
 use super::*;
+use crate::testing::sequences::{self, InvariantCheck};
 use crate::testing::EventScript as Script;
 
 fn lid(s: &str) -> LifecycleId {
@@ -320,81 +318,17 @@ fn events_for_an_order_not_yet_placed_still_bind_their_ids() {
 }
 
 // ---------------------------------------------------------------------------
-// Property test
-
-/// A random step over a handful of orders and a small id space, so that
-/// replacements, repeats, conflicts and cross-order clashes all happen.
-fn arb_event() -> impl Strategy<Value = (u8, u8, u8, u8, u8)> {
-    (0u8..3, 0u8..10, 0u8..12, 0u8..12, 0u8..6)
-}
-
-fn build(step: (u8, u8, u8, u8, u8), n: usize) -> OrderEvent {
-    let (order, kind, a, b, st) = step;
-    let mut s = Script::new(&format!("O{order}"));
-    s.n = n as u32;
-    let id = |x: u8| format!("I{x}");
-    let statuses = [
-        "EXECUTED",
-        "CANCELLED",
-        "REJECTED",
-        "NEW",
-        "FILLED",
-        "CANCELED",
-    ];
-    match kind {
-        0 => s.place(),
-        1 => s.sl(&id(a)),
-        2 => s.tp(&id(a)),
-        3 => s.cancel_sl(&id(a), (b % 2 == 0).then(|| id(b)).as_deref()),
-        4 => s.cancel_tp(&id(a), (b % 2 == 0).then(|| id(b)).as_deref()),
-        5 => s.close(&id(a), (b % 3 == 0).then(|| id(b)).as_deref(), None),
-        6 => s.pending_cancel(&id(a)),
-        7 => s.modify(&id(a)),
-        _ => s.confirm(&id(a), statuses[st as usize]),
-    }
-}
+// Property test (the fuzz target `lifecycle` checks the same invariants)
 
 proptest! {
     #[test]
-    fn invariants_hold_for_random_event_sequences(steps in prop::collection::vec(arb_event(), 1..80)) {
-        let mut book = LifecycleBook::new();
-        let mut first_owner: HashMap<LifecycleId, OrderId> = HashMap::new();
-        let mut log: Vec<(Recorded, i64)> = Vec::new();
+    fn invariants_hold_for_random_event_sequences(
+        steps in prop::collection::vec(any::<(u8, u8, u8, u8, u8)>(), 1..80)
+    ) {
+        let mut check = InvariantCheck::new();
         for (n, step) in steps.into_iter().enumerate() {
-            let event = build(step, n);
-            if let Ok(rec) = book.process(&event) {
-                log.push((rec, event.occurred_at_ms));
-            }
-            // Every issued id stays bound to the order that first got it.
-            for order in book.orders() {
-                for r in order.ids() {
-                    let owner = first_owner.entry(r.lifecycle_id.clone()).or_insert(order.order_id().clone());
-                    prop_assert_eq!(owner, order.order_id());
-                }
-            }
+            check.step(&sequences::event(step, n)).map_err(TestCaseError::fail)?;
         }
-        let mut replayed: HashMap<OrderId, OrderLifecycle> = HashMap::new();
-        let mut seqs: HashMap<OrderId, u64> = HashMap::new();
-        for (rec, at) in &log {
-            // Per-order sequences are 1, 2, 3, ... with no gap.
-            let last = seqs.entry(rec.order_id.clone()).or_insert(0);
-            prop_assert_eq!(rec.seq, *last + 1);
-            *last = rec.seq;
-            replayed
-                .entry(rec.order_id.clone())
-                .or_insert_with(|| OrderLifecycle::new(rec.order_id.clone()))
-                .apply(rec.seq, *at, &rec.transitions);
-        }
-        for order in book.orders() {
-            // At most one active id per (order, type).
-            let mut active = HashSet::new();
-            for r in order.ids().iter().filter(|r| r.status == IdStatus::Active) {
-                prop_assert!(active.insert(r.id_type), "two active {} in {}", r.id_type, order.order_id());
-            }
-            // Folding the recorded transitions again gives the same state.
-            if order.last_seq() > 0 {
-                prop_assert_eq!(Some(order), replayed.get(order.order_id()));
-            }
-        }
+        check.finish().map_err(TestCaseError::fail)?;
     }
 }

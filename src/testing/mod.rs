@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod sequences;
+
 use crate::domain::{
     CloseRequested, EventId, EventKind, LifecycleId, OrderEvent, OrderId, OrderPlaced,
     PendingCancelled, PendingModified, ProviderConfirmation, StopLossAdded, StopLossCancelled,
