@@ -143,8 +143,46 @@ async fn the_read_api_answers_exactly_after_a_known_stream() {
                 id("API1-TP-1", "takeprofit_id", "active", None, None, tp, tp, 5, 5),
             ],
             "active": {"order_id": "API1", "stoploss_id": "API1-SL-C", "takeprofit_id": "API1-TP-1"},
+            "next_after_seq": null,
         })
     );
+    // Two ids a page: pages chained by next_after_seq give the same ids,
+    // each once, and every page the whole order's active ids.
+    let all = r.json()["ids"].as_array().unwrap().clone();
+    let mut paged = Vec::new();
+    let mut path = "/v1/orders/API1/ids?limit=2".to_owned();
+    loop {
+        let page = http_request(addr, "GET", &path, None, None).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page = page.json();
+        assert_eq!(page["active"], r.json()["active"]);
+        let ids = page["ids"].as_array().unwrap();
+        assert!(ids.len() <= 2, "{page}");
+        paged.extend(ids.iter().cloned());
+        match page["next_after_seq"].as_u64() {
+            Some(after) => path = format!("/v1/orders/API1/ids?limit=2&after_seq={after}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "after_seq=-1",
+        "after_seq=9223372036854775808",
+        "page=2",
+    ] {
+        let r = http_request(
+            addr,
+            "GET",
+            &format!("/v1/orders/API1/ids?{bad}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "invalid_query", "{bad}");
+    }
 
     // The order's events, two pages.
     let page = http_request(addr, "GET", "/v1/orders/API1/events?limit=4", None, None).await;
@@ -327,6 +365,7 @@ async fn api_on_store_with(config: HttpConfig) -> (TestDb, std::net::SocketAddr)
     let pipeline = PipelineConfig {
         offsets_group: Some("api-test".into()),
         park_timeout: Duration::from_secs(60),
+        max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
     };
     process_batch(&db.store, &pipeline, &messages)
         .await

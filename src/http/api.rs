@@ -225,16 +225,24 @@ pub struct OrderIds {
     pub order_id: String,
     /// In the order they were issued.
     pub ids: Vec<IdRecordBody>,
-    /// The active id per type.
+    /// The active id per type (the whole order's, on every page).
     pub active: BTreeMap<&'static str, String>,
+    /// Pass as `after_seq` for the next page; `null` on the last page.
+    pub next_after_seq: Option<u64>,
 }
 
-/// `GET /v1/orders/{order_id}/ids`.
+/// `GET /v1/orders/{order_id}/ids?after_seq=&limit=`: the ids issued
+/// after log entry `after_seq`, in the order they were issued, `limit` at
+/// most (default 1,000) but never splitting the ids one entry issued (a
+/// close issues up to three), so that `next_after_seq` is a clean cursor.
+/// `active` is always the whole order's.
 pub async fn order_ids(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<OrderIds>, ApiError> {
     let order = parse_order(&raw)?;
+    let (after, limit) = page_query(query, MAX_PAGE)?;
     let store = state.store()?;
     let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
     let mut records = id_projection::load_records(&mut conn, std::slice::from_ref(&order), false)
@@ -247,12 +255,13 @@ pub async fn order_ids(
             message: format!("no ids recorded for order {order}"),
         });
     }
-    records.sort_by_key(|r| (r.issued_seq, r.issued_at_ms));
+    records.sort_by(|a, b| (a.issued_seq, &a.lifecycle_id).cmp(&(b.issued_seq, &b.lifecycle_id)));
     let replaces: HashMap<&LifecycleId, &LifecycleId> = records
         .iter()
         .filter_map(|r| r.replaced_by.as_ref().map(|by| (by, &r.lifecycle_id)))
         .collect();
-    let ids = records
+    let (page, next_after_seq) = ids_page(&records, after, limit as usize);
+    let ids = page
         .iter()
         .map(|r| IdRecordBody {
             lifecycle_id: r.lifecycle_id.to_string(),
@@ -276,17 +285,58 @@ pub async fn order_ids(
         order_id: order.to_string(),
         ids,
         active,
+        next_after_seq,
     }))
 }
 
-/// Paging of an order's events.
+/// The page of `records` (sorted by issued_seq) after `after`: `limit`
+/// ids, plus those issued by the same entry as the last one; and the
+/// cursor of the next page, if any.
+fn ids_page(records: &[IdRecord], after: u64, limit: usize) -> (&[IdRecord], Option<u64>) {
+    let start = records.partition_point(|r| r.issued_seq <= after);
+    let later = &records[start..];
+    let mut end = later.len().min(limit);
+    while end > 0 && end < later.len() && later[end].issued_seq == later[end - 1].issued_seq {
+        end += 1;
+    }
+    let next = (end < later.len()).then(|| later[end - 1].issued_seq);
+    (&later[..end], next)
+}
+
+/// Paging of an order's ids or events.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EventsQuery {
-    /// Entries with a greater sequence number (default 0: from the start).
+pub struct PageQuery {
+    /// What follows this log sequence number (default 0: from the start).
     pub after_seq: Option<u64>,
-    /// Page size, 1 to 1000 (default 100).
+    /// Page size, 1 to 1000.
     pub limit: Option<u32>,
+}
+
+/// `(after_seq, limit)` of a page query, checked.
+fn page_query(
+    query: Result<Query<PageQuery>, QueryRejection>,
+    default_limit: u32,
+) -> Result<(u64, u32), ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest {
+        code: "invalid_query",
+        message: format!("after_seq and limit are whole numbers: {}", e.body_text()),
+    })?;
+    let limit = query.limit.unwrap_or(default_limit);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("limit must be between 1 and {MAX_PAGE}"),
+        });
+    }
+    let after = query.after_seq.unwrap_or(0);
+    if i64::try_from(after).is_err() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("after_seq must be at most {}", i64::MAX),
+        });
+    }
+    Ok((after, limit))
 }
 
 #[derive(Debug, Serialize)]
@@ -322,27 +372,10 @@ pub struct OrderEvents {
 pub async fn order_events(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<OrderEvents>, ApiError> {
     let order = parse_order(&raw)?;
-    let Query(query) = query.map_err(|e| ApiError::BadRequest {
-        code: "invalid_query",
-        message: format!("after_seq and limit are whole numbers: {}", e.body_text()),
-    })?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: format!("limit must be between 1 and {MAX_PAGE}"),
-        });
-    }
-    let after = query.after_seq.unwrap_or(0);
-    if i64::try_from(after).is_err() {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: format!("after_seq must be at most {}", i64::MAX),
-        });
-    }
+    let (after, limit) = page_query(query, DEFAULT_PAGE)?;
     let store = state.store()?;
     let page = event_log::order_entries(store.pool(), &order, after, limit, MAX_PAGE_BYTES).await?;
     let entries = page.entries;
@@ -375,4 +408,58 @@ pub async fn order_events(
         events,
         next_after_seq,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::IdType;
+
+    fn record(id: &str, seq: u64) -> IdRecord {
+        IdRecord {
+            lifecycle_id: LifecycleId::parse(id).unwrap(),
+            id_type: IdType::CloseId,
+            status: IdStatus::Active,
+            replaced_by: None,
+            target: None,
+            issued_at_ms: 0,
+            updated_at_ms: 0,
+            issued_seq: seq,
+            updated_seq: seq,
+        }
+    }
+
+    /// A page never splits the ids one entry issued (a close issues up to
+    /// three), so that its last seq is a cursor that skips nothing.
+    #[test]
+    fn an_ids_page_keeps_the_ids_of_one_entry_together() {
+        let records = [
+            record("O", 1),
+            record("C", 2),
+            record("SC", 2),
+            record("TC", 2),
+            record("X", 3),
+        ];
+        let ids = |page: &[IdRecord]| {
+            page.iter()
+                .map(|r| r.lifecycle_id.to_string())
+                .collect::<Vec<_>>()
+        };
+        let (page, next) = ids_page(&records, 0, 2);
+        assert_eq!(
+            (ids(page), next),
+            (
+                vec!["O".into(), "C".into(), "SC".into(), "TC".into()],
+                Some(2)
+            )
+        );
+        let (page, next) = ids_page(&records, 2, 2);
+        assert_eq!((ids(page), next), (vec!["X".to_owned()], None));
+        let (page, next) = ids_page(&records, 0, 5);
+        assert_eq!((page.len(), next), (5, None));
+        let (page, next) = ids_page(&records, 1, 1);
+        assert_eq!((page.len(), next), (3, Some(2)));
+        let (page, next) = ids_page(&records, 3, 1);
+        assert_eq!((page.len(), next), (0, None));
+    }
 }
