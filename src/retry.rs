@@ -119,13 +119,41 @@ impl RetryPolicy {
         let mut shutdown_since: Option<Instant> = None;
         let mut conflicts = 0;
         let started = Instant::now();
+        let mut was_retrying = false;
+        let retrying = |on: bool| {
+            metrics::gauge!("order_lifecycle_database_retrying", "operation" => what.to_owned())
+                .set(if on { 1.0 } else { 0.0 });
+        };
         loop {
-            match attempt().await {
+            let result = attempt().await;
+            if std::mem::take(&mut was_retrying) {
+                // It no longer is, whatever comes next (a success, an error
+                // returned, or the gauge set again below).
+                retrying(false);
+            }
+            match result {
                 Ok(v) => return Ok(Some(v)),
                 Err(e) if e.is_conflict() && conflicts >= self.max_conflicts => return Err(e),
                 Err(e) if self.patience.is_some_and(|p| started.elapsed() >= p) => return Err(e),
                 Err(e) if e.is_transient() => {
                     conflicts += usize::from(e.is_conflict());
+                    // For alerts: an unavailable database (down, a revoked
+                    // grant, a full disk, read-only) is the environment's
+                    // fault, retried rather than dead-lettered, and must be
+                    // seen by someone.
+                    let cause = if e.is_conflict() {
+                        "conflict"
+                    } else {
+                        "unavailable"
+                    };
+                    metrics::counter!(
+                        "order_lifecycle_database_retries_total",
+                        "operation" => what.to_owned(),
+                        "cause" => cause
+                    )
+                    .increment(1);
+                    retrying(true);
+                    was_retrying = true;
                     tracing::warn!(error = %e, "{what}: database unavailable or busy; retrying");
                     if shutdown.is_requested() {
                         let since = *shutdown_since.get_or_insert_with(Instant::now);
@@ -138,5 +166,76 @@ impl RetryPolicy {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Unavailable;
+
+    impl std::fmt::Display for Unavailable {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("database unavailable")
+        }
+    }
+
+    impl Retryable for Unavailable {
+        fn is_transient(&self) -> bool {
+            true
+        }
+        fn is_conflict(&self) -> bool {
+            false
+        }
+    }
+
+    /// Every retry of an unavailable database is counted by operation and
+    /// cause, and the operation shows as retrying until it succeeds.
+    #[test]
+    fn retries_are_counted_and_shown_while_they_last() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut seen_while_failing = String::new();
+        let result = metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let mut failures = 2;
+                RetryPolicy::until_shutdown(Duration::from_secs(1))
+                    .run("probe", &mut Shutdown::never(), || {
+                        if failures == 0 {
+                            seen_while_failing = handle.render();
+                        }
+                        let outcome = if failures > 0 {
+                            Err(Unavailable)
+                        } else {
+                            Ok(7)
+                        };
+                        failures -= 1;
+                        std::future::ready(outcome)
+                    })
+                    .await
+            })
+        });
+        assert_eq!(result.unwrap(), Some(7));
+        let sample = |text: &str, series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        let retries =
+            r#"order_lifecycle_database_retries_total{operation="probe",cause="unavailable"}"#;
+        let retrying = r#"order_lifecycle_database_retrying{operation="probe"}"#;
+        assert_eq!(
+            sample(&seen_while_failing, retrying),
+            Some(1.0),
+            "{seen_while_failing}"
+        );
+        let after = handle.render();
+        assert_eq!(sample(&after, retries), Some(2.0), "{after}");
+        assert_eq!(sample(&after, retrying), Some(0.0), "{after}");
     }
 }
