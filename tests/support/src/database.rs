@@ -61,7 +61,11 @@ impl TestDb {
 
     pub async fn drop(self) {
         let pool = self.store.pool().clone();
-        pool.close().await;
+        // Closing waits for every connection to come back: one the test
+        // still holds would make it wait forever.
+        tokio::time::timeout(std::time::Duration::from_secs(30), pool.close())
+            .await
+            .expect("the test still holds a connection of its database's pool");
         let root = sqlx::MySqlPool::connect(MYSQL_ROOT).await.expect("MariaDB");
         sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
             .execute(&root)
