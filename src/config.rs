@@ -402,12 +402,40 @@ pub struct InputConfig {
     /// Most messages per batch (one database transaction), 1 to 10,000.
     #[arg(long = "batch-size", env = "OL_BATCH_SIZE", default_value_t = 500, value_parser = parse_batch_size)]
     pub batch_size: usize,
+    /// How events wait for ids not issued yet.
+    #[command(flatten)]
+    pub parking: ParkingConfig,
+}
+
+/// `--max-parked`'s default: a million waiting events, about a gigabyte of
+/// parked rows at the contract's typical message size.
+pub const DEFAULT_MAX_PARKED: u64 = 1_000_000;
+
+/// How events wait for an id not issued yet (rule R7): shared by `run`,
+/// `replay` and `redrive`, which park the same way.
+#[derive(Debug, Clone, Args)]
+pub struct ParkingConfig {
     /// How long an event waits for an id not issued yet (a confirmation that
     /// overtook its request) before it is dead-lettered as
     /// `unknown_lifecycle_id`; counted in stream time (Kafka timestamps of
     /// the consumed partitions), so a backlog parks as it would have live.
     #[arg(long = "park-timeout", env = "OL_PARK_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     pub park_timeout: Duration,
+    /// Most events waiting for their id at once, all ids together (and at
+    /// most 1,000 for one id); more are dead-lettered as `parking_full`, so
+    /// a flood of confirmations for ids that never come cannot fill the
+    /// database.
+    #[arg(long = "max-parked", env = "OL_MAX_PARKED", default_value_t = DEFAULT_MAX_PARKED)]
+    pub max_parked: u64,
+}
+
+impl Default for ParkingConfig {
+    fn default() -> ParkingConfig {
+        ParkingConfig {
+            park_timeout: Duration::from_secs(300),
+            max_parked: DEFAULT_MAX_PARKED,
+        }
+    }
 }
 
 /// Most messages (or legacy rows) in one transaction.

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use common::{wait_until, Env};
 use order_lifecycle::domain::LifecycleBook;
 use order_lifecycle::scenario::{self, Payload, PlanOptions};
+use order_lifecycle::store::stray_keys::UnexplainedKeys;
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::Encoding;
 
@@ -535,6 +536,7 @@ async fn offsets_stored_with_the_data_win_over_kafkas() {
     let pipeline = order_lifecycle::ingest::PipelineConfig {
         offsets_group: Some(env.group_id.clone()),
         park_timeout: std::time::Duration::from_secs(60),
+        max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
     };
     order_lifecycle::ingest::process_batch(&env.db.store, &pipeline, &stored)
         .await
@@ -563,6 +565,7 @@ async fn dead_letters_recorded_before_a_crash_are_still_published() {
     let pipeline = order_lifecycle::ingest::PipelineConfig {
         offsets_group: Some(env.group_id.clone()),
         park_timeout: std::time::Duration::from_secs(60),
+        max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
     };
     order_lifecycle::ingest::process_batch(
         &env.db.store,
@@ -694,10 +697,14 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
             .await
             .unwrap();
         let projection = env.redis.projection().await;
-        let redis =
-            order_lifecycle::projection::rebuild::rebuild_redis(&env.db.store, &projection, &lease)
-                .await
-                .unwrap();
+        let redis = order_lifecycle::projection::rebuild::rebuild_redis(
+            &env.db.store,
+            &projection,
+            &lease,
+            UnexplainedKeys::Keep,
+        )
+        .await
+        .unwrap();
         (mysql, redis)
     };
     let (_, (mysql, _)) = tokio::join!(sending, rebuilding);

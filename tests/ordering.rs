@@ -348,7 +348,10 @@ async fn the_same_stream_on_four_topics_or_one_gives_the_same_log_and_replay_rep
             input: order_lifecycle::config::InputConfig {
                 topics: topics.all(),
                 batch_size: 200,
-                park_timeout: Duration::from_secs(60),
+                parking: order_lifecycle::config::ParkingConfig {
+                    park_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                },
             },
             group_id: format!("{}-replay", replayed.group_id),
             since: None,
@@ -455,6 +458,7 @@ async fn a_database_recreated_or_restored_under_a_live_redis_is_projected_again(
     let pipeline = PipelineConfig {
         offsets_group: None,
         park_timeout: Duration::from_secs(60),
+        max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
     };
     let script = |order: &str, n: usize| {
         let mut s = EventScript::new(order);

@@ -7,10 +7,12 @@ use order_lifecycle_testkit as common;
 use std::time::Duration;
 
 use common::{TestDb, TestRedis};
+use order_lifecycle::commands::redrive::{redrive_all, RedriveConfig, RedriveSummary};
 use order_lifecycle::domain::OrderEvent;
 use order_lifecycle::ingest::{expire_parked, process_batch, PipelineConfig};
 use order_lifecycle::projection::redis_follower;
 use order_lifecycle::store::redis_projection::RedisProjection;
+use order_lifecycle::store::stray_keys::UnexplainedKeys;
 use order_lifecycle::store::Store;
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::InboundMessage;
@@ -20,6 +22,16 @@ fn config(park_timeout: Duration) -> PipelineConfig {
     PipelineConfig {
         offsets_group: Some("store-tests".into()),
         park_timeout,
+        max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+    }
+}
+
+/// A pipeline whose parking lot holds `max_parked` events in all (events
+/// wait an hour).
+fn parking_lot_of(max_parked: u64) -> PipelineConfig {
+    PipelineConfig {
+        max_parked,
+        ..config(Duration::from_secs(3600))
     }
 }
 
@@ -463,11 +475,18 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
         .unwrap();
     assert_eq!(mysql.rows as usize, rows.len());
     assert_eq!(db.full_rows().await, rows, "MySQL rebuilt row for row");
-    let redis_summary =
-        order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection, &lease)
-            .await
-            .unwrap();
-    assert_eq!(redis_summary.keys_removed, 0);
+    let redis_summary = order_lifecycle::projection::rebuild::rebuild_redis(
+        &db.store,
+        &projection,
+        &lease,
+        UnexplainedKeys::Keep,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (redis_summary.keys_removed, redis_summary.keys_kept),
+        (0, 0)
+    );
     assert_eq!(redis.snapshot().await, keys, "Redis rebuilt key for key");
     redis.cleanup().await;
     db.drop().await;
@@ -535,12 +554,39 @@ async fn rebuild_repairs_a_corrupted_projection() {
     order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &lease)
         .await
         .unwrap();
-    let summary =
-        order_lifecycle::projection::rebuild::rebuild_redis(&db.store, &projection, &lease)
-            .await
-            .unwrap();
+    // By default the lookup key no id accounts for is kept (it may be the
+    // legacy platform's), and counted.
+    let summary = order_lifecycle::projection::rebuild::rebuild_redis(
+        &db.store,
+        &projection,
+        &lease,
+        UnexplainedKeys::Keep,
+    )
+    .await
+    .unwrap();
     assert_eq!(db.full_rows().await, rows);
-    assert_eq!(summary.keys_removed, 1, "the stray key");
+    assert_eq!((summary.keys_removed, summary.keys_kept), (0, 1));
+    assert_eq!(
+        redis.get("global_order_lookup:STRAY").await.as_deref(),
+        Some("nobody")
+    );
+    let mut expected = keys.clone();
+    expected.insert("global_order_lookup:STRAY".into(), "nobody".into());
+    assert_eq!(redis.snapshot().await, expected);
+    // Asked to, it removes it.
+    let summary = order_lifecycle::projection::rebuild::rebuild_redis(
+        &db.store,
+        &projection,
+        &lease,
+        UnexplainedKeys::Remove,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (summary.keys_removed, summary.keys_kept),
+        (1, 0),
+        "the stray key"
+    );
     assert_eq!(redis.snapshot().await, keys);
     redis.cleanup().await;
     db.drop().await;
@@ -605,6 +651,7 @@ async fn events_dated_2039_and_2099_are_stored_and_read_back_exactly() {
     };
     assert_eq!(issued(0, "Y2039-SL"), y2039 + 1);
     assert_eq!(issued(1, "Y2099-SL"), y2099);
+    drop(conn);
     db.drop().await;
 }
 
@@ -818,6 +865,219 @@ async fn confirmations_parked_on_one_id_are_capped() {
     db.drop().await;
 }
 
+/// The parking lot as a whole is capped too (`--max-parked`): confirmations
+/// for many different ids that never come fill it up to the cap, the rest
+/// are dead-lettered as `parking_full`, consumption goes on, and room made
+/// by an id arriving is used again. The kept count matches the table.
+#[tokio::test]
+async fn the_parking_lot_as_a_whole_is_capped() {
+    let db = TestDb::new().await;
+    let cfg = parking_lot_of(50);
+    let mut s = EventScript::new("CAPT");
+    let confirmations: Vec<OrderEvent> = (0..60)
+        .map(|i| s.confirm(&format!("CAPT-SL{i}"), "NEW"))
+        .collect();
+    let mut letters = Vec::new();
+    for (i, chunk) in confirmations.chunks(25).enumerate() {
+        let outcome = process_batch(&db.store, &cfg, &messages("c", i as i64 * 25, chunk))
+            .await
+            .expect("a batch of confirmations commits");
+        assert_eq!(outcome.parked + outcome.dead_letters.len(), chunk.len());
+        letters.extend(outcome.dead_letters);
+    }
+    let kept = || db.count("SELECT parked FROM parking_lot WHERE id = 1");
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 50);
+    assert_eq!(kept().await, 50);
+    assert_eq!(letters.len(), 10);
+    assert!(letters.iter().all(|d| d.reason == "parking_full"
+        && d.error.contains("parking lot is full")
+        && d.event_id.is_some()));
+    // The last ten arrived last: they are the ones refused.
+    let refused: Vec<_> = letters
+        .iter()
+        .map(|d| d.event_id.clone().unwrap())
+        .collect();
+    let last: Vec<_> = confirmations[50..]
+        .iter()
+        .map(|e| e.event_id.clone())
+        .collect();
+    assert_eq!(refused, last);
+
+    // The order and its stop-loss SL0 come: one parked event is applied,
+    // which makes room for one more.
+    let outcome = process_batch(
+        &db.store,
+        &cfg,
+        &messages("o", 0, &[s.place(), s.sl("CAPT-SL0")]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((outcome.recorded_total(), outcome.unparked), (3, 1));
+    assert_eq!(kept().await, 49);
+    let more = [s.confirm("CAPT-X1", "NEW"), s.confirm("CAPT-X2", "NEW")];
+    let outcome = process_batch(&db.store, &cfg, &messages("c", 60, &more))
+        .await
+        .unwrap();
+    assert_eq!((outcome.parked, outcome.dead_letters.len()), (1, 1));
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 50);
+    assert_eq!(kept().await, 50);
+    db.drop().await;
+}
+
+fn redrive_config(db: &TestDb, max_parked: u64, reasons: &[&str]) -> RedriveConfig {
+    RedriveConfig {
+        database: order_lifecycle::config::DatabaseConfig {
+            url: db.url.clone(),
+            max_connections: 4,
+        },
+        parking: order_lifecycle::config::ParkingConfig {
+            park_timeout: Duration::from_secs(3600),
+            max_parked,
+        },
+        reasons: reasons.iter().map(|r| r.to_string()).collect(),
+        ids: Vec::new(),
+    }
+}
+
+/// Dead letters whose refusal was fixed later are redriven exactly once:
+/// 30 confirmations refused as `parking_full` (a parking lot of size 0),
+/// their ids issued since, two `redrive`s at the same time: each event is
+/// applied once, every letter is marked, the event ids are duplicates
+/// again, and nothing is left to redrive.
+#[tokio::test]
+async fn dead_letters_are_redriven_exactly_once_by_two_operators_at_once() {
+    let db = TestDb::new().await;
+    let cfg = parking_lot_of(0);
+    let mut scripts: Vec<EventScript> = (0..30)
+        .map(|i| EventScript::new(&format!("RD{i}")))
+        .collect();
+    let confirmations: Vec<OrderEvent> = scripts
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| s.confirm(&format!("RD{i}-SL"), "EXECUTED"))
+        .collect();
+    let refused = process_batch(&db.store, &cfg, &messages("c", 0, &confirmations))
+        .await
+        .unwrap();
+    assert_eq!(refused.dead_letters.len(), 30);
+    assert!(refused
+        .dead_letters
+        .iter()
+        .all(|d| d.reason == "parking_full"));
+    let orders: Vec<OrderEvent> = scripts
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(i, s)| [s.place(), s.sl(&format!("RD{i}-SL"))])
+        .collect();
+    process_batch(&db.store, &cfg, &messages("o", 0, &orders))
+        .await
+        .unwrap();
+
+    let redrive = redrive_config(&db, 1_000, &["parking_full"]);
+    let (a, b) = tokio::join!(
+        redrive_all(&db.store, &redrive),
+        redrive_all(&db.store, &redrive)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.letters + b.letters, 30, "{a:?} {b:?}");
+    let recorded = |s: &RedriveSummary| s.recorded.values().sum::<usize>();
+    assert_eq!(recorded(&a) + recorded(&b), 30);
+    assert!(a.refused_again.is_empty() && b.refused_again.is_empty());
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM lifecycle_events WHERE kind = 'provider_confirmation'")
+            .await,
+        30
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE redriven_at IS NOT NULL")
+            .await,
+        30
+    );
+    let executed = db
+        .rows()
+        .await
+        .into_iter()
+        .filter(|(id, (_, _, status, _))| id.ends_with("-SL") && status == "executed")
+        .count();
+    assert_eq!(executed, 30);
+    db.assert_sequences_gap_free().await;
+    // Applied now: the same messages again are duplicates (R9), and there is
+    // nothing left to redrive.
+    let again = process_batch(&db.store, &cfg, &messages("c", 0, &confirmations))
+        .await
+        .unwrap();
+    assert_eq!((again.duplicates, again.dead_letters.len()), (30, 0));
+    let none = redrive_all(&db.store, &redrive).await.unwrap();
+    assert_eq!(none.letters, 0);
+    db.drop().await;
+}
+
+/// A redriven letter refused again is a dead letter again, with the new
+/// reason and error, and goes back into the outbox; one that can wait now
+/// is parked. Letters are picked by id as well as by reason.
+#[tokio::test]
+async fn a_redriven_letter_refused_again_is_a_dead_letter_again() {
+    let db = TestDb::new().await;
+    let cfg = parking_lot_of(0);
+    let mut s = EventScript::new("RA1");
+    let waits = [s.confirm("RA1-LATER", "NEW"), s.confirm("RA1-NEVER", "NEW")];
+    process_batch(&db.store, &cfg, &messages("c", 0, &waits))
+        .await
+        .unwrap();
+    let letter_id = |offset: i64| {
+        let pool = db.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT id FROM dead_letters WHERE source_offset = ?")
+                .bind(offset)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (later, never) = (letter_id(0).await, letter_id(1).await);
+    // Both published to the dead-letter topic meanwhile.
+    sqlx::query("UPDATE dead_letters SET published_at = NOW(3)")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+
+    // Room for one: the first (picked by id) is parked.
+    let mut one = redrive_config(&db, 1, &[]);
+    one.ids = vec![later];
+    let summary = redrive_all(&db.store, &one).await.unwrap();
+    assert_eq!((summary.letters, summary.parked), (1, 1), "{summary:?}");
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 1);
+
+    // No more room: the second is refused again and re-enters the outbox.
+    let mut other = redrive_config(&db, 1, &["parking_full"]);
+    other.ids = vec![never];
+    let summary = redrive_all(&db.store, &other).await.unwrap();
+    assert_eq!(summary.letters, 1);
+    assert_eq!(summary.refused_again.get("parking_full"), Some(&1));
+    let (reason, error, redriven, published): (String, String, Option<String>, Option<String>) =
+        sqlx::query_as(
+            "SELECT CAST(reason AS CHAR), CAST(error AS CHAR), CAST(redriven_at AS CHAR), \
+             CAST(published_at AS CHAR) FROM dead_letters WHERE id = ?",
+        )
+        .bind(never)
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(reason, "parking_full");
+    assert!(
+        error.contains("parking lot is full: 1 events wait"),
+        "{error}"
+    );
+    assert_eq!((redriven, published), (None, None));
+    // Its event id is a duplicate again (it is a dead letter again).
+    let again = process_batch(&db.store, &cfg, &messages("c", 0, &waits[1..]))
+        .await
+        .unwrap();
+    assert_eq!(again.duplicates, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 2);
+    db.drop().await;
+}
+
 /// A revoked grant is the database's state, not the event's fault: the
 /// batch fails as transient (retried until the grant is back), it is never
 /// dead-lettered as `storage_rejected`; with the grant back it commits.
@@ -948,7 +1208,7 @@ async fn an_order_events_page_is_bounded_by_bytes_as_well_as_count() {
 #[tokio::test]
 async fn a_stray_key_bound_after_the_scan_is_kept() {
     use order_lifecycle::domain::{LifecycleId, OrderId};
-    use order_lifecycle::store::stray_keys::{remove_stray, KeyKind, StrayKeys};
+    use order_lifecycle::store::stray_keys::{remove_stray, KeyKind, StrayKeys, StrayRemoval};
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let projection = redis.projection().await;
@@ -997,9 +1257,28 @@ async fn a_stray_key_bound_after_the_scan_is_kept() {
         "projected"
     );
 
+    // Without the operator's say-so the unexplained key stays.
     assert_eq!(
-        remove_stray(&db.store, &projection, &found).await.unwrap(),
-        1
+        remove_stray(&db.store, &projection, &found, UnexplainedKeys::Keep)
+            .await
+            .unwrap(),
+        StrayRemoval {
+            removed: 0,
+            kept: 1
+        }
+    );
+    assert_eq!(
+        redis.get("global_order_lookup:GHOST-X").await.as_deref(),
+        Some("OLD2")
+    );
+    assert_eq!(
+        remove_stray(&db.store, &projection, &found, UnexplainedKeys::Remove)
+            .await
+            .unwrap(),
+        StrayRemoval {
+            removed: 1,
+            kept: 0
+        }
     );
     assert_eq!(
         redis.get("global_order_lookup:GHOST-SL").await.as_deref(),

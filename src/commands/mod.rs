@@ -16,6 +16,7 @@ pub mod bench;
 pub mod import_legacy;
 pub mod migrate;
 pub mod rebuild;
+pub mod redrive;
 pub mod replay;
 pub mod run;
 pub mod serve;
@@ -25,6 +26,7 @@ pub mod verify;
 use bench::rebuild::RebuildBenchConfig;
 use import_legacy::ImportConfig;
 use rebuild::RebuildConfig;
+use redrive::RedriveConfig;
 use replay::ReplayConfig;
 use serve::ServeConfig;
 use simulate::SimulateConfig;
@@ -247,6 +249,9 @@ pub enum Command {
     /// Import the ids of the legacy order tables (live_user_orders,
     /// demo_user_orders) into the log and the read models.
     ImportLegacy(Box<ImportConfig>),
+    /// Process dead letters again once their refusal is fixed (selected by
+    /// --reason and/or --id); what is refused again stays a dead letter.
+    Redrive(Box<RedriveConfig>),
     /// Check the lifecycle data's health (exit 0 healthy, 1 a check failed,
     /// 2 the checks could not run); --repair re-projects what is wrong.
     Verify(Box<VerifyConfig>),
@@ -287,6 +292,7 @@ impl Command {
             Command::Rebuild(config) => Ok(rebuild::run_command(*config).await?),
             Command::Replay(config) => Ok(replay::run(*config).await.map(|()| ok)?),
             Command::ImportLegacy(config) => Ok(import_legacy::run(*config).await.map(|()| ok)?),
+            Command::Redrive(config) => Ok(redrive::run_command(*config).await?),
             Command::Verify(config) => Ok(verify::run_command(*config).await),
             Command::BenchRebuild(config) => bench::rebuild::run(*config).await.map(|()| ok),
             Command::BenchLatency(config) => bench::latency::run(*config).await.map(|()| ok),
@@ -329,7 +335,10 @@ mod tests {
         let c = run_config(&["run"], file);
         assert_eq!(c.input.batch_size, 42);
         assert_eq!(c.group_id, "from-file");
-        assert_eq!(c.input.park_timeout, std::time::Duration::from_secs(120));
+        assert_eq!(
+            c.input.parking.park_timeout,
+            std::time::Duration::from_secs(120)
+        );
         assert_eq!(
             c.shutdown_timeout,
             std::time::Duration::from_secs(5),

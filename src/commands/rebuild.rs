@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use crate::config::{DatabaseConfig, RedisConfig};
 use crate::projection::rebuild::{rebuild_mysql, rebuild_redis, RebuildError, RebuildLease};
 use crate::store::redis_projection::RedisProjection;
+use crate::store::stray_keys::UnexplainedKeys;
 use crate::store::Store;
 
 /// Which read model to rebuild.
@@ -27,6 +28,11 @@ pub struct RebuildConfig {
     /// The read model to rebuild.
     #[arg(long, value_enum, default_value = "all")]
     pub target: Target,
+    /// Also remove `global_order_lookup` keys that no id accounts for. The
+    /// legacy platform writes that namespace too, and `import-legacy` skips
+    /// ids it refuses, so by default such keys are kept and reported.
+    #[arg(long = "remove-unexplained-keys")]
+    pub remove_unexplained_keys: bool,
 }
 
 /// Exit code of a rebuild refused because another one is running
@@ -74,11 +80,14 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
     if matches!(config.target, Target::Redis | Target::All) {
         let redis =
             RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
-        let s = rebuild_redis(&store, &redis, &lease).await?;
+        let unexplained = UnexplainedKeys::removed_if(config.remove_unexplained_keys);
+        let s = rebuild_redis(&store, &redis, &lease, unexplained).await?;
         println!(
-            "rebuild redis: {} log entries re-projected, {} stale keys removed in {:.1} s ({:.0} events/s)",
+            "rebuild redis: {} log entries re-projected, {} stale keys removed, {} unexplained \
+             lookup keys kept, in {:.1} s ({:.0} events/s)",
             s.events,
             s.keys_removed,
+            s.keys_kept,
             s.seconds,
             s.events as f64 / s.seconds.max(1e-9)
         );

@@ -38,6 +38,7 @@ use crate::projection::rebuild::{self, RebuildError};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::store::redis_projection::{RedisError, RedisProjection};
+use crate::store::stray_keys::UnexplainedKeys;
 use crate::store::{Store, StoreError};
 use crate::wire::InboundMessage;
 
@@ -222,7 +223,8 @@ pub async fn replay(
 
     let pipeline = PipelineConfig {
         offsets_group: None,
-        park_timeout: config.input.park_timeout,
+        park_timeout: config.input.parking.park_timeout,
+        max_parked: config.input.parking.max_parked,
     };
     let mut progress = Progress::new("replay", "messages", Some(estimate));
     let mut summary = ReplaySummary::default();
@@ -272,7 +274,10 @@ pub async fn replay(
     if summary.recorded > 0 {
         match rebuild::RebuildLease::acquire(store).await {
             Ok(lease) => {
-                summary.redis_entries = rebuild::rebuild_redis(store, redis, &lease).await?.events;
+                summary.redis_entries =
+                    rebuild::rebuild_redis(store, redis, &lease, UnexplainedKeys::Keep)
+                        .await?
+                        .events;
             }
             // The running rebuild re-projects Redis from this log anyway.
             Err(RebuildError::Busy) => {

@@ -83,7 +83,8 @@ pub async fn consume(
         config,
         pipeline: PipelineConfig {
             offsets_group: Some(config.group_id.clone()),
-            park_timeout: config.input.park_timeout,
+            park_timeout: config.input.parking.park_timeout,
+            max_parked: config.input.parking.max_parked,
         },
         store,
         consumer: &consumer,
@@ -565,7 +566,13 @@ impl Ingest<'_> {
         };
         metrics::gauge!("order_lifecycle_stream_time_lag_seconds")
             .set((now_ms - stream_time).max(0) as f64 / 1000.0);
-        expire_parked(self.store, self.config.input.park_timeout, stream_time, 500).await
+        expire_parked(
+            self.store,
+            self.config.input.parking.park_timeout,
+            stream_time,
+            500,
+        )
+        .await
     }
 }
 

@@ -31,7 +31,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use sqlx::MySqlConnection;
+use sqlx::{MySql, MySqlConnection};
 
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
@@ -39,7 +39,7 @@ use crate::domain::{
     IMPORT_EVENT_ID_PREFIX,
 };
 use crate::projection::redis_follower::HandedBatch;
-use crate::store::dead_letters::{self, DeadLetter};
+use crate::store::dead_letters::{self, DeadLetter, RedriveSelection};
 use crate::store::event_log::{self, NewEntry, Positions};
 use crate::store::offsets::{self, PartitionOffset};
 use crate::store::parked::{self, NewParked, ParkedRow};
@@ -55,7 +55,13 @@ pub struct PipelineConfig {
     pub offsets_group: Option<String>,
     /// How long an event may wait for an id before it is dead-lettered.
     pub park_timeout: Duration,
+    /// Most events waiting in the parking lot, all ids together (see
+    /// [`MAX_PARKED_PER_ID`] for one id); more are dead-lettered as
+    /// `parking_full`.
+    pub max_parked: u64,
 }
+
+pub use crate::config::DEFAULT_MAX_PARKED;
 
 /// What a batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -255,6 +261,51 @@ async fn run_batch(
     messages: &[InboundMessage],
     release: Release,
 ) -> Result<BatchOutcome, StoreError> {
+    let tx = store.pool().begin().await?;
+    run_batch_in(tx, config, messages, release).await
+}
+
+/// Dead letters redriven in one transaction, at most.
+pub const REDRIVE_BATCH: u32 = 100;
+
+/// Processes again, as one batch, up to [`REDRIVE_BATCH`] dead letters
+/// after row `after` that `selection` names and that are not redriven yet
+/// (their refusal fixed since: a code change, room in the parking lot, a
+/// grant). In one transaction: the letters are locked and marked redriven,
+/// so that their event ids are no longer duplicates (R9), and their
+/// messages, as they were consumed, go through the pipeline. A message
+/// refused again becomes its letter again, with the new reason (and goes
+/// back into the outbox). A second `redrive` at the same time waits for
+/// the locks and skips what the first took. Returns the highest row id
+/// taken and what the batch did, or `None` when nothing is left.
+///
+/// # Errors
+/// [`StoreError`]: nothing was marked then.
+pub async fn redrive(
+    store: &Store,
+    config: &PipelineConfig,
+    selection: &RedriveSelection,
+    after: i64,
+    limit: u32,
+) -> Result<Option<(i64, BatchOutcome)>, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let letters = dead_letters::for_redrive(&mut tx, selection, after, limit).await?;
+    let Some(last) = letters.last().map(|(id, _)| *id) else {
+        return Ok(None);
+    };
+    let ids: Vec<i64> = letters.iter().map(|(id, _)| *id).collect();
+    dead_letters::mark_redriven(&mut tx, &ids).await?;
+    let messages: Vec<InboundMessage> = letters.into_iter().map(|(_, m)| m).collect();
+    let outcome = run_batch_in(tx, config, &messages, Release::IssuedByBatch).await?;
+    Ok(Some((last, outcome)))
+}
+
+async fn run_batch_in(
+    mut tx: sqlx::Transaction<'static, MySql>,
+    config: &PipelineConfig,
+    messages: &[InboundMessage],
+    release: Release,
+) -> Result<BatchOutcome, StoreError> {
     let mut report = BatchOutcome {
         consumed: messages.len(),
         offsets: next_offsets(messages),
@@ -262,7 +313,6 @@ async fn run_batch(
     };
     let works = decode(messages, &mut report.dead_letters);
 
-    let mut tx = store.pool().begin().await?;
     // Batches read order state from order_lifecycle_ids: hold off while a
     // rebuild swaps that table (see `crate::projection::rebuild`).
     id_projection::share_projection_lock(&mut tx).await?;
@@ -286,7 +336,7 @@ async fn run_batch(
     let stored = book.bound_ids();
 
     let mut plan = decide(&mut book, works, released, release);
-    let overflow = cap_parking(&mut tx, &mut plan.to_park).await?;
+    let overflow = cap_parking(&mut tx, &mut plan.to_park, config.max_parked).await?;
 
     report.recorded = plan.recorded;
     report.unparked = plan.done_rows.len();
@@ -317,33 +367,40 @@ async fn run_batch(
 pub const MAX_PARKED_PER_ID: u64 = 1_000;
 
 /// Keeps in `to_park` what fits under [`MAX_PARKED_PER_ID`] beside what
-/// already waits (in arrival order); returns the rest as dead letters
+/// already waits for the same id, and under `max_total` for the whole
+/// parking lot (in arrival order); returns the rest as dead letters
 /// (`parking_full`).
 async fn cap_parking(
     conn: &mut MySqlConnection,
     to_park: &mut Vec<NewParked<'_>>,
+    max_total: u64,
 ) -> Result<Vec<DeadLetter>, StoreError> {
     if to_park.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<&LifecycleId> = unique(to_park.iter().map(|p| &p.awaited).collect());
     let mut waiting = parked::count_awaiting(conn, &ids).await?;
+    let mut total = parked::size(conn).await?;
     let mut overflow = Vec::new();
     to_park.retain(|p| {
         let n = waiting.entry(p.awaited.clone()).or_default();
-        if *n < MAX_PARKED_PER_ID {
-            *n += 1;
-            return true;
-        }
-        let mut letter = DeadLetter::for_message(
-            p.message,
-            "parking_full",
+        let full = if *n >= MAX_PARKED_PER_ID {
             format!(
                 "{MAX_PARKED_PER_ID} events already wait for {}; this one is not parked",
                 p.awaited
-            ),
-            None,
-        );
+            )
+        } else if total >= max_total {
+            format!(
+                "the parking lot is full: {total} events wait (--max-parked {max_total}); \
+                 this one, waiting for {}, is not parked",
+                p.awaited
+            )
+        } else {
+            *n += 1;
+            total += 1;
+            return true;
+        };
+        let mut letter = DeadLetter::for_message(p.message, "parking_full", full, None);
         letter.event_id = Some(p.event_id.clone());
         overflow.push(letter);
         false

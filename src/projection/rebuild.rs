@@ -28,7 +28,9 @@ use crate::store::fold::{self, FoldedChunks};
 use crate::store::id_projection::SHADOW;
 use crate::store::lease::Lease;
 use crate::store::redis_projection::{RedisError, RedisProjection};
-use crate::store::stray_keys::{remove_stray, KeyKind, StrayKeys, StrayScanError};
+use crate::store::stray_keys::{
+    remove_stray, KeyKind, StrayKeys, StrayRemoval, StrayScanError, UnexplainedKeys,
+};
 use crate::store::{event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// What a rebuild did.
@@ -38,6 +40,8 @@ pub struct RebuildSummary {
     pub orders: u64,
     pub rows: u64,
     pub keys_removed: u64,
+    /// Stray lookup keys kept ([`UnexplainedKeys::Keep`]).
+    pub keys_kept: u64,
     pub seconds: f64,
 }
 
@@ -191,7 +195,8 @@ async fn refold_recent(
 }
 
 /// Re-projects the whole log into Redis in place, then removes keys that
-/// belong to no order.
+/// belong to no order (lookup keys only if `unexplained` says so, see
+/// [`UnexplainedKeys`]).
 ///
 /// # Errors
 /// [`RebuildError`]; Redis keeps valid keys either way.
@@ -199,12 +204,22 @@ pub async fn rebuild_redis(
     store: &Store,
     redis: &RedisProjection,
     _lease: &RebuildLease,
+    unexplained: UnexplainedKeys,
 ) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
     let mut summary = RebuildSummary::default();
     redis.reset().await?;
     summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
-    summary.keys_removed = remove_stale_keys(store, redis).await?;
+    let stale = remove_stale_keys(store, redis, unexplained).await?;
+    (summary.keys_removed, summary.keys_kept) = (stale.removed, stale.kept);
+    if stale.kept > 0 {
+        tracing::warn!(
+            keys = stale.kept,
+            "global_order_lookup keys that no id accounts for were kept (legacy keys of ids the \
+             import skipped, or keys from a newer database); `verify` lists them, \
+             --remove-unexplained-keys removes them"
+        );
+    }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -238,15 +253,21 @@ pub async fn catch_up_to_head(
     Ok(progress.done())
 }
 
-/// Deletes lookup keys of ids no order holds and active-id hashes of orders
-/// without active ids.
-async fn remove_stale_keys(store: &Store, redis: &RedisProjection) -> Result<u64, RebuildError> {
-    let mut removed = 0;
+/// Deletes lookup keys of ids no order holds (under `unexplained`) and
+/// active-id hashes of orders without active ids.
+async fn remove_stale_keys(
+    store: &Store,
+    redis: &RedisProjection,
+    unexplained: UnexplainedKeys,
+) -> Result<StrayRemoval, RebuildError> {
+    let mut total = StrayRemoval::default();
     for kind in [KeyKind::Lookup, KeyKind::Active] {
         let mut scan = StrayKeys::new(store, redis, kind);
         while let Some(stale) = scan.next_batch().await? {
-            removed += remove_stray(store, redis, &stale).await?;
+            let done = remove_stray(store, redis, &stale, unexplained).await?;
+            total.removed += done.removed;
+            total.kept += done.kept;
         }
     }
-    Ok(removed)
+    Ok(total)
 }

@@ -58,7 +58,9 @@ impl DeadLetter {
     }
 }
 
-/// Records dead letters; a message already recorded (redelivery) is skipped.
+/// Records dead letters; a message already recorded (redelivery) is
+/// skipped, unless its letter was redriven: refused again, the letter takes
+/// the new reason and error and goes back into the outbox.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
@@ -87,6 +89,15 @@ pub async fn insert(conn: &mut MySqlConnection, letters: &[DeadLetter]) -> Resul
                 .push_bind(d.event_id.as_ref().map(|e| e.as_str()))
                 .push_bind(d.order_id.as_ref().map(|o| o.as_str()));
         });
+        // Assignments apply left to right: `redriven_at` is cleared last.
+        qb.push(
+            " ON DUPLICATE KEY UPDATE \
+             reason = IF(redriven_at IS NULL, reason, VALUES(reason)), \
+             error = IF(redriven_at IS NULL, error, VALUES(error)), \
+             published_at = IF(redriven_at IS NULL, published_at, NULL), \
+             created_at = IF(redriven_at IS NULL, created_at, CURRENT_TIMESTAMP(3)), \
+             redriven_at = NULL",
+        );
         qb.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -152,4 +163,84 @@ pub async fn mark_published(pool: &MySqlPool, ids: &[i64]) -> Result<(), StoreEr
         qb.build().execute(pool).await?;
     }
     Ok(())
+}
+
+/// Which dead letters `redrive` takes.
+#[derive(Debug, Clone, Default)]
+pub struct RedriveSelection {
+    /// Letters with one of these reasons (any, when empty).
+    pub reasons: Vec<String>,
+    /// Letters with one of these row ids (any, when empty).
+    pub ids: Vec<i64>,
+}
+
+/// Up to `limit` letters after row `after` that `selection` names and that
+/// are not redriven yet, oldest first, with their row ids and their
+/// messages as they were consumed; locked until the transaction ends, so
+/// that a second `redrive` at the same time waits and then skips them.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn for_redrive(
+    conn: &mut MySqlConnection,
+    selection: &RedriveSelection,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<(i64, InboundMessage)>, StoreError> {
+    let mut qb = QueryBuilder::<MySql>::new(
+        "SELECT id, source_topic, source_partition, source_offset, message_key, payload, \
+         content_type FROM dead_letters WHERE redriven_at IS NULL AND id > ",
+    );
+    qb.push_bind(after);
+    if !selection.reasons.is_empty() {
+        qb.push(" AND ");
+        super::push_in(&mut qb, "reason", &selection.reasons);
+    }
+    if !selection.ids.is_empty() {
+        push_ids(&mut qb, &selection.ids);
+    }
+    qb.push(" ORDER BY id LIMIT ");
+    qb.push_bind(limit);
+    qb.push(" FOR UPDATE");
+    let mut letters = Vec::new();
+    for row in qb.build().fetch_all(&mut *conn).await? {
+        letters.push((
+            row.try_get(0)?,
+            InboundMessage {
+                topic: text(&row, 1, TABLE)?.to_owned(),
+                partition: row.try_get(2)?,
+                offset: row.try_get(3)?,
+                key: row.try_get(4)?,
+                payload: row.try_get(5)?,
+                content_type: opt_text(&row, 6, TABLE)?.map(|c| c.as_bytes().to_vec()),
+                timestamp_ms: None,
+            },
+        ));
+    }
+    Ok(letters)
+}
+
+/// Marks letters as redriven, in the transaction that processes their
+/// messages again.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn mark_redriven(conn: &mut MySqlConnection, ids: &[i64]) -> Result<(), StoreError> {
+    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut qb =
+            QueryBuilder::<MySql>::new("UPDATE dead_letters SET redriven_at = NOW(3) WHERE TRUE");
+        push_ids(&mut qb, chunk);
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// ` AND id IN (...)`, bound.
+fn push_ids<'a>(qb: &mut QueryBuilder<'a, MySql>, ids: &'a [i64]) {
+    qb.push(" AND id IN (");
+    let mut list = qb.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    list.push_unseparated(")");
 }

@@ -418,6 +418,10 @@ pub async fn seen_event_ids(
                 "SELECT event_id FROM {table} FORCE INDEX ({index}) WHERE "
             ));
             push_in(&mut qb, "event_id", chunk);
+            if table == "dead_letters" {
+                // A redriven letter is waiting to be tried again, not seen.
+                qb.push(" AND redriven_at IS NULL");
+            }
         }
         for row in qb.build().fetch_all(&mut *conn).await? {
             found.insert(event_id(&row, "lifecycle_events")?);

@@ -149,7 +149,8 @@ pub async fn insert(
                 }))
                 .push_bind(expires_at_ms);
         });
-        qb.build().execute(&mut *conn).await?;
+        let inserted = qb.build().execute(&mut *conn).await?.rows_affected();
+        change_size(conn, i64::try_from(inserted).unwrap_or(i64::MAX)).await?;
     }
     Ok(())
 }
@@ -166,7 +167,32 @@ pub async fn delete(conn: &mut MySqlConnection, row_ids: &[i64]) -> Result<(), S
             list.push_bind(*id);
         }
         list.push_unseparated(")");
-        qb.build().execute(&mut *conn).await?;
+        let deleted = qb.build().execute(&mut *conn).await?.rows_affected();
+        change_size(conn, -i64::try_from(deleted).unwrap_or(i64::MAX)).await?;
+    }
+    Ok(())
+}
+
+/// How many events wait in the parking lot, as of the last committed
+/// change (a plain read: two writers at once may each park a batch more).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn size(conn: &mut MySqlConnection) -> Result<u64, StoreError> {
+    let n: Option<i64> = sqlx::query_scalar("SELECT parked FROM parking_lot WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+}
+
+/// Keeps `parking_lot` in step with the rows of `parked_events`, inside the
+/// caller's transaction (the only two writers of the table call it).
+async fn change_size(conn: &mut MySqlConnection, by: i64) -> Result<(), StoreError> {
+    if by != 0 {
+        sqlx::query("UPDATE parking_lot SET parked = GREATEST(parked + ?, 0) WHERE id = 1")
+            .bind(by)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

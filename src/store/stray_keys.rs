@@ -1,5 +1,6 @@
-//! Redis keys that the MySQL read model does not account for (`rebuild`
-//! removes them; `verify` reports them), found one SCAN step at a time.
+//! Redis keys that the MySQL read model does not account for (`verify`
+//! reports them; `rebuild` and `verify --repair` remove those this service
+//! can explain, see [`UnexplainedKeys`]), found one SCAN step at a time.
 
 use std::collections::HashSet;
 
@@ -25,7 +26,48 @@ pub enum KeyKind {
     Active,
 }
 
+/// What happens to a stray `global_order_lookup` key. That namespace is
+/// the legacy platform's too, and `import-legacy` skips ids it refuses, so
+/// a lookup key no id accounts for may be one this service never wrote
+/// (or one from a newer database, after a restore): this service cannot
+/// explain it, and removes it only when the operator asks
+/// (`--remove-unexplained-keys`). Active-id hashes are this service's
+/// alone: a stray one is always removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnexplainedKeys {
+    /// Report and keep them.
+    #[default]
+    Keep,
+    /// Remove them like any stray key.
+    Remove,
+}
+
+/// What [`remove_stray`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StrayRemoval {
+    /// Keys deleted.
+    pub removed: u64,
+    /// Keys still stray but kept ([`UnexplainedKeys::Keep`]).
+    pub kept: u64,
+}
+
+impl UnexplainedKeys {
+    /// The policy a `--remove-unexplained-keys` flag asks for.
+    pub fn removed_if(flag: bool) -> UnexplainedKeys {
+        if flag {
+            UnexplainedKeys::Remove
+        } else {
+            UnexplainedKeys::Keep
+        }
+    }
+}
+
 impl KeyKind {
+    /// Whether a stray key of this kind is removed under `policy`.
+    pub fn removable(self, policy: UnexplainedKeys) -> bool {
+        self == KeyKind::Active || policy == UnexplainedKeys::Remove
+    }
+
     /// The kind of `key` and its suffix (id or order), if it is one of
     /// `redis`'s projected keys.
     fn of<'k>(redis: &RedisProjection, key: &'k str) -> Option<(KeyKind, &'k str)> {
@@ -117,7 +159,8 @@ impl<'a> StrayKeys<'a> {
 /// by a batch, projected by the follower): written after the WATCH, it
 /// aborts the deletion (nothing is deleted; the next `rebuild` or `verify`
 /// looks again); written before, its row was committed before it was
-/// projected, so the re-check sees it. Returns the keys deleted.
+/// projected, so the re-check sees it. Keys still stray that `policy` keeps
+/// are counted, not deleted.
 ///
 /// The watch is on `redis`'s connection: no other task may use that
 /// projection meanwhile (`rebuild` and `verify --repair` have their own).
@@ -128,7 +171,8 @@ pub async fn remove_stray(
     store: &Store,
     redis: &RedisProjection,
     keys: &[String],
-) -> Result<u64, StrayScanError> {
+    policy: UnexplainedKeys,
+) -> Result<StrayRemoval, StrayScanError> {
     let watched: Vec<&String> = keys.iter().collect();
     redis.watch_keys(&watched).await?;
     // Each key with its kind and suffix (id or order), classified once.
@@ -137,6 +181,7 @@ pub async fn remove_stray(
         .filter_map(|k| KeyKind::of(redis, k).map(|(kind, suffix)| (k, kind, suffix.to_owned())))
         .collect();
     let mut still = Vec::with_capacity(keys.len());
+    let mut kept = 0;
     for kind in [KeyKind::Lookup, KeyKind::Active] {
         let suffixes: Vec<String> = classified
             .iter()
@@ -147,21 +192,24 @@ pub async fn remove_stray(
             continue;
         }
         let live = kind.live_among(store, &suffixes).await?;
-        still.extend(
-            classified
-                .iter()
-                .filter(|(_, k, s)| *k == kind && !live.contains(s))
-                .map(|(key, _, _)| *key),
-        );
+        let stray = classified
+            .iter()
+            .filter(|(_, k, s)| *k == kind && !live.contains(s))
+            .map(|(key, _, _)| *key);
+        if kind.removable(policy) {
+            still.extend(stray);
+        } else {
+            kept += stray.count() as u64;
+        }
     }
     match redis.delete_watched(&still).await? {
-        Some(deleted) => Ok(deleted),
+        Some(removed) => Ok(StrayRemoval { removed, kept }),
         None => {
             tracing::info!(
                 keys = still.len(),
                 "stray keys changed while being removed; left for the next look"
             );
-            Ok(0)
+            Ok(StrayRemoval { removed: 0, kept })
         }
     }
 }

@@ -130,7 +130,7 @@ impl Scratch {
             input: InputConfig {
                 topics: topics.to_vec(),
                 batch_size: 500,
-                park_timeout: Duration::from_secs(300),
+                parking: crate::config::ParkingConfig::default(),
             },
             group_id: self.name.clone(),
             dead_letter_topic: self.dead_letter_topic(),

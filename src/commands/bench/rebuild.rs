@@ -16,6 +16,7 @@ use crate::domain::LifecycleBook;
 use crate::projection::rebuild;
 use crate::scenario::{self, Payload, PlanOptions};
 use crate::store::event_log::{self, NewEntry};
+use crate::store::stray_keys::UnexplainedKeys;
 use crate::store::Store;
 
 /// Options of `bench-rebuild`.
@@ -93,7 +94,7 @@ async fn measure(
         mysql.events as f64 / mysql.seconds
     );
     let redis = scratch.projection().await?;
-    let summary = rebuild::rebuild_redis(store, &redis, &lease).await?;
+    let summary = rebuild::rebuild_redis(store, &redis, &lease, UnexplainedKeys::Keep).await?;
     println!(
         "bench-rebuild: redis  {} events in {:.1} s = {:.0} events/s",
         summary.events,

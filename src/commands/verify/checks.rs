@@ -299,7 +299,9 @@ async fn redis_lookup_keys(
     }
     let room = n.saturating_sub(examples.len());
     let (extra, keys) = stray_keys(store, redis, KeyKind::Lookup, room, findings).await?;
-    examples.extend(keys.iter().map(|key| format!("{key} belongs to no id")));
+    examples.extend(keys.iter().map(|key| {
+        format!("{key} belongs to no id (the legacy platform's? `--repair` keeps it unless given --remove-unexplained-keys)")
+    }));
     Ok(key_check(
         "redis_lookup_keys",
         missing,

@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::config::{DatabaseConfig, LegacyTables, RedisConfig};
 use crate::projection::rebuild::RebuildError;
 use crate::store::redis_projection::{RedisError, RedisProjection};
-use crate::store::stray_keys::StrayScanError;
+use crate::store::stray_keys::{StrayScanError, UnexplainedKeys};
 use crate::store::{Store, StoreError};
 use checks::{check_all, Findings};
 use repair::repair;
@@ -56,6 +56,12 @@ pub struct VerifyConfig {
     /// Re-project the orders found wrong, then check again.
     #[arg(long)]
     pub repair: bool,
+    /// With `--repair`: also remove `global_order_lookup` keys that no id
+    /// accounts for. The legacy platform writes that namespace too, and
+    /// `import-legacy` skips ids it refuses, so by default such keys are
+    /// kept and reported.
+    #[arg(long = "remove-unexplained-keys", requires = "repair")]
+    pub remove_unexplained_keys: bool,
 }
 
 /// How a check came out.
@@ -102,6 +108,8 @@ pub struct Repaired {
     pub orders: u64,
     pub rows: u64,
     pub redis_keys_removed: u64,
+    /// Stray lookup keys kept (no `--remove-unexplained-keys`).
+    pub redis_keys_kept: u64,
     /// Log entries re-projected into a Redis that followed another log.
     pub redis_entries: u64,
 }
@@ -165,8 +173,9 @@ pub fn human(report: &HealthReport) -> String {
         let _ = writeln!(
             out,
             "repaired: {} orders re-projected ({} rows), {} stray Redis keys removed, \
-             {} log entries re-projected into Redis; checked again:",
-            r.orders, r.rows, r.redis_keys_removed, r.redis_entries
+             {} unexplained lookup keys kept, {} log entries re-projected into Redis; \
+             checked again:",
+            r.orders, r.rows, r.redis_keys_removed, r.redis_keys_kept, r.redis_entries
         );
     }
     let failed = report
@@ -218,7 +227,8 @@ pub async fn verify(
     let mut findings = Findings::default();
     let mut report = check_all(store, redis, config, &mut findings).await?;
     if config.repair && !report.healthy {
-        let repaired = repair(store, redis, &findings).await?;
+        let unexplained = UnexplainedKeys::removed_if(config.remove_unexplained_keys);
+        let repaired = repair(store, redis, &findings, unexplained).await?;
         let mut again = Findings::default();
         report = check_all(store, redis, config, &mut again).await?;
         report.repaired = Some(repaired);

@@ -6,16 +6,18 @@ use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
 use crate::projection::rebuild;
 use crate::store::fold;
 use crate::store::redis_projection::RedisProjection;
-use crate::store::stray_keys::remove_stray;
+use crate::store::stray_keys::{remove_stray, UnexplainedKeys};
 use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 
 /// Re-projects the orders found wrong from the log (rows replaced in one
 /// transaction per chunk, holding the orders' rows so that no batch moves
-/// them meanwhile), rewrites their Redis keys, and removes stray keys.
+/// them meanwhile), rewrites their Redis keys, and removes stray keys
+/// (lookup keys only under [`UnexplainedKeys::Remove`]).
 pub(super) async fn repair(
     store: &Store,
     redis: &RedisProjection,
     findings: &Findings,
+    unexplained: UnexplainedKeys,
 ) -> Result<Repaired, VerifyError> {
     let pool = store.pool();
     let mut repaired = Repaired::default();
@@ -74,7 +76,9 @@ pub(super) async fn repair(
         .collect();
     // Found stray by the checks a while ago: removed only if still stray.
     for keys in stray.chunks(1000) {
-        repaired.redis_keys_removed += remove_stray(store, redis, keys).await?;
+        let done = remove_stray(store, redis, keys, unexplained).await?;
+        repaired.redis_keys_removed += done.removed;
+        repaired.redis_keys_kept += done.kept;
     }
     Ok(repaired)
 }
