@@ -20,7 +20,7 @@ API="http://$OL_HTTP_LISTEN"
 
 bash scripts/services.sh
 echo "demo: building (the first build takes a few minutes)"
-cargo build --locked --quiet
+cargo build --locked
 BIN="${CARGO_TARGET_DIR:-target}/debug/order-lifecycle"
 
 LOG=${TMPDIR:-/tmp}/order-lifecycle-demo.log

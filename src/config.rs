@@ -73,7 +73,48 @@ impl FromStr for SecretUrl {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m` or a bare number of milliseconds.
+/// A MySQL/MariaDB URL: `mysql://` or `mariadb://`. Anything else (a
+/// `postgres://` URL pasted from another service) is refused at parse time
+/// rather than at the first connection.
+///
+/// # Errors
+/// Not a URL, or another scheme.
+pub fn parse_database_url(raw: &str) -> Result<SecretUrl, String> {
+    with_scheme(
+        raw,
+        &["mysql", "mariadb"],
+        "mysql://user:password@host:3306/database",
+    )
+}
+
+/// A Redis URL: `redis://` (or `rediss://`, `redis+unix://`, `unix://`).
+///
+/// # Errors
+/// Not a URL, or another scheme.
+pub fn parse_redis_url(raw: &str) -> Result<SecretUrl, String> {
+    with_scheme(
+        raw,
+        &["redis", "rediss", "redis+unix", "unix"],
+        "redis://:password@host:6379/0",
+    )
+}
+
+fn with_scheme(raw: &str, schemes: &[&str], example: &str) -> Result<SecretUrl, String> {
+    let url: SecretUrl = raw.parse()?;
+    let scheme = url.expose().split("://").next().unwrap_or_default();
+    if schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+        Ok(url)
+    } else {
+        Err(format!(
+            "the scheme {scheme:?} is not one of {}: expected a URL like {example}",
+            schemes.join(", ")
+        ))
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m` or `1h` (and a bare `0`). Any other bare
+/// number is refused: `10` for a session timeout meant as seconds would
+/// silently be 10 ms.
 ///
 /// # Errors
 /// A message naming the accepted forms.
@@ -83,12 +124,22 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let (number, unit) = raw.split_at(split);
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s or 2m"))?;
+        .map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let seconds = |factor: u64| {
+        n.checked_mul(factor)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{raw:?} is too long"))
+    };
     match unit {
-        "" | "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{raw:?} has an unknown unit; use ms, s or m")),
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "" if n == 0 => Ok(Duration::ZERO),
+        "" => Err(format!(
+            "{raw:?} needs a unit: {raw}ms, {raw}s, {raw}m or {raw}h"
+        )),
+        _ => Err(format!("{raw:?} has an unknown unit; use ms, s, m or h")),
     }
 }
 
@@ -191,7 +242,8 @@ pub struct DatabaseConfig {
         long = "database-url",
         env = "OL_DATABASE_URL",
         hide_env_values = true,
-        default_value = "mysql://root@127.0.0.1:3306/order_lifecycle"
+        default_value = "mysql://root@127.0.0.1:3306/order_lifecycle",
+        value_parser = parse_database_url
     )]
     pub url: SecretUrl,
     /// Connection pool size.
@@ -213,7 +265,8 @@ pub struct RedisConfig {
         long = "redis-url",
         env = "OL_REDIS_URL",
         hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379/0"
+        default_value = "redis://127.0.0.1:6379/0",
+        value_parser = parse_redis_url
     )]
     pub url: SecretUrl,
     /// Prefix for every key written (empty: the legacy names exactly).
@@ -605,6 +658,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn database_and_redis_urls_need_their_scheme() {
+        assert!(parse_database_url("mysql://root@h:3306/db").is_ok());
+        assert!(parse_database_url("mariadb://root@h/db").is_ok());
+        let pg = parse_database_url("postgres://u:secret@h:5432/db").unwrap_err();
+        assert!(
+            pg.contains("\"postgres\" is not one of mysql, mariadb"),
+            "{pg}"
+        );
+        assert!(!pg.contains("secret"), "{pg}");
+        assert!(parse_redis_url("redis://h:6379/0").is_ok());
+        assert!(parse_redis_url("rediss://h:6380/0").is_ok());
+        assert!(parse_redis_url("http://h:6379").is_err());
+    }
+
+    #[test]
     fn passwords_never_print() {
         let url = SecretUrl::new("mysql://app:s3cret@db:3306/ol?ssl-mode=required");
         assert_eq!(
@@ -634,8 +702,12 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        let bare = parse_duration("10").unwrap_err();
+        assert!(bare.contains("needs a unit: 10ms, 10s"), "{bare}");
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
         assert!(parse_duration("soon").is_err());
     }
 

@@ -7,6 +7,7 @@ use order_lifecycle::telemetry;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
+    quiet_on_closed_pipe();
     let cli = match commands::parse() {
         Ok(cli) => cli,
         Err(CliError::Clap(e)) => e.exit(),
@@ -17,6 +18,27 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     };
     telemetry::init(cli.log_format);
     cli.command.run(Shutdown::on(shutdown_signal())).await
+}
+
+/// `verify --json | head` closes the output early, and Rust's `println!`
+/// then panics ("failed printing to stdout: Broken pipe"; Rust ignores
+/// SIGPIPE). The reader chose to stop reading: that is no failure, so the
+/// process exits 0 without a panic message. Any other panic is reported as
+/// usual.
+fn quiet_on_closed_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -585,7 +585,7 @@ async fn readiness_names_redis_while_it_is_down() {
     .await;
     assert_eq!(
         ready().await.json(),
-        json!({"status": "ok", "checks": {"consumer": "ok", "database": "ok", "redis": "ok"}})
+        json!({"status": "ok", "checks": {"consumer": "ok", "database": "ok", "kafka": "ok", "redis": "ok"}})
     );
     // Probes reuse one connection: 20 of them open none.
     let client = redis::Client::open(own.url()).unwrap();
@@ -747,10 +747,11 @@ async fn start_up_logs_never_show_the_password() {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start run");
-        wait_until("the retry log line", Duration::from_secs(20), || async {
+        // After a few retries the log says ERROR, with what to check.
+        wait_until("the database ERROR", Duration::from_secs(30), || async {
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
-                .contains("database unreachable")
+                .contains("the database does not answer; is it running, and is --database-url")
         })
         .await;
         let _ = child.kill();
@@ -776,4 +777,92 @@ async fn start_up_logs_never_show_the_password() {
         }
         let _ = std::fs::remove_file(&log);
     }
+}
+
+/// A broker that does not answer is named, with a hint, once as an ERROR
+/// and in `/readyz` (`"kafka"`), while `run` waits for it; a one-shot
+/// command (`simulate`) fails fast with the same words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_named_in_the_log_and_in_readiness() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let listen = free_addr();
+    let log = tempfile_path("olt-broker-down");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_order-lifecycle"))
+        .arg("run")
+        .env("OL_DATABASE_URL", db.url.expose())
+        .env("OL_REDIS_URL", &redis.url)
+        .env("OL_REDIS_KEY_PREFIX", &redis.prefix)
+        .env("OL_KAFKA_BROKERS", &nobody)
+        .env("OL_HTTP_LISTEN", listen.to_string())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start run");
+    // Killed when dropped, also when the test fails half-way.
+    let run = common::BinaryConsumer {
+        child,
+        log: log.clone(),
+    };
+    let expected = format!("no broker reachable at {nobody}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "run never listened");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let r = http_request(listen, "GET", "/readyz", None, None).await;
+        let body = r.json();
+        let kafka = body["checks"]["kafka"].as_str().unwrap_or_default();
+        if r.status == 503 && kafka.starts_with(&expected) {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness never named the broker: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(body["checks"]["database"], "ok", "{body}");
+    let (code, text) = run.terminate(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{text}");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains(&expected))
+        .collect();
+    assert_eq!(errors.len(), 1, "one ERROR naming the broker:\n{text}");
+    assert!(errors[0].contains("--brokers (OL_KAFKA_BROKERS)"), "{text}");
+    assert!(
+        !text.contains("not ready") && !text.contains("request failed"),
+        "readiness polls are not logged as warnings:\n{text}"
+    );
+    let _ = std::fs::remove_file(&log);
+
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_order-lifecycle"))
+        .args(["simulate", "--brokers", &nobody, "--orders", "1"])
+        .output()
+        .expect("run simulate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+/// A fresh path in the temporary directory (removed by the test).
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "{name}-{}-{}.log",
+        std::process::id(),
+        fastrand::u32(..)
+    ))
 }

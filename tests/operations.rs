@@ -80,6 +80,53 @@ fn command(db: &TestDb, redis: &TestRedis, args: &[&str]) -> Command {
     command
 }
 
+/// A reader that stops early (`verify --json | head -1`) closes the pipe:
+/// the command exits 0 without a panic; and a bad option gets a clear
+/// refusal (a duration without a unit, a URL of another database, a flag
+/// misspelt) with exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_and_bad_options_end_cleanly() {
+    let (db, redis) = healthy_store(620).await;
+    let mut child = command(&db, &redis, &["verify", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start verify");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("verify ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    for (args, expected) in [
+        (
+            &["run", "--session-timeout", "10"][..],
+            "\"10\" needs a unit: 10ms, 10s, 10m or 10h",
+        ),
+        (
+            &[
+                "verify",
+                "--database-url",
+                "postgres://u:pw-secret@h:5432/db",
+            ][..],
+            "\"postgres\" is not one of mysql, mariadb",
+        ),
+        (
+            &["verify", "--repiar"][..],
+            "tip: a similar argument exists: '--repair'",
+        ),
+        (&["verfy"][..], "tip: a similar subcommand exists: 'verify'"),
+    ] {
+        let out = command(&db, &redis, args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("pw-secret"), "{args:?}: {stderr}");
+    }
+    redis.cleanup().await;
+    db.drop().await;
+}
+
 /// The realistic legacy rows: live and demo, NULLs, blanks, surrounding
 /// spaces, an id shared by two orders, an order with every column set, a
 /// malformed value, and an order the service already knows.

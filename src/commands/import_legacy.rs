@@ -75,7 +75,8 @@ pub struct ImportConfig {
     #[arg(
         long = "legacy-database-url",
         env = "OL_LEGACY_DATABASE_URL",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = crate::config::parse_database_url
     )]
     pub legacy_database_url: Option<SecretUrl>,
     #[command(flatten)]

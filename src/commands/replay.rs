@@ -97,6 +97,8 @@ pub struct ReplaySummary {
 pub enum ReplayError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Unreachable(#[from] crate::kafka::TopicSetupError),
     #[error("topic {0:?} does not exist or has no partitions")]
     NoSuchTopic(String),
     #[error(transparent)]
@@ -116,6 +118,7 @@ pub enum ReplayError {
 /// # Errors
 /// [`ReplayError`].
 pub async fn run(config: ReplayConfig) -> Result<(), ReplayError> {
+    crate::kafka::check_reachable(&config.kafka).await?;
     let store = Store::connect(&config.database.url, config.database.max_connections).await?;
     store.migrate().await?;
     let redis =

@@ -32,22 +32,23 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
         redis = %config.redis.url,
         "starting order-lifecycle consumer"
     );
-    let status = Arc::new(ConsumerStatus::default());
+    let status = Arc::new(ConsumerStatus::for_brokers(&config.kafka.brokers));
     let readiness: ReadinessCheck = {
         let status = status.clone();
         Arc::new(move || {
-            status
-                .assigned()
-                .ok_or_else(|| "waiting for its partition assignment".to_owned())?;
+            let kafka = status.kafka_trouble().unwrap_or_else(|| "ok".to_owned());
             let stalled = status.stalled();
-            if stalled.is_empty() {
-                Ok(())
-            } else {
-                Err(format!(
+            let consumer = if status.assigned().is_none() {
+                "waiting for its partition assignment".to_owned()
+            } else if !stalled.is_empty() {
+                format!(
                     "partitions not advancing although the broker has messages for them: {}",
                     stalled.join(", ")
-                ))
-            }
+                )
+            } else {
+                "ok".to_owned()
+            };
+            vec![("kafka", kafka), ("consumer", consumer)]
         })
     };
     let api = ApiState::new(&config.http, config.redis.clone(), Some(readiness));
@@ -113,8 +114,13 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
 /// Connects to the database and applies migrations, retrying while it is
 /// unreachable (a consumer started before its database must not
 /// crash-loop). `None` when shutdown came first.
+/// Failed connection attempts (about 6 s of backoff) before the log says
+/// ERROR rather than WARN.
+const FAILURES_BEFORE_ERROR: u32 = 5;
+
 async fn connect(config: &RunConfig, shutdown: &mut Shutdown) -> anyhow::Result<Option<Store>> {
     let mut backoff = Backoff::new();
+    let mut failures = 0u32;
     loop {
         if shutdown.is_requested() {
             return Ok(None);
@@ -128,7 +134,19 @@ async fn connect(config: &RunConfig, shutdown: &mut Shutdown) -> anyhow::Result<
         match attempt.await {
             Ok(store) => return Ok(Some(store)),
             Err(e) if e.is_transient() => {
-                tracing::warn!(database = %config.database.url, error = %e, "database unreachable; retrying");
+                failures += 1;
+                // A few failures are a database starting beside us; more
+                // are a mistake to fix, said once as an ERROR with a hint.
+                if failures == FAILURES_BEFORE_ERROR {
+                    tracing::error!(
+                        database = %config.database.url,
+                        error = %e,
+                        "the database does not answer; is it running, and is --database-url \
+                         (OL_DATABASE_URL: host, port, user, password) right? Retrying"
+                    );
+                } else {
+                    tracing::warn!(database = %config.database.url, error = %e, "database unreachable; retrying");
+                }
                 backoff.wait(shutdown).await;
             }
             Err(e) => return Err(e).context("connecting to the database and applying migrations"),

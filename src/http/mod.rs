@@ -45,10 +45,11 @@ pub const ROUTES: [(&str, &str); 7] = [
     ("get", "/metrics"),
 ];
 
-/// A check of the process's own work for `/readyz`: `Err` says what it
-/// waits for (`run` passes its consumer's, "waiting for its partition
-/// assignment"). A closure, so that the server knows nothing of Kafka.
-pub type ReadinessCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// Checks of the process's own work for `/readyz`: each part named with
+/// `ok` or what is wrong (`run` passes `kafka`, e.g. "no broker reachable
+/// at ...", and `consumer`, e.g. "waiting for its partition assignment").
+/// A closure, so that the server knows nothing of Kafka.
+pub type ReadinessCheck = Arc<dyn Fn() -> Vec<(&'static str, String)> + Send + Sync>;
 
 /// What handlers share.
 #[derive(Clone)]
@@ -420,7 +421,9 @@ async fn observe(request: Request, next: Next) -> Response {
     let seconds = started.elapsed().as_secs_f64();
     span.record("status", status);
     span.in_scope(|| {
-        if status >= 500 {
+        // A 503 from /readyz is an answer, polled every few seconds by
+        // orchestrators; what is wrong was logged where it happened.
+        if status >= 500 && route != "/readyz" {
             tracing::warn!(ms = (seconds * 1000.0) as u64, "request failed");
         } else {
             tracing::debug!(ms = (seconds * 1000.0) as u64, "request served");

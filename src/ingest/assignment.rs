@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Offset, Statistics};
 
 use super::ordering::Partition;
@@ -36,18 +37,88 @@ pub struct ConsumerStatus {
     assigned: AtomicI64,
     /// Partitions that stopped advancing, as `topic/partition`.
     stalled: Mutex<Vec<String>>,
+    /// The bootstrap brokers, to name them when none answers.
+    brokers: String,
+    /// What librdkafka last reported wrong with the brokers, until one is
+    /// up again.
+    kafka_trouble: Mutex<Option<String>>,
 }
 
 impl Default for ConsumerStatus {
     fn default() -> ConsumerStatus {
-        ConsumerStatus {
-            assigned: AtomicI64::new(-1),
-            stalled: Mutex::new(Vec::new()),
-        }
+        ConsumerStatus::for_brokers("")
     }
 }
 
 impl ConsumerStatus {
+    /// The status of a consumer of `brokers`.
+    pub fn for_brokers(brokers: &str) -> ConsumerStatus {
+        ConsumerStatus {
+            assigned: AtomicI64::new(-1),
+            stalled: Mutex::new(Vec::new()),
+            brokers: brokers.to_owned(),
+            kafka_trouble: Mutex::new(None),
+        }
+    }
+
+    /// What is wrong with the brokers now (none reachable, authentication
+    /// refused), in words that name them; `None` while one is up.
+    pub fn kafka_trouble(&self) -> Option<String> {
+        self.kafka_trouble.lock().ok().and_then(|t| t.clone())
+    }
+
+    /// Records librdkafka's report of a client-wide error; returns the
+    /// words for it when it is news (for one ERROR line per trouble).
+    fn report_kafka_error(&self, code: RDKafkaErrorCode, reason: &str) -> Option<String> {
+        let words = match code {
+            RDKafkaErrorCode::AllBrokersDown => format!(
+                "no broker reachable at {} ({reason}); is the broker running, and are \
+                 --brokers (OL_KAFKA_BROKERS) and --kafka-option right?",
+                self.brokers
+            ),
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => {
+                format!(
+                    "the brokers at {} refused the credentials ({reason}); check the \
+                     sasl.* settings of --kafka-option (OL_KAFKA_OPTIONS)",
+                    self.brokers
+                )
+            }
+            RDKafkaErrorCode::SSL => format!(
+                "TLS with the brokers at {} failed ({reason}); check the ssl.* settings of \
+                 --kafka-option (OL_KAFKA_OPTIONS)",
+                self.brokers
+            ),
+            _ => return None,
+        };
+        let mut trouble = self.kafka_trouble.lock().ok()?;
+        let news = trouble.as_deref() != Some(words.as_str());
+        *trouble = Some(words.clone());
+        news.then_some(words)
+    }
+
+    /// Whether `code` is one of the troubles already reported, or a
+    /// connection failure that only repeats it.
+    fn is_known_trouble(&self, code: RDKafkaErrorCode) -> bool {
+        matches!(
+            code,
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+        ) && self.kafka_trouble().is_some()
+    }
+
+    /// A broker is up again.
+    fn brokers_up(&self) {
+        if let Ok(mut trouble) = self.kafka_trouble.lock() {
+            if trouble.take().is_some() {
+                tracing::info!(brokers = %self.brokers, "a Kafka broker answers again");
+            }
+        }
+    }
+
     /// The partitions reported stalled (see [`super::stall`]), as
     /// `topic/partition`.
     pub fn stalled(&self) -> Vec<String> {
@@ -95,10 +166,21 @@ pub struct Changes {
 }
 
 impl ClientContext for AssignmentContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.on_error(&error, reason);
+    }
+
     /// `statistics.interval.ms` apart: lag per assigned partition, as the
     /// fetcher sees it (the broker's high watermark from fetch responses,
     /// minus the consumer's position).
     fn stats(&self, statistics: Statistics) {
+        if statistics
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && b.nodeid >= 0)
+        {
+            self.status.brokers_up();
+        }
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition < 0 || p.consumer_lag < 0 {
@@ -111,6 +193,24 @@ impl ClientContext for AssignmentContext {
                 )
                 .set(p.consumer_lag as f64);
             }
+        }
+    }
+}
+
+impl AssignmentContext {
+    /// librdkafka's client-wide errors: the ones an operator must act on
+    /// (no broker reachable, credentials or TLS refused) are named with the
+    /// brokers and a likely fix, logged once as an ERROR and shown by
+    /// `/readyz` until a broker is up; the rest are logged as warnings.
+    fn on_error(&self, error: &KafkaError, reason: &str) {
+        let code = match error {
+            KafkaError::Global(code) => Some(*code),
+            _ => error.rdkafka_error_code(),
+        };
+        match code.and_then(|c| self.status.report_kafka_error(c, reason)) {
+            Some(words) => tracing::error!("kafka: {words}"),
+            None if code.is_some_and(|c| self.status.is_known_trouble(c)) => {}
+            None => tracing::warn!(error = %error, reason, "kafka client error"),
         }
     }
 }

@@ -87,15 +87,56 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     )
 }
 
+/// Why topics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicSetupError {
+    /// No broker answered: the one mistake of a first hour that deserves
+    /// its own words.
+    #[error(
+        "no broker reachable at {brokers} within {seconds} s ({source}); is the broker \
+         running, and are --brokers (OL_KAFKA_BROKERS) and --kafka-option right?"
+    )]
+    Unreachable {
+        brokers: String,
+        seconds: u64,
+        source: KafkaError,
+    },
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+/// How long a one-shot command waits for a first broker to answer.
+const REACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fails fast, naming the brokers, when none answers within 10 s.
+///
+/// # Errors
+/// [`TopicSetupError::Unreachable`], or the client could not be created.
+pub async fn check_reachable(kafka: &KafkaConfig) -> Result<(), TopicSetupError> {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = base(kafka, &[]).create()?;
+    let fetched =
+        tokio::task::spawn_blocking(move || consumer.fetch_metadata(None, REACH_TIMEOUT).map(drop))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    fetched.map_err(|source| TopicSetupError::Unreachable {
+        brokers: kafka.brokers.clone(),
+        seconds: REACH_TIMEOUT.as_secs(),
+        source,
+    })
+}
+
 /// Creates the topics that do not exist yet; existing ones are left alone.
 ///
 /// # Errors
-/// [`KafkaError`] when the broker cannot be reached or refuses a topic.
+/// [`TopicSetupError`] when no broker can be reached (within 10 s) or one
+/// refuses a topic.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &[&str],
     partitions: i32,
-) -> Result<(), KafkaError> {
+) -> Result<(), TopicSetupError> {
+    check_reachable(kafka).await?;
     let admin: AdminClient<DefaultClientContext> = base(kafka, &[]).create()?;
     let new: Vec<NewTopic> = topics
         .iter()
@@ -106,9 +147,8 @@ pub async fn ensure_topics(
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic, ?code, "could not create topic");
-                })
+                tracing::error!(topic, ?code, "could not create topic");
+                return Err(KafkaError::AdminOp(code).into());
             }
         }
     }

@@ -41,10 +41,10 @@ pub struct BenchServices {
     #[arg(long, default_value = "127.0.0.1:9092")]
     pub brokers: String,
     /// MySQL/MariaDB server (no database: a scratch one is created and dropped).
-    #[arg(long, default_value = "mysql://root@127.0.0.1:3306")]
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306", value_parser = crate::config::parse_database_url)]
     pub server_url: SecretUrl,
     /// Redis for the scratch key prefix.
-    #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
+    #[arg(long, default_value = "redis://127.0.0.1:6379/0", value_parser = crate::config::parse_redis_url)]
     pub redis_url: SecretUrl,
 }
 

@@ -8,12 +8,18 @@ pub struct BinaryConsumer {
     pub log: std::path::PathBuf,
 }
 
-/// A test that fails half-way must not leave consumers running.
+/// A test that fails half-way must not leave consumers running; a test
+/// leaves no files behind, but the log of a failing one is kept to read.
 impl Drop for BinaryConsumer {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("order-lifecycle's log: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }
