@@ -458,6 +458,21 @@ pub struct InputConfig {
     /// How events wait for ids not issued yet.
     #[command(flatten)]
     pub parking: ParkingConfig,
+    /// Which schema registry ids are accepted.
+    #[command(flatten)]
+    pub schemas: SchemaConfig,
+}
+
+/// Which schema registry ids are accepted (shared by `run`, `replay` and
+/// `redrive`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SchemaConfig {
+    /// Schema registry ids accepted in framed messages, comma-separated; a
+    /// framed message with another id is dead-lettered as
+    /// `unknown_schema_id`. Empty (the default): any id. Plain messages
+    /// (no frame) are accepted either way.
+    #[arg(long = "schema-ids", env = "OL_SCHEMA_IDS", value_delimiter = ',')]
+    pub schema_ids: Vec<u32>,
 }
 
 /// `--max-parked`'s default: a million waiting events, about a gigabyte of

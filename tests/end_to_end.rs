@@ -7,7 +7,7 @@ use order_lifecycle_testkit as common;
 use std::collections::BTreeSet;
 
 use common::{wait_until, Env};
-use order_lifecycle::domain::LifecycleBook;
+use order_lifecycle::domain::{LifecycleBook, OrderEvent};
 use order_lifecycle::scenario::{self, Payload, PlanOptions};
 use order_lifecycle::store::stray_keys::UnexplainedKeys;
 use order_lifecycle::testing::EventScript;
@@ -537,6 +537,7 @@ async fn offsets_stored_with_the_data_win_over_kafkas() {
         offsets_group: Some(env.group_id.clone()),
         park_timeout: std::time::Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     order_lifecycle::ingest::process_batch(&env.db.store, &pipeline, &stored)
         .await
@@ -566,6 +567,7 @@ async fn dead_letters_recorded_before_a_crash_are_still_published() {
         offsets_group: Some(env.group_id.clone()),
         park_timeout: std::time::Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     order_lifecycle::ingest::process_batch(
         &env.db.store,
@@ -1025,6 +1027,72 @@ async fn batches_in_every_compression_codec_are_consumed() {
     }
     assert_eq!(env.logged().await, sent as i64, "every event once");
     assert_eq!(env.db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    consumer.stop().await;
+    env.cleanup().await;
+}
+
+/// Messages as the Confluent serializers write them (magic byte 0, schema
+/// id, for protobuf the message-index path; no content-type header) are
+/// logged with their schema id beside plain ones; with `--schema-ids`, a
+/// framed message of another id is dead-lettered as `unknown_schema_id`
+/// and a malformed frame as `invalid_framing`; consumption goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_registry_framed_messages_are_consumed_and_checked() {
+    use order_lifecycle::wire::registry;
+    let env = Env::new().await;
+    let consumer = env.start(env.run_config_with(&["--schema-ids", "7,9"]));
+    let mut s = EventScript::new("SR1");
+    let place = s.place();
+    let sl = s.sl("SR1-SL");
+    let tp = s.tp("SR1-TP");
+    let refused = s.tp("SR1-TP2");
+    let plain = s.confirm("SR1-SL", "EXECUTED");
+    let framed = |id: u32, e: &OrderEvent, encoding: Encoding| {
+        registry::frame(id, encoding, &order_lifecycle::wire::encode(e, encoding))
+    };
+    let orders = env.topics.orders.clone();
+    env.send_raw(&orders, "SR1", &framed(7, &place, Encoding::Protobuf), None)
+        .await;
+    env.send_raw(&orders, "SR1", &framed(9, &sl, Encoding::Json), None)
+        .await;
+    // The long form of the path [0]: count 1, index 0.
+    let mut long = vec![0, 0, 0, 0, 7, 2, 0];
+    long.extend_from_slice(&order_lifecycle::wire::encode(&tp, Encoding::Protobuf));
+    env.send_raw(&orders, "SR1", &long, None).await;
+    env.send_raw(
+        &orders,
+        "SR1",
+        &framed(8, &refused, Encoding::Protobuf),
+        None,
+    )
+    .await;
+    env.send_raw(&orders, "SR1", &[0, 0, 0], None).await;
+    env.send(&[plain], Encoding::Protobuf).await;
+    env.wait_for_log(4, 2).await;
+
+    let ids: Vec<(String, Option<u32>)> = sqlx::query_as(
+        "SELECT CAST(event_id AS CHAR), schema_id FROM lifecycle_events ORDER BY position",
+    )
+    .fetch_all(env.db.store.pool())
+    .await
+    .unwrap();
+    let schema_of = |e: &OrderEvent| {
+        ids.iter()
+            .find(|(id, _)| id == e.event_id.as_str())
+            .unwrap_or_else(|| panic!("{} logged: {ids:?}", e.event_id))
+            .1
+    };
+    assert_eq!(schema_of(&place), Some(7));
+    assert_eq!(schema_of(&sl), Some(9));
+    assert_eq!(schema_of(&tp), Some(7));
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT CAST(reason AS CHAR) FROM dead_letters ORDER BY source_offset")
+            .fetch_all(env.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(reasons, ["unknown_schema_id", "invalid_framing"]);
+    assert_eq!(env.db.rows().await["SR1-SL"].2, "executed");
     consumer.stop().await;
     env.cleanup().await;
 }

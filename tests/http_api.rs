@@ -366,6 +366,7 @@ async fn api_on_store_with(config: HttpConfig) -> (TestDb, std::net::SocketAddr)
         offsets_group: Some("api-test".into()),
         park_timeout: Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     process_batch(&db.store, &pipeline, &messages)
         .await

@@ -218,6 +218,7 @@ async fn import_legacy_makes_every_id_resolve_and_a_second_run_changes_nothing()
         offsets_group: Some("import-test".into()),
         park_timeout: Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     process_batch(&db.store, &pipeline, &messages)
         .await
@@ -394,6 +395,7 @@ async fn store_of(orders: usize, seed: u64) -> (TestDb, TestRedis) {
         offsets_group: Some("verify-test".into()),
         park_timeout: Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     let events = common::stream(orders, seed);
     let messages =
@@ -893,6 +895,7 @@ async fn verify_pages_mixed_case_orders_without_skipping() {
         offsets_group: Some("verify-test".into()),
         park_timeout: Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     let events: Vec<order_lifecycle::domain::OrderEvent> = (0..600)
         .flat_map(|i| {

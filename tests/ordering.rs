@@ -352,6 +352,7 @@ async fn the_same_stream_on_four_topics_or_one_gives_the_same_log_and_replay_rep
                     park_timeout: Duration::from_secs(60),
                     ..Default::default()
                 },
+                schemas: Default::default(),
             },
             group_id: format!("{}-replay", replayed.group_id),
             since: None,
@@ -459,6 +460,7 @@ async fn a_database_recreated_or_restored_under_a_live_redis_is_projected_again(
         offsets_group: None,
         park_timeout: Duration::from_secs(60),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     };
     let script = |order: &str, n: usize| {
         let mut s = EventScript::new(order);

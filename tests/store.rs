@@ -23,6 +23,7 @@ fn config(park_timeout: Duration) -> PipelineConfig {
         offsets_group: Some("store-tests".into()),
         park_timeout,
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
     }
 }
 
@@ -934,6 +935,7 @@ fn redrive_config(db: &TestDb, max_parked: u64, reasons: &[&str]) -> RedriveConf
             park_timeout: Duration::from_secs(3600),
             max_parked,
         },
+        schemas: Default::default(),
         reasons: reasons.iter().map(|r| r.to_string()).collect(),
         ids: Vec::new(),
     }

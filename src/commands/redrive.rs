@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::{DatabaseConfig, ParkingConfig};
+use crate::config::{DatabaseConfig, ParkingConfig, SchemaConfig};
 use crate::ingest::pipeline::{redrive, BatchOutcome, PipelineConfig, REDRIVE_BATCH};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -25,6 +25,8 @@ pub struct RedriveConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub parking: ParkingConfig,
+    #[command(flatten)]
+    pub schemas: SchemaConfig,
     /// Redrive the letters with these reasons, comma-separated (e.g.
     /// `parking_full,storage_rejected`).
     #[arg(long = "reason", value_delimiter = ',')]
@@ -149,6 +151,7 @@ pub async fn redrive_all(
         offsets_group: None,
         park_timeout: config.parking.park_timeout,
         max_parked: config.parking.max_parked,
+        schema_ids: config.schemas.schema_ids.clone(),
     };
     let selection = RedriveSelection {
         reasons: config.reasons.clone(),

@@ -228,6 +228,7 @@ pub async fn replay(
         offsets_group: None,
         park_timeout: config.input.parking.park_timeout,
         max_parked: config.input.parking.max_parked,
+        schema_ids: config.input.schemas.schema_ids.clone(),
     };
     let mut progress = Progress::new("replay", "messages", Some(estimate));
     let mut summary = ReplaySummary::default();

@@ -344,6 +344,8 @@ pub struct EventSource {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The schema registry id of the message, when it came framed.
+    pub schema_id: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -400,6 +402,7 @@ pub async fn order_events(
                 topic: s.topic,
                 partition: s.partition,
                 offset: s.offset,
+                schema_id: s.schema_id,
             }),
         })
         .collect();

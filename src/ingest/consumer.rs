@@ -85,6 +85,7 @@ pub async fn consume(
             offsets_group: Some(config.group_id.clone()),
             park_timeout: config.input.parking.park_timeout,
             max_parked: config.input.parking.max_parked,
+            schema_ids: config.input.schemas.schema_ids.clone(),
         },
         store,
         consumer: &consumer,

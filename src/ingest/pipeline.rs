@@ -59,6 +59,8 @@ pub struct PipelineConfig {
     /// [`MAX_PARKED_PER_ID`] for one id); more are dead-lettered as
     /// `parking_full`.
     pub max_parked: u64,
+    /// Schema registry ids accepted in framed messages; empty: any.
+    pub schema_ids: Vec<u32>,
 }
 
 pub use crate::config::DEFAULT_MAX_PARKED;
@@ -311,7 +313,7 @@ async fn run_batch_in(
         offsets: next_offsets(messages),
         ..BatchOutcome::default()
     };
-    let works = decode(messages, &mut report.dead_letters);
+    let works = decode(messages, &config.schema_ids, &mut report.dead_letters);
 
     // Batches read order state from order_lifecycle_ids: hold off while a
     // rebuild swaps that table (see `crate::projection::rebuild`).
@@ -408,13 +410,28 @@ async fn cap_parking(
     Ok(overflow)
 }
 
-/// Decodes the batch's messages; undecodable input, and what only
-/// `import-legacy` writes (its synthetic kind, its event-id prefix), become
-/// dead letters.
-fn decode<'m>(messages: &'m [InboundMessage], dead_letters: &mut Vec<DeadLetter>) -> Vec<Work<'m>> {
+/// Decodes the batch's messages; undecodable input, framed messages of a
+/// schema id not allowed, and what only `import-legacy` writes (its
+/// synthetic kind, its event-id prefix), become dead letters.
+fn decode<'m>(
+    messages: &'m [InboundMessage],
+    schema_ids: &[u32],
+    dead_letters: &mut Vec<DeadLetter>,
+) -> Vec<Work<'m>> {
     let mut works = Vec::with_capacity(messages.len());
     for m in messages {
         let payload = m.payload.as_deref().unwrap_or_default();
+        if let Some(id) = wire::registry::schema_id(payload) {
+            if !schema_ids.is_empty() && !schema_ids.contains(&id) {
+                dead_letters.push(DeadLetter::for_message(
+                    m,
+                    "unknown_schema_id",
+                    format!("schema registry id {id} is not one of --schema-ids {schema_ids:?}"),
+                    None,
+                ));
+                continue;
+            }
+        }
         match wire::decode(payload, m.content_type.as_deref()) {
             Ok(event) if matches!(event.kind, EventKind::LegacyIdImported(_)) => {
                 dead_letters.push(DeadLetter::for_message(

@@ -16,6 +16,9 @@ pub struct Source {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The schema registry id, when the message came in the registry's
+    /// frame.
+    pub schema_id: Option<u32>,
 }
 
 impl Source {
@@ -25,6 +28,10 @@ impl Source {
             topic: message.topic.clone(),
             partition: message.partition,
             offset: message.offset,
+            schema_id: message
+                .payload
+                .as_deref()
+                .and_then(crate::wire::registry::schema_id),
         }
     }
 }
@@ -151,7 +158,8 @@ pub async fn append(
     for chunk in chunks {
         let mut qb = QueryBuilder::<MySql>::new(
             "INSERT INTO lifecycle_events (position, order_id, seq, event_id, kind, outcome, \
-             transitions, payload, occurred_at_ms, source_topic, source_partition, source_offset) ",
+             transitions, payload, occurred_at_ms, source_topic, source_partition, source_offset, \
+             schema_id) ",
         );
         qb.push_values(chunk, |mut row, e| {
             position += 1;
@@ -168,7 +176,8 @@ pub async fn append(
                 .push_bind(e.occurred_at_ms)
                 .push_bind(e.source.as_ref().map(|s| s.topic.as_str()))
                 .push_bind(e.source.as_ref().map(|s| s.partition))
-                .push_bind(e.source.as_ref().map(|s| s.offset));
+                .push_bind(e.source.as_ref().map(|s| s.offset))
+                .push_bind(e.source.as_ref().and_then(|s| s.schema_id));
         });
         qb.build().execute(&mut *conn).await?;
     }
@@ -325,7 +334,7 @@ pub async fn order_entries(
     use futures_util::TryStreamExt;
     let mut rows = sqlx::query(
         "SELECT seq, event_id, kind, CAST(outcome AS CHAR), transitions, payload, occurred_at_ms, \
-         source_topic, source_partition, source_offset FROM lifecycle_events \
+         source_topic, source_partition, source_offset, schema_id FROM lifecycle_events \
          WHERE order_id = ? AND seq > ? ORDER BY seq LIMIT ?",
     )
     .bind(order.as_str())
@@ -363,6 +372,7 @@ fn stored_entry(r: &sqlx::mysql::MySqlRow) -> Result<StoredEntry, StoreError> {
             topic: topic.to_owned(),
             partition,
             offset,
+            schema_id: r.try_get(10)?,
         }),
         _ => None,
     };

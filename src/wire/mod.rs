@@ -10,10 +10,15 @@
 //! `OrderEvent` can never start with `{` (0x7B would be field 15 with the
 //! deprecated group wire type, which the message does not use), so the rule is
 //! unambiguous.
+//!
+//! Either form may come in the Schema Registry's frame (a byte 0, a schema
+//! id, for protobuf a message-index path; see [`registry`]), as the
+//! standard Confluent serializers write it, with or without the header.
 
 pub mod json;
 mod message;
 pub mod protobuf;
+pub mod registry;
 
 pub use message::InboundMessage;
 
@@ -66,6 +71,8 @@ pub enum DecodeError {
     MissingField { field: String },
     #[error("{field} {reason}")]
     InvalidField { field: String, reason: String },
+    #[error("a malformed schema registry frame: {0}")]
+    Framing(String),
 }
 
 impl DecodeError {
@@ -81,6 +88,7 @@ impl DecodeError {
             DecodeError::MultipleKinds(_) => "multiple_kinds",
             DecodeError::MissingField { .. } => "missing_field",
             DecodeError::InvalidField { .. } => "invalid_field",
+            DecodeError::Framing(_) => "invalid_framing",
         }
     }
 
@@ -137,6 +145,12 @@ pub fn decode(payload: &[u8], content_type: Option<&[u8]>) -> Result<OrderEvent,
     }
     if payload.is_empty() {
         return Err(DecodeError::Empty);
+    }
+    if let Some(framed) = registry::unframe(payload)? {
+        return match detect(content_type, framed.body)? {
+            Encoding::Protobuf => protobuf::decode(registry::strip_message_indexes(framed.body)?),
+            Encoding::Json => json::decode(framed.body),
+        };
     }
     match detect(content_type, payload)? {
         Encoding::Protobuf => protobuf::decode(payload),

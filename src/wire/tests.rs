@@ -142,3 +142,48 @@ fn arbitrary_bytes_never_panic() {
         let _ = decode(&js, None);
     }
 }
+
+/// The Confluent serializers' frame, without a header: magic byte 0, the
+/// schema id, for protobuf the message-index path (short `[0]` or the long
+/// form count 1, index 0), then the message.
+#[test]
+fn schema_registry_framing_is_recognised_without_headers() {
+    let e = decode(SL_JSON.as_bytes(), None).unwrap();
+    let pb = encode(&e, Encoding::Protobuf);
+    let js = encode(&e, Encoding::Json);
+    let short = registry::frame(7, Encoding::Protobuf, &pb);
+    assert_eq!(&short[..6], &[0, 0, 0, 0, 7, 0]);
+    assert_eq!(decode(&short, None).unwrap(), e);
+    assert_eq!(decode(&short, Some(b"application/x-protobuf")).unwrap(), e);
+    let mut long = vec![0, 0, 1, 0, 0, 2, 0];
+    long.extend_from_slice(&pb);
+    assert_eq!(decode(&long, None).unwrap(), e);
+    assert_eq!(registry::schema_id(&long), Some(65_536));
+    let framed_json = registry::frame(42, Encoding::Json, &js);
+    assert_eq!(decode(&framed_json, None).unwrap(), e);
+    assert_eq!(registry::schema_id(&framed_json), Some(42));
+    assert_eq!(registry::schema_id(&pb), None);
+    assert_eq!(registry::schema_id(&js), None);
+}
+
+#[test]
+fn a_malformed_frame_is_refused_with_its_own_reason() {
+    let e = decode(SL_JSON.as_bytes(), None).unwrap();
+    let pb = encode(&e, Encoding::Protobuf);
+    let cases: Vec<Vec<u8>> = vec![
+        vec![0],
+        vec![0, 0, 0, 7],
+        // The path [1]: another message of the file.
+        [&[0, 0, 0, 0, 7, 2, 2][..], &pb].concat(),
+        // A nested path [0, 1].
+        [&[0, 0, 0, 0, 7, 4, 0, 2][..], &pb].concat(),
+        // A path cut short.
+        vec![0, 0, 0, 0, 7, 4, 0],
+        // An endless varint.
+        [&[0, 0, 0, 0, 7][..], &[0xff; 12]].concat(),
+    ];
+    for bytes in cases {
+        let err = decode(&bytes, None).unwrap_err();
+        assert_eq!(err.reason(), "invalid_framing", "{bytes:?}: {err}");
+    }
+}

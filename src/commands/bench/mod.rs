@@ -131,6 +131,7 @@ impl Scratch {
                 topics: topics.to_vec(),
                 batch_size: 500,
                 parking: crate::config::ParkingConfig::default(),
+                schemas: crate::config::SchemaConfig::default(),
             },
             group_id: self.name.clone(),
             dead_letter_topic: self.dead_letter_topic(),
