@@ -867,3 +867,133 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
         fastrand::u32(..)
     ))
 }
+
+/// The metrics the service exports: every `counter!`, `gauge!` and
+/// `histogram!` name in its source, with the kind.
+fn exported_metrics() -> std::collections::BTreeMap<String, &'static str> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut found = std::collections::BTreeMap::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for kind in ["counter", "gauge", "histogram"] {
+            for (at, _) in text.match_indices(&format!("metrics::{kind}!(")) {
+                let rest = text[at..]
+                    .split_once('"')
+                    .map(|(_, r)| r)
+                    .unwrap_or_default();
+                let name = rest.split('"').next().unwrap_or_default();
+                if name.starts_with("order_lifecycle_") {
+                    found.insert(name.to_owned(), kind);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The `order_lifecycle_*` names in `text`, histogram series suffixes
+/// (`_bucket`, `_sum`, `_count`) taken back to the histogram's name.
+fn named_metrics(
+    text: &str,
+    exported: &std::collections::BTreeMap<String, &'static str>,
+) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (at, _) in text.match_indices("order_lifecycle_") {
+        if at > 0 && text.as_bytes()[at - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|b| exported.get(*b) == Some(&"histogram"))
+            })
+            .unwrap_or(&name);
+        names.insert(base.to_owned());
+    }
+    names
+}
+
+/// The Grafana dashboard and the Prometheus alert rules under `deploy/`
+/// name only metrics the service exports, the dashboard shows what an
+/// operator watches, and the alerts cover what must wake someone.
+#[test]
+fn the_dashboard_and_alerts_name_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let exported = exported_metrics();
+    assert!(exported.len() >= 18, "{exported:?}");
+
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/order-lifecycle.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().expect("targets").clone())
+        .map(|t| t["expr"].as_str().expect("an expr").to_owned())
+        .collect();
+    let on_dashboard = named_metrics(&exprs.join("\n"), &exported);
+    let alerts = std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap();
+    let expressions: String = alerts
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let in_alerts = named_metrics(&expressions, &exported);
+    for name in on_dashboard.iter().chain(&in_alerts) {
+        assert!(exported.contains_key(name), "{name} is not exported");
+    }
+    for watched in [
+        "order_lifecycle_consumer_lag_messages",
+        "order_lifecycle_batch_messages",
+        "order_lifecycle_batch_duration_seconds",
+        "order_lifecycle_events_recorded_total",
+        "order_lifecycle_dead_letters_total",
+        "order_lifecycle_parked_total",
+        "order_lifecycle_redis_projection_lag_entries",
+        "order_lifecycle_http_requests_total",
+        "order_lifecycle_http_request_duration_seconds",
+    ] {
+        assert!(
+            on_dashboard.contains(watched),
+            "the dashboard lacks {watched}"
+        );
+    }
+    for alerting in [
+        "order_lifecycle_consumer_lag_messages",
+        "order_lifecycle_redis_projection_lag_entries",
+        "order_lifecycle_dead_letters_total",
+        "order_lifecycle_stream_time_lag_seconds",
+        "order_lifecycle_partition_stalled",
+        "order_lifecycle_database_retrying",
+    ] {
+        assert!(in_alerts.contains(alerting), "no alert on {alerting}");
+    }
+    let rules = alerts.matches("- alert: ").count();
+    assert_eq!(
+        alerts.matches("\n        expr: ").count(),
+        rules,
+        "every rule has an expr"
+    );
+    assert!(rules >= 8, "{rules} rules");
+}
