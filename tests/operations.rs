@@ -964,3 +964,121 @@ async fn import_legacy_reports_values_that_are_not_utf8() {
     redis.cleanup().await;
     db.drop().await;
 }
+
+/// The Kubernetes manifests under `deploy/kubernetes` fit the service: the
+/// ConfigMap's and the example Secret's keys and values are settings
+/// `run` accepts (given to it as a configuration file), the probes are its
+/// health routes on the port it listens on, and the Service, the
+/// PodDisruptionBudget and `envFrom` point at what the manifests define.
+#[test]
+fn the_kubernetes_manifests_match_the_service() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let load = |file: &str| -> Yaml {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let mut docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(docs.len(), 1, "{file}: one document");
+        docs.remove(0)
+    };
+    let (config_map, secret) = (load("configmap.yaml"), load("secret.example.yaml"));
+    let (deployment, service, pdb) = (
+        load("deployment.yaml"),
+        load("service.yaml"),
+        load("pdb.yaml"),
+    );
+    assert_eq!(config_map["kind"].as_str(), Some("ConfigMap"));
+    assert_eq!(secret["kind"].as_str(), Some("Secret"));
+    assert_eq!(deployment["kind"].as_str(), Some("Deployment"));
+    assert_eq!(service["kind"].as_str(), Some("Service"));
+    assert_eq!(pdb["kind"].as_str(), Some("PodDisruptionBudget"));
+
+    // Every setting, as `run` reads it: an unknown name or a bad value
+    // fails here as it would fail the pod.
+    let mut settings = String::new();
+    for (map, key) in [(&config_map, "data"), (&secret, "stringData")] {
+        for (name, value) in map[key].as_hash().expect(key) {
+            let (name, value) = (
+                name.as_str().unwrap(),
+                value.as_str().expect("a string value"),
+            );
+            assert!(name.starts_with("OL_"), "{name}");
+            settings.push_str(&format!("{name}={value}\n"));
+        }
+    }
+    let file = std::env::temp_dir().join(format!("olt-k8s-{}.env", std::process::id()));
+    std::fs::write(&file, &settings).unwrap();
+    let parsed = order_lifecycle::commands::parse_from(
+        ["order-lifecycle", "run"],
+        Some(file.clone().into()),
+    );
+    let _ = std::fs::remove_file(&file);
+    let cli = parsed.unwrap_or_else(|e| panic!("the manifests' settings: {e}"));
+    let order_lifecycle::commands::Command::Run(run) = cli.command else {
+        panic!("not run")
+    };
+    let listen = run.http.listen.0.expect("the API listens");
+
+    let pod = &deployment["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["args"][0].as_str(), Some("run"));
+    let ports = container["ports"].as_vec().expect("ports");
+    let http = ports
+        .iter()
+        .find(|p| p["name"].as_str() == Some("http"))
+        .expect("a port named http");
+    assert_eq!(
+        http["containerPort"].as_i64(),
+        Some(i64::from(listen.port()))
+    );
+    assert!(
+        listen.ip().is_unspecified(),
+        "the pod listens on every address: {listen}"
+    );
+    let routes: Vec<&str> = order_lifecycle::http::ROUTES
+        .iter()
+        .map(|(_, r)| *r)
+        .collect();
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"].as_str(), Some(path), "{probe}");
+        assert!(routes.contains(&path));
+        assert_eq!(get["port"].as_str(), Some("http"), "{probe}");
+    }
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(listen.port().to_string().as_str())
+    );
+    assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
+    assert!(routes.contains(&"/metrics"));
+    assert!(container["resources"]["requests"]["memory"]
+        .as_str()
+        .is_some());
+    assert!(container["resources"]["limits"]["memory"]
+        .as_str()
+        .is_some());
+    let sources = container["envFrom"].as_vec().expect("envFrom");
+    assert_eq!(
+        sources[0]["configMapRef"]["name"],
+        config_map["metadata"]["name"]
+    );
+    assert_eq!(sources[1]["secretRef"]["name"], secret["metadata"]["name"]);
+
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(&deployment["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(&service["spec"]["selector"], labels);
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("http")
+    );
+    // Shutdown finishes within the grace period.
+    let grace = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        run.shutdown_timeout.as_secs() < grace as u64,
+        "{:?} vs {grace}s",
+        run.shutdown_timeout
+    );
+}
