@@ -1082,3 +1082,103 @@ fn the_kubernetes_manifests_match_the_service() {
         run.shutdown_timeout
     );
 }
+
+/// The fields of each message of `proto/order_event.proto`, in order.
+fn proto_messages() -> std::collections::BTreeMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/order_event.proto"),
+    )
+    .unwrap();
+    let mut messages = std::collections::BTreeMap::new();
+    let mut current: Option<(String, Vec<String>)> = None;
+    for line in text.lines() {
+        if let Some(name) = line
+            .strip_prefix("message ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            current = Some((name.to_owned(), Vec::new()));
+        } else if line == "}" {
+            let (name, fields) = current.take().expect("a message ends");
+            messages.insert(name, fields);
+        } else if let Some((_, fields)) = current.as_mut() {
+            let line = line.trim();
+            if line.starts_with("//") || !line.ends_with(';') || !line.contains(" = ") {
+                continue;
+            }
+            let declaration = line.split(" = ").next().unwrap();
+            fields.push(declaration.rsplit(' ').next().unwrap().to_owned());
+        }
+    }
+    messages
+}
+
+/// `asyncapi.yaml` describes what the service really reads and writes: the
+/// `OrderEvent` schema and each kind's have exactly the proto's fields (the
+/// import's own kind excepted: refused on a topic), the dead-letter headers
+/// are exactly those the publisher writes, and the channels are the
+/// default topics.
+#[test]
+fn the_asyncapi_description_matches_the_proto_and_the_dead_letter_code() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("asyncapi.yaml")).unwrap();
+    let doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
+    assert_eq!(doc["asyncapi"].as_str(), Some("3.0.0"));
+    let keys = |y: &Yaml| -> Vec<String> {
+        y.as_hash()
+            .expect("a mapping")
+            .keys()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let proto = proto_messages();
+    let schemas = &doc["components"]["schemas"];
+    let event = &schemas["OrderEvent"]["properties"];
+    let mut expected = proto["OrderEvent"].clone();
+    expected.retain(|f| f != "legacy_id_imported");
+    assert_eq!(keys(event), expected);
+    let mut described = 0;
+    for field in &expected {
+        let Some(reference) = event[field.as_str()]["$ref"].as_str() else {
+            continue;
+        };
+        let kind = reference.rsplit('/').next().unwrap();
+        assert_eq!(
+            keys(&schemas[kind]["properties"]),
+            proto[kind],
+            "the fields of {kind}"
+        );
+        described += 1;
+    }
+    assert_eq!(described, 9, "every kind a topic may carry");
+    assert!(schemas["LegacyIdImported"].is_badvalue());
+
+    let code = std::fs::read_to_string(root.join("src/ingest/dead_letter.rs")).unwrap();
+    let mut written: Vec<String> = code
+        .split("key: \"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().to_owned())
+        .collect();
+    written.push(order_lifecycle::wire::CONTENT_TYPE_HEADER.to_owned());
+    written.sort();
+    let mut documented =
+        keys(&doc["components"]["messages"]["DeadLetter"]["headers"]["properties"]);
+    documented.sort();
+    assert_eq!(documented, written);
+
+    let cli = order_lifecycle::commands::parse_from(["order-lifecycle", "run"], None).unwrap();
+    let order_lifecycle::commands::Command::Run(run) = cli.command else {
+        panic!("not run")
+    };
+    let address = |channel: &str| {
+        doc["channels"][channel]["address"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        run.input.topics,
+        [address("orderEvents"), address("providerConfirmations")]
+    );
+    assert_eq!(run.dead_letter_topic, address("deadLetters"));
+}
