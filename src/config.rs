@@ -259,7 +259,8 @@ pub struct DatabaseConfig {
 /// Where Redis is and which key names to use.
 #[derive(Debug, Clone, Args)]
 pub struct RedisConfig {
-    /// Redis URL.
+    /// Redis URL; `rediss://` for TLS (verified against the system's CAs,
+    /// or `--redis-ca-file`).
     #[arg(
         id = "redis_url",
         long = "redis-url",
@@ -277,6 +278,35 @@ pub struct RedisConfig {
         default_value = ""
     )]
     pub key_prefix: String,
+    #[command(flatten)]
+    pub tls: RedisTls,
+}
+
+/// Certificates for a `rediss://` connection: the CA that signed the
+/// server's (instead of the system's), and a client certificate for
+/// servers that ask for one (`tls-auth-clients`). PEM files; the key in
+/// PKCS#8 (`BEGIN PRIVATE KEY`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisTls {
+    /// CA certificate (PEM) that signed the Redis server's certificate.
+    #[arg(long = "redis-ca-file", env = "OL_REDIS_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), with --redis-client-key.
+    #[arg(
+        long = "redis-client-cert",
+        env = "OL_REDIS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "key_file"
+    )]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Client key (PEM, PKCS#8), with --redis-client-cert.
+    #[arg(
+        long = "redis-client-key",
+        env = "OL_REDIS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "cert_file"
+    )]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// A secret that is not a URL (an API token): never printed.

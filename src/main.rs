@@ -17,7 +17,16 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         }
     };
     telemetry::init(cli.log_format);
-    cli.command.run(Shutdown::on(shutdown_signal())).await
+    match cli.command.run(Shutdown::on(shutdown_signal())).await {
+        Err(e) => match commands::refusal(&e) {
+            Some(line) => {
+                eprintln!("order-lifecycle: {line}");
+                Ok(std::process::ExitCode::from(2))
+            }
+            None => Err(e),
+        },
+        ok => ok,
+    }
 }
 
 /// `verify --json | head` closes the output early, and Rust's `println!`

@@ -310,3 +310,152 @@ async fn a_database_crash_mid_stream_loses_and_doubles_nothing() {
     assert_exactly_once(&env, &events).await;
     env.redis.cleanup().await;
 }
+
+/// The binary with `args` and `env`, logs off; its exit code and stderr.
+fn one_shot(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(common::process::binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "off")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run order-lifecycle");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// MySQL over TLS: a private MariaDB with certificates made by the test.
+/// A connection verified against the right CA (and the server's name)
+/// works and is encrypted; the wrong CA, or TLS required of a server
+/// without it, is refused at once: a configuration error, exit 2 with one
+/// line naming the database, not an endless retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_over_tls_is_verified_and_a_wrong_ca_is_refused() {
+    use order_lifecycle::config::SecretUrl;
+    use order_lifecycle::store::Store;
+    let certs = common::TestCerts::generate();
+    let server = common::OwnMariaDb::start_tls(&certs).await;
+    let url = |mode: &str, ca: &str| {
+        format!(
+            "{}/olt_tls?ssl-mode={mode}&ssl-ca={}",
+            server.root_url(),
+            certs.file(ca)
+        )
+    };
+    for mode in ["VERIFY_CA", "VERIFY_IDENTITY"] {
+        let store = Store::connect(&SecretUrl::new(url(mode, "ca.pem")), 2)
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let cipher: (String, String) = sqlx::query_as("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert!(!cipher.1.is_empty(), "{mode}: not encrypted");
+        store.migrate().await.expect("migrations over TLS");
+    }
+
+    let wrong = url("VERIFY_CA", "other-ca.pem");
+    let err = match Store::connect(&SecretUrl::new(wrong.clone()), 2).await {
+        Ok(_) => panic!("a certificate of another CA was accepted"),
+        Err(e) => e,
+    };
+    assert!(err.is_refused(), "{err}");
+    assert!(!err.is_transient(), "{err}");
+
+    let started = Instant::now();
+    let (code, stderr) = one_shot(&["migrate"], &[("OL_DATABASE_URL", &wrong)]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the database at mysql://root@127.0.0.1:{}",
+            server.port
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ssl-ca"), "{stderr}");
+    // `run` stops too, instead of retrying for ever.
+    let (code, stderr) = one_shot(
+        &["run", "--http-listen", "off"],
+        &[("OL_DATABASE_URL", &wrong)],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // TLS required of a server without it (the shared one).
+    let plain = format!("{}/olt_tls_plain?ssl-mode=REQUIRED", common::MYSQL_ROOT);
+    let (code, stderr) = one_shot(&["migrate"], &[("OL_DATABASE_URL", &plain)]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("refused the connection"), "{stderr}");
+}
+
+/// Redis over TLS (`rediss://`): a private `redis-server --tls-port` asking
+/// for client certificates. With the CA and a client certificate the
+/// projection works; the wrong CA is refused as a configuration error,
+/// and `run` stops with one line naming Redis (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_is_verified_and_a_wrong_ca_is_refused() {
+    use order_lifecycle::config::{RedisConfig, RedisTls, SecretUrl};
+    use order_lifecycle::store::redis_projection::RedisProjection;
+    let certs = common::TestCerts::generate();
+    let server = common::OwnRedis::start_tls(&certs, true).await;
+    let url = format!("rediss://127.0.0.1:{}/0", server.port);
+    let config = |ca: &str, client: bool| RedisConfig {
+        url: SecretUrl::new(url.clone()),
+        key_prefix: "olt-tls:".into(),
+        tls: RedisTls {
+            ca_file: Some(certs.path(ca)),
+            cert_file: client.then(|| certs.path("client.pem")),
+            key_file: client.then(|| certs.path("client.key")),
+        },
+    };
+    let redis = RedisProjection::connect_to(&config("ca.pem", true))
+        .await
+        .expect("verified TLS with a client certificate");
+    redis.ping().await.unwrap();
+    let id = order_lifecycle::domain::LifecycleId::parse("TLS-SL").unwrap();
+    let order = order_lifecycle::domain::OrderId::parse("TLS-1").unwrap();
+    redis
+        .put(&[(id.clone(), order.clone())], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        redis.lookups(&[&id]).await.unwrap(),
+        vec![Some(order.to_string())]
+    );
+
+    // Without a client certificate the server refuses.
+    let no_client = RedisProjection::connect_to(&config("ca.pem", false)).await;
+    assert!(
+        no_client.is_err() || no_client.unwrap().ping().await.is_err(),
+        "a client without a certificate was served"
+    );
+    let wrong = match RedisProjection::connect_to(&config("other-ca.pem", true)).await {
+        Ok(_) => panic!("a server certificate of another CA was accepted"),
+        Err(e) => e,
+    };
+    assert!(RedisProjection::is_refusal(&wrong), "{wrong}");
+
+    let db = common::TestDb::new().await;
+    let (code, stderr) = one_shot(
+        &["run", "--http-listen", "off"],
+        &[
+            ("OL_DATABASE_URL", db.url.expose()),
+            ("OL_REDIS_URL", &url),
+            ("OL_REDIS_CA_FILE", &certs.file("other-ca.pem")),
+            ("OL_REDIS_CLIENT_CERT", &certs.file("client.pem")),
+            ("OL_REDIS_CLIENT_KEY", &certs.file("client.key")),
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("Redis refused the connection"), "{stderr}");
+    assert!(stderr.contains("--redis-ca-file"), "{stderr}");
+    db.drop().await;
+}

@@ -374,6 +374,7 @@ async fn api_on_store_with(config: HttpConfig) -> (TestDb, std::net::SocketAddr)
     let redis = RedisConfig {
         url: SecretUrl::new(common::redis_url()),
         key_prefix: String::new(),
+        tls: Default::default(),
     };
     let state = ApiState::new(&config, redis, None);
     let _ = state.store.set(db.store.clone());

@@ -425,6 +425,7 @@ fn verify_config(
         redis: order_lifecycle::config::RedisConfig {
             url: order_lifecycle::config::SecretUrl::new(redis.url.clone()),
             key_prefix: redis.prefix.clone(),
+            tls: Default::default(),
         },
         tables: order_lifecycle::config::LegacyTables {
             live: "live_user_orders".into(),

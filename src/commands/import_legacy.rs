@@ -178,8 +178,7 @@ pub async fn run(config: ImportConfig) -> Result<(), ImportFailure> {
         Some(url) => Store::connect(url, 2).await?.pool().clone(),
         None => store.pool().clone(),
     };
-    let redis =
-        RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
+    let redis = RedisProjection::connect_to(&config.redis).await?;
     let summary = import(&store, &legacy, &redis, &config).await?;
     print!("{}", report(&summary, config.dry_run));
     Ok(())

@@ -269,6 +269,37 @@ pub enum Command {
     BenchImport(Box<bench::import::ImportBenchConfig>),
 }
 
+/// The one line to print, and exit code 2, when `error` is a service
+/// refusing this one at start-up (TLS or login, for the database or
+/// Redis): a configuration mistake that no retry fixes.
+pub fn refusal(error: &anyhow::Error) -> Option<String> {
+    for cause in error.chain() {
+        if let Some(store) = cause.downcast_ref::<crate::store::StoreError>() {
+            if store.is_refused() {
+                return Some(store.to_string());
+            }
+        }
+        if let Some(sql) = cause.downcast_ref::<sqlx::Error>() {
+            if crate::store::is_refused_connection(sql) {
+                return Some(format!(
+                    "the database refused the connection: {sql}; check --database-url \
+                     (OL_DATABASE_URL): its user, password, and ssl-mode / ssl-ca"
+                ));
+            }
+        }
+        if let Some(redis) = cause.downcast_ref::<crate::store::redis_projection::RedisError>() {
+            if crate::store::redis_projection::RedisProjection::is_refusal(redis) {
+                return Some(format!(
+                    "Redis refused the connection: {redis}; check --redis-url (OL_REDIS_URL: \
+                     password, rediss://) and --redis-ca-file, --redis-client-cert, \
+                     --redis-client-key"
+                ));
+            }
+        }
+    }
+    None
+}
+
 impl Command {
     /// Runs the command until it is done or `shutdown`; returns the
     /// process's exit code for the commands that have their own (`verify`:

@@ -78,8 +78,7 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
         );
     }
     if matches!(config.target, Target::Redis | Target::All) {
-        let redis =
-            RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
+        let redis = RedisProjection::connect_to(&config.redis).await?;
         let unexplained = UnexplainedKeys::removed_if(config.remove_unexplained_keys);
         let s = rebuild_redis(&store, &redis, &lease, unexplained).await?;
         println!(

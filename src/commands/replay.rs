@@ -121,8 +121,7 @@ pub async fn run(config: ReplayConfig) -> Result<(), ReplayError> {
     crate::kafka::check_reachable(&config.kafka).await?;
     let store = Store::connect(&config.database.url, config.database.max_connections).await?;
     store.migrate().await?;
-    let redis =
-        RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
+    let redis = RedisProjection::connect_to(&config.redis).await?;
     let s = replay(&store, &redis, &config).await?;
     if s.before_since > 0 {
         println!(

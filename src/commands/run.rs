@@ -15,6 +15,7 @@ use crate::ingest::{self, assignment::ConsumerStatus};
 use crate::projection::redis_follower::{self, Handoff};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
+use crate::store::redis_projection::RedisProjection;
 use crate::store::{Store, StoreError};
 
 /// Runs the ingesting consumer until `shutdown`.
@@ -64,6 +65,14 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
     let Some(store) = connect(&config, &mut shutdown).await? else {
         return Ok(());
     };
+    // Redis refusing this service (TLS, password) stops the start with the
+    // reason; Redis merely unreachable is waited for by the follower.
+    if let Err(e) = RedisProjection::connect_to(&config.redis).await {
+        if RedisProjection::is_refusal(&e) {
+            return Err(e).context("connecting to Redis");
+        }
+        tracing::warn!(redis = %config.redis.url, error = %e, "Redis unreachable; the follower retries");
+    }
     if server.is_some() {
         // The read API's own connections: slow or many reads never take
         // the consumer's.

@@ -82,9 +82,7 @@ async fn redis(state: &ApiState) -> String {
     let probe = async {
         let redis = state
             .redis_probe
-            .get_or_try_init(|| {
-                RedisProjection::connect(state.redis.url.expose(), &state.redis.key_prefix)
-            })
+            .get_or_try_init(|| RedisProjection::connect_to(&state.redis))
             .await?;
         redis.ping().await
     };

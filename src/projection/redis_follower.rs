@@ -346,7 +346,7 @@ pub async fn run(store: Store, config: RedisConfig, handoff: Arc<Handoff>, mut s
         }
         let projection = match &redis {
             Some(r) => r.clone(),
-            None => match RedisProjection::connect(config.url.expose(), &config.key_prefix).await {
+            None => match RedisProjection::connect_to(&config).await {
                 Ok(r) => {
                     tracing::info!(redis = %config.url, "redis follower connected");
                     redis = Some(r.clone());

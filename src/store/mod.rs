@@ -121,9 +121,27 @@ pub enum StoreError {
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The server refused this service's connection: TLS (a CA that does
+    /// not match, a server without TLS under `ssl-mode=required`) or the
+    /// login (1045, 1044, 1698). A configuration mistake: no retry helps.
+    #[error(
+        "the database at {address} refused the connection: {error}; check --database-url \
+         (OL_DATABASE_URL): its user, password, and ssl-mode / ssl-ca"
+    )]
+    Refused {
+        address: String,
+        #[source]
+        error: sqlx::Error,
+    },
 }
 
 impl StoreError {
+    /// Whether the server refused this service (TLS, login): a
+    /// configuration error, exit code 2 at start-up.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, StoreError::Refused { .. })
+    }
+
     /// Whether retrying the same work may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient(_) | StoreError::Conflict(_))
@@ -165,12 +183,13 @@ impl From<sqlx::Error> for StoreError {
         if mysql_error_number(&e) == Some(1062) {
             return StoreError::Conflict(e);
         }
+        // TLS failures are configuration (a wrong CA, TLS required of a
+        // server without it), never worth retrying.
         let transient = match &e {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_) => true,
+            | sqlx::Error::WorkerCrashed => true,
             sqlx::Error::Database(db) => is_transient_mysql_code(db.as_ref()),
             _ => false,
         };
@@ -180,6 +199,13 @@ impl From<sqlx::Error> for StoreError {
             StoreError::Fatal(e)
         }
     }
+}
+
+/// Whether `e` is the server refusing the connection itself: TLS, or the
+/// login (access denied for the user, 1045; to the database, 1044;
+/// plugin refusal, 1698).
+pub fn is_refused_connection(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Tls(_)) || matches!(mysql_error_number(e), Some(1045 | 1044 | 1698))
 }
 
 fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
@@ -245,6 +271,22 @@ impl Store {
     /// # Errors
     /// [`StoreError`] when the server cannot be reached or refuses.
     pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<Store, StoreError> {
+        Store::open(url, max_connections)
+            .await
+            .map_err(|e| match e {
+                StoreError::Transient(error) | StoreError::Fatal(error)
+                    if is_refused_connection(&error) =>
+                {
+                    StoreError::Refused {
+                        address: url.redacted(),
+                        error,
+                    }
+                }
+                other => other,
+            })
+    }
+
+    async fn open(url: &SecretUrl, max_connections: u32) -> Result<Store, StoreError> {
         if !MySql::database_exists(url.expose()).await? {
             match MySql::create_database(url.expose()).await {
                 // 1007: another instance created it since we looked.

@@ -19,6 +19,7 @@
 
 use redis::aio::ConnectionManager;
 
+use crate::config::RedisConfig;
 use crate::domain::{IdType, LifecycleId, OrderId};
 
 /// A Redis failure; always transient for the caller (retry later), since the
@@ -109,7 +110,65 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when the URL is invalid or the server unreachable.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisProjection, RedisError> {
-        let client = redis::Client::open(url)?;
+        RedisProjection::with_client(redis::Client::open(url)?, prefix).await
+    }
+
+    /// Connects as `config` says: its URL, key prefix and TLS files.
+    ///
+    /// # Errors
+    /// [`RedisError`]: a bad URL, an unreadable or invalid certificate
+    /// file, or Redis unreachable (TLS refused included).
+    pub async fn connect_to(config: &RedisConfig) -> Result<RedisProjection, RedisError> {
+        let tls = &config.tls;
+        if tls.ca_file.is_none() && tls.cert_file.is_none() {
+            return RedisProjection::connect(config.url.expose(), &config.key_prefix).await;
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read a Redis TLS file",
+                    format!("{}: {e}", path.display()),
+                ))
+            })
+        };
+        let client_tls = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            _ => None,
+        };
+        let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
+        let client = redis::Client::build_with_tls(
+            config.url.expose(),
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )?;
+        RedisProjection::with_client(client, &config.key_prefix).await
+    }
+
+    /// Whether `e` is Redis (or its TLS) refusing this service: a wrong
+    /// password or user, a certificate that does not verify, a TLS file
+    /// that cannot be used. A configuration error: no retry helps.
+    pub fn is_refusal(e: &RedisError) -> bool {
+        matches!(
+            e.kind(),
+            redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
+        ) || (e.kind() == redis::ErrorKind::Client && {
+            let text = e.to_string().to_ascii_lowercase();
+            ["certificate", "tls", "ssl", "handshake"]
+                .iter()
+                .any(|w| text.contains(w))
+        })
+    }
+
+    async fn with_client(
+        client: redis::Client,
+        prefix: &str,
+    ) -> Result<RedisProjection, RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))

@@ -94,6 +94,7 @@ impl Scratch {
         RedisConfig {
             url: self.redis_url.clone(),
             key_prefix: self.prefix.clone(),
+            tls: Default::default(),
         }
     }
 

@@ -151,8 +151,7 @@ pub async fn run_command(config: VerifyConfig) -> std::process::ExitCode {
 pub async fn run(config: VerifyConfig) -> Result<bool, VerifyError> {
     let store = Store::connect(&config.database.url, config.database.max_connections).await?;
     store.migrate().await?;
-    let redis =
-        RedisProjection::connect(config.redis.url.expose(), &config.redis.key_prefix).await?;
+    let redis = RedisProjection::connect_to(&config.redis).await?;
     let report = verify(&store, &redis, &config).await?;
     if config.json {
         println!(

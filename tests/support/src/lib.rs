@@ -15,6 +15,7 @@ pub mod kafka;
 pub mod process;
 pub mod redis;
 pub mod servers;
+pub mod tls;
 
 pub use basics::{brokers, redis_url, wait_until, MYSQL_ROOT};
 pub use database::TestDb;
@@ -24,3 +25,4 @@ pub use kafka::{inbound_messages, kafka_config, TestTopics};
 pub use process::BinaryConsumer;
 pub use redis::TestRedis;
 pub use servers::{free_port, port_answers, OwnMariaDb, OwnRedis};
+pub use tls::TestCerts;

@@ -22,14 +22,54 @@ pub fn port_answers(port: u16) -> bool {
 pub struct OwnRedis {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Further `redis-server` arguments (TLS settings).
+    extra: Vec<String>,
+    /// Whether `port` is the TLS port (no plain port).
+    tls_only: bool,
 }
 
 impl OwnRedis {
     pub async fn start() -> OwnRedis {
+        OwnRedis::start_with(&[]).await
+    }
+
+    /// Started with further `redis-server` arguments.
+    pub async fn start_with(extra: &[&str]) -> OwnRedis {
         let mut redis = OwnRedis {
             port: free_port(),
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            tls_only: false,
         };
+        redis.restart().await;
+        redis
+    }
+
+    /// A Redis answering TLS only, with the certificates of `certs`;
+    /// `client_certs` makes it ask clients for theirs.
+    pub async fn start_tls(certs: &crate::tls::TestCerts, client_certs: bool) -> OwnRedis {
+        let mut redis = OwnRedis {
+            port: free_port(),
+            child: None,
+            extra: Vec::new(),
+            tls_only: true,
+        };
+        let port = redis.port.to_string();
+        redis.extra = [
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &certs.file("server.pem"),
+            "--tls-key-file",
+            &certs.file("server.key"),
+            "--tls-ca-cert-file",
+            &certs.file("ca.pem"),
+            "--tls-auth-clients",
+            if client_certs { "yes" } else { "no" },
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
         redis.restart().await;
         redis
     }
@@ -41,10 +81,11 @@ impl OwnRedis {
     /// Starts it (empty: it keeps nothing on disk).
     pub async fn restart(&mut self) {
         let mut child = std::process::Command::new("redis-server");
+        let plain_port = if self.tls_only { 0 } else { self.port };
         child
             .args([
                 "--port",
-                &self.port.to_string(),
+                &plain_port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -52,6 +93,7 @@ impl OwnRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.extra)
             .stderr(std::process::Stdio::null());
         self.child = Some(start_server(child, "the test's own Redis", self.port, 10).await);
     }
@@ -99,10 +141,27 @@ pub struct OwnMariaDb {
     pub port: u16,
     dir: std::path::PathBuf,
     child: Option<std::process::Child>,
+    /// Further `mariadbd` arguments (TLS settings).
+    extra: Vec<String>,
 }
 
 impl OwnMariaDb {
     pub async fn start() -> OwnMariaDb {
+        OwnMariaDb::start_with(&[]).await
+    }
+
+    /// A MariaDB offering TLS with the certificates of `certs`.
+    pub async fn start_tls(certs: &crate::tls::TestCerts) -> OwnMariaDb {
+        OwnMariaDb::start_with(&[
+            &format!("--ssl-ca={}", certs.file("ca.pem")),
+            &format!("--ssl-cert={}", certs.file("server.pem")),
+            &format!("--ssl-key={}", certs.file("server.key")),
+        ])
+        .await
+    }
+
+    /// Started with further `mariadbd` arguments.
+    pub async fn start_with(extra: &[&str]) -> OwnMariaDb {
         let dir = std::env::temp_dir().join(format!("olt-mariadb-{}", unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let status = std::process::Command::new("mariadb-install-db")
@@ -122,6 +181,7 @@ impl OwnMariaDb {
             port: free_port(),
             dir,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         db.restart().await;
         db
@@ -144,6 +204,7 @@ impl OwnMariaDb {
                 "--skip-log-bin",
                 "--innodb-buffer-pool-size=64M",
             ])
+            .args(&self.extra)
             .stderr(std::fs::File::create(self.dir.join("err.log")).unwrap());
         self.child = Some(start_server(child, "the test's own MariaDB", self.port, 30).await);
     }
