@@ -41,7 +41,7 @@ pub struct ConsumerStatus {
     brokers: String,
     /// What librdkafka last reported wrong with the brokers, until one is
     /// up again.
-    kafka_trouble: Mutex<Option<String>>,
+    kafka_trouble: Mutex<Option<(RDKafkaErrorCode, String)>>,
 }
 
 impl Default for ConsumerStatus {
@@ -64,7 +64,10 @@ impl ConsumerStatus {
     /// What is wrong with the brokers now (none reachable, authentication
     /// refused), in words that name them; `None` while one is up.
     pub fn kafka_trouble(&self) -> Option<String> {
-        self.kafka_trouble.lock().ok().and_then(|t| t.clone())
+        self.kafka_trouble
+            .lock()
+            .ok()
+            .and_then(|t| t.as_ref().map(|(_, words)| words.clone()))
     }
 
     /// Records librdkafka's report of a client-wide error; returns the
@@ -91,8 +94,11 @@ impl ConsumerStatus {
             _ => return None,
         };
         let mut trouble = self.kafka_trouble.lock().ok()?;
-        let news = trouble.as_deref() != Some(words.as_str());
-        *trouble = Some(words.clone());
+        // News when the kind of trouble changes, not its wording: librdkafka
+        // repeats "all brokers down" with changing counts ("1/1", then "0/1"
+        // while the client closes).
+        let news = trouble.as_ref().map(|(c, _)| *c) != Some(code);
+        *trouble = Some((code, words.clone()));
         news.then_some(words)
     }
 
@@ -427,5 +433,44 @@ async fn high_watermark(metadata: &Arc<BaseConsumer>, p: &Partition, received: i
 fn seek(consumer: &StreamConsumer<AssignmentContext>, p: &Partition, offset: i64) {
     if let Err(e) = consumer.seek(&p.0, p.1, Offset::Offset(offset), Duration::ZERO) {
         tracing::warn!(topic = %p.0, partition = p.1, offset, error = %e, "seek failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One ERROR per trouble: librdkafka repeats "all brokers down" with
+    /// changing counts; a broker up again ends it, and the next outage is
+    /// news again. Readiness shows the words meanwhile.
+    #[test]
+    fn a_kafka_trouble_is_news_once_until_a_broker_is_up() {
+        let status = ConsumerStatus::for_brokers("kafka-1:9092");
+        let first =
+            status.report_kafka_error(RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down");
+        assert!(first
+            .unwrap()
+            .starts_with("no broker reachable at kafka-1:9092 (1/1"));
+        assert_eq!(
+            status.report_kafka_error(RDKafkaErrorCode::AllBrokersDown, "0/1 brokers are down"),
+            None
+        );
+        assert!(status
+            .kafka_trouble()
+            .unwrap()
+            .contains("0/1 brokers are down"));
+        assert_eq!(
+            status.report_kafka_error(RDKafkaErrorCode::MessageTimedOut, "x"),
+            None,
+            "not an operator's trouble"
+        );
+        let refused =
+            status.report_kafka_error(RDKafkaErrorCode::SaslAuthenticationFailed, "bad password");
+        assert!(refused.unwrap().contains("refused the credentials"));
+        status.brokers_up();
+        assert_eq!(status.kafka_trouble(), None);
+        assert!(status
+            .report_kafka_error(RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down")
+            .is_some());
     }
 }
