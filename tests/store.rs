@@ -1080,6 +1080,56 @@ async fn a_redriven_letter_refused_again_is_a_dead_letter_again() {
     db.drop().await;
 }
 
+/// A letter redriven and refused again while the outbox was publishing it
+/// stays in the outbox: marking the version read as published does not
+/// mark the new one.
+#[tokio::test]
+async fn a_letter_refused_again_during_its_publication_is_published_again() {
+    use order_lifecycle::store::dead_letters;
+    let db = TestDb::new().await;
+    let cfg = parking_lot_of(0);
+    let mut s = EventScript::new("OB1");
+    process_batch(
+        &db.store,
+        &cfg,
+        &messages("c", 0, &[s.confirm("OB1-X", "NEW")]),
+    )
+    .await
+    .unwrap();
+    let read = dead_letters::unpublished(db.store.pool(), 10)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = redrive_all(&db.store, &redrive_config(&db, 0, &["parking_full"]))
+        .await
+        .unwrap();
+    assert_eq!(again.refused_again.get("parking_full"), Some(&1));
+    let keys: Vec<_> = read.into_iter().map(|(key, _)| key).collect();
+    dead_letters::mark_published(db.store.pool(), &keys)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE published_at IS NULL")
+            .await,
+        1,
+        "the new version is still to publish"
+    );
+    let read = dead_letters::unpublished(db.store.pool(), 10)
+        .await
+        .unwrap();
+    let keys: Vec<_> = read.into_iter().map(|(key, _)| key).collect();
+    dead_letters::mark_published(db.store.pool(), &keys)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE published_at IS NULL")
+            .await,
+        0
+    );
+    db.drop().await;
+}
+
 /// A revoked grant is the database's state, not the event's fault: the
 /// batch fails as transient (retried until the grant is back), it is never
 /// dead-lettered as `storage_rejected`; with the grant back it commits.

@@ -282,8 +282,8 @@ pub fn refusal(error: &anyhow::Error) -> Option<String> {
         if let Some(sql) = cause.downcast_ref::<sqlx::Error>() {
             if crate::store::is_refused_connection(sql) {
                 return Some(format!(
-                    "the database refused the connection: {sql}; check --database-url \
-                     (OL_DATABASE_URL): its user, password, and ssl-mode / ssl-ca"
+                    "the database refused the connection: {sql}; {}",
+                    crate::store::DATABASE_REFUSAL_HINT
                 ));
             }
         }

@@ -183,6 +183,7 @@ pub async fn redrive_all(
                 tracing::error!(letter = id, error = %e, "the database refused a redriven letter; left as it was");
                 summary.not_processed.push((*id, e.to_string()));
                 after = *id;
+                limit = REDRIVE_BATCH;
             }
             Err(e) => return Err(e),
         }

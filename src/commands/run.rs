@@ -120,13 +120,13 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
     result
 }
 
-/// Connects to the database and applies migrations, retrying while it is
-/// unreachable (a consumer started before its database must not
-/// crash-loop). `None` when shutdown came first.
 /// Failed connection attempts (about 6 s of backoff) before the log says
 /// ERROR rather than WARN.
 const FAILURES_BEFORE_ERROR: u32 = 5;
 
+/// Connects to the database and applies migrations, retrying while it is
+/// unreachable (a consumer started before its database must not
+/// crash-loop). `None` when shutdown came first.
 async fn connect(config: &RunConfig, shutdown: &mut Shutdown) -> anyhow::Result<Option<Store>> {
     let mut backoff = Backoff::new();
     let mut failures = 0u32;

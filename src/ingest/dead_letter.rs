@@ -191,10 +191,10 @@ pub async fn publish_pending(
         if pending.is_empty() {
             return Ok(total);
         }
-        let (ids, letters): (Vec<i64>, Vec<DeadLetter>) = pending.into_iter().unzip();
+        let (keys, letters): (Vec<_>, Vec<DeadLetter>) = pending.into_iter().unzip();
         publisher.publish(&letters).await?;
-        crate::store::dead_letters::mark_published(store.pool(), &ids).await?;
-        total += ids.len();
+        crate::store::dead_letters::mark_published(store.pool(), &keys).await?;
+        total += keys.len();
     }
 }
 

@@ -214,7 +214,8 @@ async fn quarantine_parked(
     );
     let mut tx = store.pool().begin().await?;
     dead_letters::insert(&mut tx, std::slice::from_ref(&letter)).await?;
-    parked::delete(&mut tx, &[row.row_id]).await?;
+    let removed = parked::delete(&mut tx, &[row.row_id]).await?;
+    parked::change_size(&mut tx, -(removed as i64)).await?;
     tx.commit().await?;
     Ok(BatchOutcome {
         unparked: 1,
@@ -345,17 +346,18 @@ async fn run_batch_in(
     report.parked = plan.to_park.len();
     report.dead_letters.extend(plan.dead_letters);
     report.dead_letters.extend(overflow);
-    parked::delete(&mut tx, &plan.done_rows).await?;
+    let removed = parked::delete(&mut tx, &plan.done_rows).await?;
     for (row, id) in &plan.repoint {
         parked::set_awaited(&mut tx, *row, id).await?;
     }
-    parked::insert(&mut tx, &plan.to_park, config.park_timeout).await?;
+    let added = parked::insert(&mut tx, &plan.to_park, config.park_timeout).await?;
     dead_letters::insert(&mut tx, &report.dead_letters).await?;
     if let Some(group) = &config.offsets_group {
         offsets::save(&mut tx, group, &report.offsets).await?;
     }
     let (rows, positions) = append_events(&mut tx, &book, &stored, &plan.applied).await?;
     report.rows_written = rows;
+    parked::change_size(&mut tx, added as i64 - removed as i64).await?;
     tx.commit().await?;
     report
         .handed
@@ -421,18 +423,21 @@ fn decode<'m>(
     let mut works = Vec::with_capacity(messages.len());
     for m in messages {
         let payload = m.payload.as_deref().unwrap_or_default();
+        let decoded = wire::decode(payload, m.content_type.as_deref());
         if let Some(id) = wire::registry::schema_id(payload) {
             if !schema_ids.is_empty() && !schema_ids.contains(&id) {
+                // With the event when it decodes: its event_id then counts
+                // for rule R9 like any dead letter's.
                 dead_letters.push(DeadLetter::for_message(
                     m,
                     "unknown_schema_id",
                     format!("schema registry id {id} is not one of --schema-ids {schema_ids:?}"),
-                    None,
+                    decoded.as_ref().ok(),
                 ));
                 continue;
             }
         }
-        match wire::decode(payload, m.content_type.as_deref()) {
+        match decoded {
             Ok(event) if matches!(event.kind, EventKind::LegacyIdImported(_)) => {
                 dead_letters.push(DeadLetter::for_message(
                     m,
@@ -723,8 +728,9 @@ pub async fn expire_parked(
         })
         .collect();
     let ids: Vec<i64> = rows.iter().map(|r| r.row_id).collect();
-    parked::delete(&mut tx, &ids).await?;
+    let removed = parked::delete(&mut tx, &ids).await?;
     dead_letters::insert(&mut tx, &letters).await?;
+    parked::change_size(&mut tx, -(removed as i64)).await?;
     tx.commit().await?;
     Ok(letters)
 }

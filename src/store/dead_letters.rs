@@ -94,6 +94,8 @@ pub async fn insert(conn: &mut MySqlConnection, letters: &[DeadLetter]) -> Resul
             " ON DUPLICATE KEY UPDATE \
              reason = IF(redriven_at IS NULL, reason, VALUES(reason)), \
              error = IF(redriven_at IS NULL, error, VALUES(error)), \
+             event_id = IF(redriven_at IS NULL, event_id, VALUES(event_id)), \
+             order_id = IF(redriven_at IS NULL, order_id, VALUES(order_id)), \
              published_at = IF(redriven_at IS NULL, published_at, NULL), \
              created_at = IF(redriven_at IS NULL, created_at, CURRENT_TIMESTAMP(3)), \
              redriven_at = NULL",
@@ -105,19 +107,29 @@ pub async fn insert(conn: &mut MySqlConnection, letters: &[DeadLetter]) -> Resul
 
 const TABLE: &str = "dead_letters";
 
+/// A letter of the outbox as it was read: its row and when the row was
+/// (re)written. A letter redriven and refused again while it was being
+/// published is rewritten (new reason, new time): marking it published by
+/// row alone would lose the new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxKey {
+    pub id: i64,
+    written_at: String,
+}
+
 /// Up to `limit` letters not yet on the dead-letter topic, oldest first,
-/// with their row ids.
+/// with their outbox keys.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn unpublished(
     pool: &MySqlPool,
     limit: u32,
-) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+) -> Result<Vec<(OutboxKey, DeadLetter)>, StoreError> {
     let rows = sqlx::query(
         "SELECT id, source_topic, source_partition, source_offset, message_key, payload, \
-         content_type, reason, error, event_id, order_id FROM dead_letters \
-         WHERE published_at IS NULL ORDER BY id LIMIT ?",
+         content_type, reason, error, event_id, order_id, CAST(created_at AS CHAR) \
+         FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ?",
     )
     .bind(limit)
     .fetch_all(pool)
@@ -128,7 +140,10 @@ pub async fn unpublished(
                 Ok(opt_text(row, i, TABLE)?.map(str::to_owned))
             };
             Ok((
-                row.try_get(0)?,
+                OutboxKey {
+                    id: row.try_get(0)?,
+                    written_at: text(row, 11, TABLE)?.to_owned(),
+                },
                 DeadLetter {
                     topic: text(row, 1, TABLE)?.to_owned(),
                     partition: row.try_get(2)?,
@@ -146,18 +161,25 @@ pub async fn unpublished(
         .collect()
 }
 
-/// Records that the letters with these row ids are on the topic.
+/// Records that the letters, as read, are on the topic.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
-pub async fn mark_published(pool: &MySqlPool, ids: &[i64]) -> Result<(), StoreError> {
-    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new(
-            "UPDATE dead_letters SET published_at = NOW(3) WHERE id IN (",
-        );
+pub async fn mark_published(pool: &MySqlPool, keys: &[OutboxKey]) -> Result<(), StoreError> {
+    for chunk in keys.chunks(MAX_ROWS_PER_STATEMENT) {
+        let ids: Vec<i64> = chunk.iter().map(|k| k.id).collect();
+        let mut qb =
+            QueryBuilder::<MySql>::new("UPDATE dead_letters SET published_at = NOW(3) WHERE TRUE");
+        push_ids(&mut qb, &ids);
+        // The version read, not a newer one (see [`OutboxKey`]).
+        qb.push(" AND (id, created_at) IN (");
         let mut list = qb.separated(", ");
-        for id in chunk {
-            list.push_bind(*id);
+        for key in chunk {
+            list.push("(")
+                .push_bind_unseparated(key.id)
+                .push_unseparated(", ")
+                .push_bind_unseparated(key.written_at.as_str())
+                .push_unseparated(")");
         }
         list.push_unseparated(")");
         qb.build().execute(pool).await?;

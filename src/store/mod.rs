@@ -124,10 +124,7 @@ pub enum StoreError {
     /// The server refused this service's connection: TLS (a CA that does
     /// not match, a server without TLS under `ssl-mode=required`) or the
     /// login (1045, 1044, 1698). A configuration mistake: no retry helps.
-    #[error(
-        "the database at {address} refused the connection: {error}; check --database-url \
-         (OL_DATABASE_URL): its user, password, and ssl-mode / ssl-ca"
-    )]
+    #[error("the database at {address} refused the connection: {error}; {DATABASE_REFUSAL_HINT}")]
     Refused {
         address: String,
         #[source]
@@ -183,13 +180,15 @@ impl From<sqlx::Error> for StoreError {
         if mysql_error_number(&e) == Some(1062) {
             return StoreError::Conflict(e);
         }
-        // TLS failures are configuration (a wrong CA, TLS required of a
-        // server without it), never worth retrying.
         let transient = match &e {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,
+            // A handshake cut by a restarting server is retried; a
+            // certificate that does not verify, or TLS required of a
+            // server without it, is configuration (never retried).
+            sqlx::Error::Tls(_) => !is_tls_misconfiguration(&e),
             sqlx::Error::Database(db) => is_transient_mysql_code(db.as_ref()),
             _ => false,
         };
@@ -205,8 +204,32 @@ impl From<sqlx::Error> for StoreError {
 /// login (access denied for the user, 1045; to the database, 1044;
 /// plugin refusal, 1698).
 pub fn is_refused_connection(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Tls(_)) || matches!(mysql_error_number(e), Some(1045 | 1044 | 1698))
+    is_tls_misconfiguration(e) || matches!(mysql_error_number(e), Some(1045 | 1044 | 1698))
 }
+
+/// A TLS failure that only a configuration change fixes: the server's
+/// certificate does not verify (or has the wrong name), or the server does
+/// not offer TLS although `ssl-mode` requires it. A handshake cut short by
+/// a restarting server is not one of them.
+fn is_tls_misconfiguration(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Tls(tls) = e else {
+        return false;
+    };
+    let text = tls.to_string().to_ascii_lowercase();
+    [
+        "certificate",
+        "verify",
+        "does not support",
+        "unknown ca",
+        "hostname mismatch",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign))
+}
+
+/// What to check when the database refuses this service.
+pub const DATABASE_REFUSAL_HINT: &str =
+    "check --database-url (OL_DATABASE_URL): its user, password, and ssl-mode / ssl-ca";
 
 fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
     match e {
@@ -481,7 +504,29 @@ fn event_id(row: &MySqlRow, table: &'static str) -> Result<crate::domain::EventI
 
 #[cfg(test)]
 mod tests {
-    use super::{byte_bounded, padded, shaped_chunks, MAX_ROWS_PER_STATEMENT};
+    use super::{
+        byte_bounded, is_refused_connection, padded, shaped_chunks, StoreError,
+        MAX_ROWS_PER_STATEMENT,
+    };
+
+    /// A certificate that does not verify, or TLS required of a server
+    /// without it, is configuration; a handshake cut short by a restarting
+    /// server is retried like any lost connection.
+    #[test]
+    fn tls_failures_are_configuration_unless_the_connection_was_cut() {
+        let tls = |text: &str| sqlx::Error::Tls(text.to_owned().into());
+        for text in [
+            "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed",
+            "server does not support TLS",
+        ] {
+            assert!(is_refused_connection(&tls(text)), "{text}");
+            assert!(!StoreError::from(tls(text)).is_transient(), "{text}");
+        }
+        for text in ["Connection reset by peer (os error 104)", "unexpected EOF"] {
+            assert!(!is_refused_connection(&tls(text)), "{text}");
+            assert!(StoreError::from(tls(text)).is_transient(), "{text}");
+        }
+    }
 
     #[test]
     fn chunks_are_powers_of_two_largest_first_and_cover_every_item_once() {

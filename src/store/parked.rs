@@ -111,7 +111,7 @@ pub async fn count_awaiting(
 
 /// Parks events until `timeout` after their message's Kafka timestamp, in
 /// stream time (rule R7; see [`expired`]). A message without a timestamp
-/// counts from now.
+/// counts from now. Returns the rows inserted (for [`change_size`]).
 ///
 /// # Errors
 /// [`StoreError`] from the database.
@@ -119,9 +119,10 @@ pub async fn insert(
     conn: &mut MySqlConnection,
     rows: &[NewParked<'_>],
     timeout: Duration,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let now_ms = crate::clock::now_ms();
+    let mut inserted = 0;
     let bytes = |p: &NewParked<'_>| {
         p.event_json.len() + p.message.payload.as_ref().map_or(0, Vec::len) + 512
     };
@@ -149,17 +150,18 @@ pub async fn insert(
                 }))
                 .push_bind(expires_at_ms);
         });
-        let inserted = qb.build().execute(&mut *conn).await?.rows_affected();
-        change_size(conn, i64::try_from(inserted).unwrap_or(i64::MAX)).await?;
+        inserted += qb.build().execute(&mut *conn).await?.rows_affected();
     }
-    Ok(())
+    Ok(inserted)
 }
 
-/// Removes parked rows (applied, or dead-lettered).
+/// Removes parked rows (applied, or dead-lettered); returns how many (for
+/// [`change_size`]).
 ///
 /// # Errors
 /// [`StoreError`] from the database.
-pub async fn delete(conn: &mut MySqlConnection, row_ids: &[i64]) -> Result<(), StoreError> {
+pub async fn delete(conn: &mut MySqlConnection, row_ids: &[i64]) -> Result<u64, StoreError> {
+    let mut deleted = 0;
     for chunk in row_ids.chunks(MAX_ROWS_PER_STATEMENT) {
         let mut qb = QueryBuilder::<MySql>::new("DELETE FROM parked_events WHERE id IN (");
         let mut list = qb.separated(", ");
@@ -167,10 +169,9 @@ pub async fn delete(conn: &mut MySqlConnection, row_ids: &[i64]) -> Result<(), S
             list.push_bind(*id);
         }
         list.push_unseparated(")");
-        let deleted = qb.build().execute(&mut *conn).await?.rows_affected();
-        change_size(conn, -i64::try_from(deleted).unwrap_or(i64::MAX)).await?;
+        deleted += qb.build().execute(&mut *conn).await?.rows_affected();
     }
-    Ok(())
+    Ok(deleted)
 }
 
 /// How many events wait in the parking lot, as of the last committed
@@ -185,9 +186,15 @@ pub async fn size(conn: &mut MySqlConnection) -> Result<u64, StoreError> {
     Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
-/// Keeps `parking_lot` in step with the rows of `parked_events`, inside the
-/// caller's transaction (the only two writers of the table call it).
-async fn change_size(conn: &mut MySqlConnection, by: i64) -> Result<(), StoreError> {
+/// Keeps `parking_lot` in step with the rows of `parked_events`: every
+/// transaction that inserts or deletes parked rows calls it once with the
+/// net change ([`insert`] and [`delete`] return their counts), as late as
+/// it can, right before it commits: the row is one lock for every writer,
+/// held from this statement to the commit.
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn change_size(conn: &mut MySqlConnection, by: i64) -> Result<(), StoreError> {
     if by != 0 {
         sqlx::query("UPDATE parking_lot SET parked = GREATEST(parked + ?, 0) WHERE id = 1")
             .bind(by)
