@@ -531,6 +531,7 @@ async fn verify_passes_a_healthy_store() {
             expect("redis_active_ids", "pass"),
             expect("sequences", "pass"),
             expect("parked_overdue", "pass"),
+            expect("parking_lot_count", "pass"),
             expect("dead_letters", "pass"),
         ]
     );
@@ -719,6 +720,8 @@ async fn each_verify_check_fails_on_its_fault_with_the_right_count() {
     ).await;
     let report = run_verify(&db, &redis).await;
     assert_fails(&report, "parked_overdue", 2);
+    // Rows written by hand, past the kept count.
+    assert_fails(&report, "parking_lot_count", 2);
     assert_fails(&report, "dead_letters", 1);
     assert_eq!(
         report.check("dead_letters").unwrap().note.as_deref(),
@@ -757,8 +760,11 @@ async fn verify_repair_makes_a_corrupted_store_pass() {
         &["order_id", "x"],
     )
     .await;
+    // The parking lot's count drifted (rows deleted by hand).
+    exec(&db, "UPDATE parking_lot SET parked = 5 WHERE id = 1").await;
     let before = run_verify(&db, &redis).await;
     assert!(!before.healthy);
+    assert_fails(&before, "parking_lot_count", 5);
 
     // The lookup key no id accounts for may be the legacy platform's: kept
     // and still reported unless the operator asks for its removal.
@@ -768,6 +774,8 @@ async fn verify_repair_makes_a_corrupted_store_pass() {
         out.contains("1 stray Redis keys removed, 1 unexplained lookup keys kept"),
         "{out}"
     );
+    assert!(out.contains("the parking lot recounted"), "{out}");
+    assert!(out.contains("ok   parking_lot_count"), "{out}");
     assert!(
         out.contains("global_order_lookup:NO-SUCH-ID belongs to no id"),
         "{out}"

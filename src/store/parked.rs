@@ -186,6 +186,36 @@ pub async fn size(conn: &mut MySqlConnection) -> Result<u64, StoreError> {
     Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
+/// The parking lot's kept count and the rows it stands for, as one
+/// snapshot: equal unless rows were deleted by hand, or written by a
+/// version before the count existed (a rolling upgrade).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn size_and_rows(pool: &sqlx::MySqlPool) -> Result<(u64, u64), StoreError> {
+    let (kept, rows): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT (SELECT parked FROM parking_lot WHERE id = 1), \
+         (SELECT COUNT(*) FROM parked_events)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok((kept.map_or(0, count), count(rows)))
+}
+
+/// Sets the kept count to the rows there are (`verify --repair`).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn recount(pool: &sqlx::MySqlPool) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE parking_lot SET parked = (SELECT COUNT(*) FROM parked_events) WHERE id = 1",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Keeps `parking_lot` in step with the rows of `parked_events`: every
 /// transaction that inserts or deletes parked rows calls it once with the
 /// net change ([`insert`] and [`delete`] return their counts), as late as

@@ -12,7 +12,9 @@ use crate::projection::redis_follower::{self, Resume};
 use crate::store::fold::{self, FoldedChunks};
 use crate::store::redis_projection::RedisProjection;
 use crate::store::stray_keys::{KeyKind, StrayKeys};
-use crate::store::{audit, event_log, id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
+use crate::store::{
+    audit, event_log, id_projection, parked, Store, StoreError, MAX_ROWS_PER_STATEMENT,
+};
 
 /// Everything the checks found, for a repair.
 #[derive(Default)]
@@ -21,6 +23,8 @@ pub(super) struct Findings {
     pub(super) stray_keys: Vec<String>,
     /// Redis follows another log or history: re-project it whole.
     pub(super) redis_diverged: bool,
+    /// The parking lot's kept count differs from its rows: recount.
+    pub(super) parking_lot_drifted: bool,
 }
 
 impl Findings {
@@ -62,6 +66,7 @@ pub(super) async fn check_all(
     checks.push(active);
     checks.push(sequences(pool, n).await?);
     checks.push(parked_overdue(pool, n).await?);
+    checks.push(parking_lot_count(pool, findings).await?);
     checks.push(dead_letters(pool, n).await?);
     Ok(HealthReport {
         healthy: checks.iter().all(|c| c.status != Status::Fail),
@@ -437,6 +442,25 @@ async fn parked_overdue(pool: &MySqlPool, n: usize) -> Result<Check, VerifyError
         })
         .collect();
     Ok(check("parked_overdue", count, examples))
+}
+
+/// The parking lot's kept count (what `--max-parked` is checked against)
+/// equals its rows.
+async fn parking_lot_count(
+    pool: &MySqlPool,
+    findings: &mut Findings,
+) -> Result<Check, VerifyError> {
+    let (kept, rows) = parked::size_and_rows(pool).await?;
+    let drift = kept.abs_diff(rows);
+    findings.parking_lot_drifted = drift > 0;
+    let examples = if drift > 0 {
+        vec![format!(
+            "parking_lot counts {kept} waiting events; parked_events holds {rows}"
+        )]
+    } else {
+        Vec::new()
+    };
+    Ok(check("parking_lot_count", drift, examples))
 }
 
 /// Dead letters by reason (context), failing when some wait unpublished

@@ -112,6 +112,8 @@ pub struct Repaired {
     pub redis_keys_kept: u64,
     /// Log entries re-projected into a Redis that followed another log.
     pub redis_entries: u64,
+    /// The parking lot's kept count was set to its rows.
+    pub parking_lot_recounted: bool,
 }
 
 /// Why the checks could not run.
@@ -172,9 +174,18 @@ pub fn human(report: &HealthReport) -> String {
         let _ = writeln!(
             out,
             "repaired: {} orders re-projected ({} rows), {} stray Redis keys removed, \
-             {} unexplained lookup keys kept, {} log entries re-projected into Redis; \
+             {} unexplained lookup keys kept, {} log entries re-projected into Redis{}; \
              checked again:",
-            r.orders, r.rows, r.redis_keys_removed, r.redis_keys_kept, r.redis_entries
+            r.orders,
+            r.rows,
+            r.redis_keys_removed,
+            r.redis_keys_kept,
+            r.redis_entries,
+            if r.parking_lot_recounted {
+                ", the parking lot recounted"
+            } else {
+                ""
+            }
         );
     }
     let failed = report

@@ -21,6 +21,10 @@ pub(super) async fn repair(
 ) -> Result<Repaired, VerifyError> {
     let pool = store.pool();
     let mut repaired = Repaired::default();
+    if findings.parking_lot_drifted {
+        crate::store::parked::recount(pool).await?;
+        repaired.parking_lot_recounted = true;
+    }
     if findings.redis_diverged {
         redis.reset().await?;
         repaired.redis_entries =
