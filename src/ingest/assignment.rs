@@ -113,7 +113,7 @@ impl ConsumerStatus {
                 | RDKafkaErrorCode::Authentication
                 | RDKafkaErrorCode::SaslAuthenticationFailed
                 | RDKafkaErrorCode::SSL
-        ) && self.kafka_trouble().is_some()
+        ) && self.kafka_trouble.lock().is_ok_and(|t| t.is_some())
     }
 
     /// A broker is up again.

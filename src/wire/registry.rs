@@ -99,7 +99,7 @@ fn zigzag(bytes: &mut &[u8]) -> Result<i64, DecodeError> {
 }
 
 /// Frames `message` as the registry's serializers do, with the short
-/// `[0]` path for protobuf (tests, the simulator, producers' examples).
+/// `[0]` path for protobuf (for tests, which stand in for those producers).
 pub fn frame(schema_id: u32, encoding: super::Encoding, message: &[u8]) -> Vec<u8> {
     let mut framed = Vec::with_capacity(message.len() + 6);
     framed.push(MAGIC);

@@ -2,7 +2,7 @@
 //! certificate for 127.0.0.1 signed by it, a client certificate signed by
 //! it, and a second CA that signed nothing here (the "wrong CA").
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::basics::unique_suffix;
 
@@ -102,14 +102,11 @@ impl TestCerts {
         ]);
     }
 
-    /// The folder, as text for URLs and flags.
+    /// A file's path, as text for URLs and flags.
     pub fn file(&self, file: &str) -> String {
-        path_text(&self.path(file))
+        let path = self.path(file);
+        path.to_str().expect("a UTF-8 temporary path").to_owned()
     }
-}
-
-fn path_text(path: &Path) -> String {
-    path.to_str().expect("a UTF-8 temporary path").to_owned()
 }
 
 impl Drop for TestCerts {
