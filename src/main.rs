@@ -76,5 +76,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
-    tracing::info!("signal received; stopping (a batch in flight is finished first)");
+    tracing::info!("signal received; stopping (batches in flight are finished first)");
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 use common::{TestDb, TestRedis};
 use order_lifecycle::commands::redrive::{redrive_all, RedriveConfig, RedriveSummary};
 use order_lifecycle::domain::OrderEvent;
-use order_lifecycle::ingest::{expire_parked, process_batch, PipelineConfig};
+use order_lifecycle::ingest::overlap;
+use order_lifecycle::ingest::{
+    expire_parked, process_batch, process_batch_in_turn, BatchOutcome, PipelineConfig, Turn,
+};
 use order_lifecycle::projection::redis_follower;
 use order_lifecycle::store::redis_projection::RedisProjection;
 use order_lifecycle::store::stray_keys::UnexplainedKeys;
@@ -128,6 +131,154 @@ async fn a_batch_processed_twice_changes_nothing_the_second_time() {
     assert_eq!((second.recorded_total(), second.duplicates), (0, 4));
     assert_eq!(db.full_rows().await, rows);
     assert_eq!(db.count("SELECT COUNT(*) FROM lifecycle_events").await, 4);
+    db.drop().await;
+}
+
+/// Two batches over the same orders: P1's stop loss and its confirmation,
+/// P2 placed in the first and changed in the second, P3 only in the
+/// second.
+fn two_batches() -> (Vec<InboundMessage>, Vec<InboundMessage>) {
+    let (mut p1, mut p2, mut p3) = (
+        EventScript::new("P1"),
+        EventScript::new("P2"),
+        EventScript::new("P3"),
+    );
+    let ahead = messages("o", 0, &[p1.place(), p1.sl("P1-SL"), p2.place()]);
+    let behind = messages(
+        "o",
+        3,
+        &[
+            p1.confirm("P1-SL", "NEW"),
+            p2.tp("P2-TP"),
+            p3.place(),
+            p1.close("P1-C", Some("P1-SLC"), None),
+            p2.confirm("P2-TP", "NEW"),
+        ],
+    );
+    (ahead, behind)
+}
+
+/// Runs `first`, then `second` behind it as `run`'s loop does: `second`
+/// starts once `first` has decided and may write once it is done. Returns
+/// both reports (`None`: gave way).
+async fn behind_one_another(
+    db: &TestDb,
+    cfg: &PipelineConfig,
+    first: &[InboundMessage],
+    second: &[InboundMessage],
+) -> (Option<BatchOutcome>, Option<BatchOutcome>) {
+    let (progress, ahead) = overlap::progress();
+    let run_ahead = async {
+        let turn = Turn {
+            ahead: None,
+            progress: Some(&progress),
+        };
+        let report = process_batch_in_turn(&db.store, cfg, first, turn).await;
+        progress.done();
+        report.unwrap()
+    };
+    let run_behind = async {
+        let mut ahead = ahead.clone();
+        ahead.startable().await;
+        let turn = Turn {
+            ahead: Some(&mut ahead),
+            progress: None,
+        };
+        process_batch_in_turn(&db.store, cfg, second, turn)
+            .await
+            .unwrap()
+    };
+    tokio::join!(run_ahead, run_behind)
+}
+
+#[tokio::test]
+async fn a_batch_behind_another_takes_its_orders_as_they_will_be_and_writes_after_it() {
+    let (overlapped, serial) = (TestDb::new().await, TestDb::new().await);
+    let cfg = config(Duration::from_secs(60));
+    let (first, second) = two_batches();
+    let (ahead, behind) = behind_one_another(&overlapped, &cfg, &first, &second).await;
+    assert_eq!(ahead.unwrap().recorded_total(), 3);
+    let behind = behind.expect("disjoint writes: the batch behind did not give way");
+    assert_eq!(behind.recorded_total(), 5);
+
+    process_batch(&serial.store, &cfg, &first).await.unwrap();
+    process_batch(&serial.store, &cfg, &second).await.unwrap();
+    assert_eq!(overlapped.log().await, serial.log().await);
+    assert_eq!(overlapped.full_rows().await, serial.full_rows().await);
+    // Batch order in the log: the first batch's entries come first.
+    let offsets: Vec<i64> =
+        sqlx::query_scalar("SELECT source_offset FROM lifecycle_events ORDER BY position")
+            .fetch_all(overlapped.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(offsets, (0..8).collect::<Vec<i64>>());
+    overlapped.assert_sequences_gap_free().await;
+    overlapped.drop().await;
+    serial.drop().await;
+}
+
+#[tokio::test]
+async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let (first, second) = two_batches();
+    // Holds the log head, so that the batch ahead decides, then waits
+    // before its append while the batch behind starts.
+    let mut blocker = db.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT position FROM log_head WHERE id = 1 FOR UPDATE")
+        .fetch_one(&mut *blocker)
+        .await
+        .unwrap();
+
+    let (progress, ahead) = overlap::progress();
+    let run_ahead = async {
+        let turn = Turn {
+            ahead: None,
+            progress: Some(&progress),
+        };
+        let report = process_batch_in_turn(&db.store, &cfg, &first, turn).await;
+        progress.done();
+        report
+    };
+    let run_behind = async {
+        let mut ahead = ahead.clone();
+        ahead.startable().await;
+        // As when an attempt of the batch ahead fails (it is then retried).
+        progress.failed();
+        blocker.commit().await.unwrap();
+        let turn = Turn {
+            ahead: Some(&mut ahead),
+            progress: None,
+        };
+        process_batch_in_turn(&db.store, &cfg, &second, turn).await
+    };
+    let (report_ahead, report_behind) = tokio::join!(run_ahead, run_behind);
+    assert_eq!(report_ahead.unwrap().unwrap().recorded_total(), 3);
+    assert!(report_behind.unwrap().is_none(), "gave way");
+    assert_eq!(db.count("SELECT COUNT(*) FROM lifecycle_events").await, 3);
+    let next: i64 = sqlx::query_scalar("SELECT next_offset FROM consumer_offsets")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(next, 3, "the offsets of the batch ahead only");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_batch_issuing_an_id_the_batch_ahead_parks_for_gives_way() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut p1 = EventScript::new("P1");
+    let first = messages("o", 0, &[p1.place(), p1.confirm("P1-SL", "NEW")]);
+    let second = messages("o", 2, &[p1.sl("P1-SL")]);
+    let (ahead, behind) = behind_one_another(&db, &cfg, &first, &second).await;
+    assert_eq!(ahead.unwrap().parked, 1);
+    assert!(behind.is_none(), "gave way");
+    // Run again after it, it releases the parked confirmation.
+    let report = process_batch(&db.store, &cfg, &second).await.unwrap();
+    // The stop loss and the confirmation released for it.
+    assert_eq!((report.recorded_total(), report.unparked), (2, 1));
+    assert_eq!(db.rows().await["P1-SL"].2, "active");
     db.drop().await;
 }
 

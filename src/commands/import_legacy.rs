@@ -149,6 +149,19 @@ impl ImportSummary {
     pub fn orders_total(&self) -> u64 {
         self.orders.values().sum()
     }
+
+    /// Adds what one page's application counted (imported, already
+    /// present, conflicts), keeping the first `show` conflicts.
+    fn absorb(&mut self, page: ImportSummary, show: usize) {
+        for (id_type, n) in page.imported {
+            *self.imported.entry(id_type).or_default() += n;
+        }
+        self.already_present += page.already_present;
+        self.conflicts += page.conflicts;
+        let room = show.saturating_sub(self.conflict_examples.len());
+        self.conflict_examples
+            .extend(page.conflict_examples.into_iter().take(room));
+    }
 }
 
 /// Why the import stopped; pages already committed stay (a rerun skips
@@ -316,7 +329,11 @@ pub async fn import(
 
 /// Reads both tables page by page and applies each page; the next page is
 /// read while the current one is applied (legacy reads and log writes are
-/// separate connections).
+/// separate connections), and applied behind it: it reads and decides
+/// while the page ahead writes, and writes once that page is committed,
+/// taking the orders that page holds as they will be then (the same
+/// protocol as `run`'s batches, see `crate::ingest::overlap`). An id two
+/// pages claim therefore still goes to the earlier page.
 async fn import_pages(
     legacy: &MySqlPool,
     store: &Store,
@@ -325,6 +342,7 @@ async fn import_pages(
     summary: &mut ImportSummary,
     progress: &mut Progress,
 ) -> Result<(), ImportFailure> {
+    let mut ahead: Option<DecidedPage> = None;
     for (table, user_type) in tables {
         summary.orders.insert(table.to_owned(), 0);
         let read_page = |after: Option<Vec<u8>>| {
@@ -344,11 +362,106 @@ async fn import_pages(
             next = read_page(Some(last));
             *summary.orders.entry(table.to_owned()).or_default() += rows.len() as u64;
             let events = events_of(table, user_type, &rows, summary, config.show);
-            apply(store, &events, config, summary).await?;
+            let (page, behind) = PageInFlight::start(store, events, config, ahead.take());
+            if let Some(before) = behind {
+                summary.absorb(ended(before).await?, config.show);
+            }
+            ahead = Some(page.decided().await?);
             progress.add(rows.len() as u64);
         }
     }
+    if let Some(last) = ahead {
+        summary.absorb(ended(last.task).await?, config.show);
+    }
     Ok(())
+}
+
+/// The result of a page's task: `None` when it stopped because the page
+/// ahead failed (that page reports the failure).
+type PageTask = tokio::task::JoinHandle<Result<Option<ImportSummary>, ImportFailure>>;
+
+/// A page being applied ([`apply`] in a task of its own).
+struct PageInFlight {
+    task: PageTask,
+    /// Its book once decided: the orders it holds, as they will be.
+    decided: tokio::sync::oneshot::Receiver<Arc<LifecycleBook>>,
+    /// Fires once it is committed (or rolled back, for a dry run).
+    committed: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// A page that has decided: the next page may start behind it.
+struct DecidedPage {
+    task: PageTask,
+    book: Arc<LifecycleBook>,
+    committed: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// What a page behind another takes from it.
+struct PageAhead {
+    book: Arc<LifecycleBook>,
+    committed: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl PageInFlight {
+    /// Starts applying `events` behind `ahead`; returns the page and the
+    /// end of the page ahead (what it did), to be awaited before this
+    /// page's decision.
+    fn start(
+        store: &Store,
+        events: Vec<(OrderEvent, IdType)>,
+        config: &ImportConfig,
+        ahead: Option<DecidedPage>,
+    ) -> (PageInFlight, Option<PageTask>) {
+        let (decided_tx, decided) = tokio::sync::oneshot::channel();
+        let (committed_tx, committed) = tokio::sync::oneshot::channel();
+        let (page_ahead, before) = match ahead {
+            Some(a) => (
+                Some(PageAhead {
+                    book: a.book,
+                    committed: a.committed,
+                }),
+                Some(a.task),
+            ),
+            None => (None, None),
+        };
+        let task = tokio::spawn(apply(
+            store.clone(),
+            events,
+            config.dry_run,
+            config.show,
+            page_ahead,
+            decided_tx,
+            committed_tx,
+        ));
+        let page = PageInFlight {
+            task,
+            decided,
+            committed,
+        };
+        (page, before)
+    }
+
+    /// Waits until the page has decided.
+    async fn decided(self) -> Result<DecidedPage, ImportFailure> {
+        match self.decided.await {
+            Ok(book) => Ok(DecidedPage {
+                task: self.task,
+                book,
+                committed: self.committed,
+            }),
+            // It ended before deciding: only an error does.
+            Err(_) => match ended(self.task).await {
+                Err(e) => Err(e),
+                Ok(_) => unreachable!("a page decides before it ends well"),
+            },
+        }
+    }
+}
+
+/// What a page's task did (nothing when it stopped because the page ahead
+/// failed).
+async fn ended(task: PageTask) -> Result<ImportSummary, ImportFailure> {
+    Ok(joined(task.await)?.unwrap_or_default())
 }
 
 /// The output of a task this command spawned (never aborted): a panic in
@@ -498,16 +611,21 @@ pub fn import_event_id(
     EventId::parse(&raw).unwrap_or_else(|_| unreachable!("import event id {raw:?} is valid"))
 }
 
-/// Applies one page's events in one transaction (rolled back for a dry run).
+/// Applies one page's events in one transaction (rolled back for a dry
+/// run), behind the page `ahead` if any: its orders are taken from it, and
+/// the writes wait until it is committed. Tells `decided` its book once
+/// decided and `committed` once committed; `Ok(None)` when the page ahead
+/// failed (nothing written).
 async fn apply(
-    store: &Store,
-    events: &[(OrderEvent, IdType)],
-    config: &ImportConfig,
-    summary: &mut ImportSummary,
-) -> Result<(), ImportFailure> {
-    if events.is_empty() {
-        return Ok(());
-    }
+    store: Store,
+    events: Vec<(OrderEvent, IdType)>,
+    dry_run: bool,
+    show: usize,
+    ahead: Option<PageAhead>,
+    decided: tokio::sync::oneshot::Sender<Arc<LifecycleBook>>,
+    committed: tokio::sync::oneshot::Sender<()>,
+) -> Result<Option<ImportSummary>, ImportFailure> {
+    let mut summary = ImportSummary::default();
     let mut tx = store.pool().begin().await.map_err(StoreError::from)?;
     id_projection::share_projection_lock(&mut tx).await?;
     let ids: Vec<EventId> = events.iter().map(|(e, _)| e.event_id.clone()).collect();
@@ -520,7 +638,8 @@ async fn apply(
             !old
         })
         .collect();
-    let mut book: LifecycleBook = load_book(&mut tx, fresh.iter().map(|(e, _)| e)).await?;
+    let ahead_book = ahead.as_ref().map(|a| a.book.as_ref());
+    let mut book = load_book(&mut tx, fresh.iter().map(|(e, _)| e), ahead_book).await?;
     let stored = book.bound_ids();
     let mut applied = Applied::default();
     for (event, id_type) in fresh {
@@ -533,16 +652,24 @@ async fn apply(
                 }
                 applied.push(rec, event, None);
             }
-            Err(rejection) => record_conflict(event, *id_type, &rejection, config.show, summary),
+            Err(rejection) => record_conflict(event, *id_type, &rejection, show, &mut summary),
+        }
+    }
+    // The page behind, if any, is read and decided from here on.
+    let _ = decided.send(Arc::new(book.clone()));
+    if let Some(ahead) = ahead {
+        if ahead.committed.await.is_err() {
+            return Ok(None);
         }
     }
     append_events(&mut tx, &book, &stored, &applied).await?;
-    if config.dry_run {
+    if dry_run {
         tx.rollback().await.map_err(StoreError::from)?;
     } else {
         tx.commit().await.map_err(StoreError::from)?;
     }
-    Ok(())
+    let _ = committed.send(());
+    Ok(Some(summary))
 }
 
 fn record_conflict(

@@ -1,11 +1,20 @@
-//! The consumer loop. It only moves data: receive a batch, hand it to
-//! [`process_batch`], publish its dead letters, commit its offsets, wake the
-//! Redis follower.
+//! The consumer loop. It only moves data: receive messages, form batches
+//! and hand them to the pipeline ([`process_batch_in_turn`]), publish their
+//! dead letters, commit their offsets, wake the Redis follower.
 //!
-//! Shutdown is an input: once `shutdown` completes, the batch in flight is
-//! finished and committed (or, if the database is unreachable, abandoned
-//! uncommitted after `--shutdown-timeout`, to be read again by the next
-//! owner), the group is left, and `run` returns `Ok`.
+//! Two batches may be in flight (see [`super::overlap`]): the next one,
+//! formed from messages already received, reads and decides while the one
+//! ahead writes. Kafka is polled only when no batch is in flight, as
+//! before: librdkafka runs rebalances inside a poll, so a revoke never
+//! completes while a batch of the partition is uncommitted (its next owner
+//! would read the same messages), and nothing else the loop awaits keeps a
+//! batch holding its locks. To keep the second batch fed, a poll takes up
+//! to [`TAKE_PER_POLL`] batches' worth of what the client holds.
+//!
+//! Shutdown is an input: once `shutdown` completes, the batches in flight
+//! are finished and committed (or, if the database is unreachable,
+//! abandoned uncommitted after `--shutdown-timeout`, to be read again by
+//! the next owner), the group is left, and `run` returns `Ok`.
 //!
 //! Failures, by what they need:
 //! - transient (database, broker or Redis unreachable, deadlock, a concurrent
@@ -16,6 +25,7 @@
 //! - the database refusing even that: fatal, `run` returns the error.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,9 +40,10 @@ use rdkafka::consumer::BaseConsumer;
 use super::assignment::{AssignmentContext, Changes, ConsumerStatus, OffsetGate};
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::ordering::{copartitioning_problem, Merger};
+use super::overlap::{self, BatchAhead, BatchProgress, Flights, Slot};
 use super::pipeline::{
-    expire_parked, process_batch, process_isolating, release_stranded, BatchOutcome,
-    PipelineConfig, StrandedWindow,
+    expire_parked, process_batch_in_turn, process_isolating, release_stranded, BatchOutcome,
+    PipelineConfig, StrandedWindow, Turn,
 };
 use super::stall::{StallChange, StallWatch, STALL_AFTER};
 use crate::clock;
@@ -126,6 +137,10 @@ const MERGE_BUFFER: usize = 50_000;
 /// confirmations for their orders were parked.
 const PARTITION_BUFFER: usize = 5_000;
 
+/// Batches' worth of messages one poll takes from the client when it holds
+/// them (a backlog): enough for a batch behind the one in flight.
+const TAKE_PER_POLL: usize = 3;
+
 /// How a batch ended.
 enum Handled {
     Committed,
@@ -156,17 +171,49 @@ impl Ingest<'_> {
         let mut batch: Vec<InboundMessage> = Vec::new();
         // When the batch being gathered must go, full or not.
         let mut linger_until: Option<tokio::time::Instant> = None;
+        // Batches being processed, the next one's reads overlapping the
+        // commit of the one ahead (see `super::overlap`).
+        let mut flights: Flights<'_, anyhow::Result<Handled>> = Flights::default();
+        // The periodic round runs between batches only (it locks what they
+        // may lock): once due, no batch starts until those in flight end.
+        let mut housekeeping_due = false;
         loop {
             if shutdown.is_requested() {
-                tracing::info!("shutdown requested; no batch in flight");
-                return Ok(());
+                if flights.is_empty() {
+                    tracing::info!("shutdown requested; no batch in flight");
+                    return Ok(());
+                }
+                // The batches in flight finish (or are abandoned) first.
+                if let Some(end) = flights.next(false).await {
+                    let handled = end?;
+                    if self
+                        .landed(
+                            handled,
+                            !flights.is_empty(),
+                            &mut gate,
+                            &mut merger,
+                            &mut batch,
+                            &metadata,
+                        )
+                        .await
+                        .is_break()
+                    {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            if housekeeping_due && flights.is_empty() {
+                housekeeping_due = false;
+                self.periodic(&merger, &mut stranded, &mut stalls).await?;
             }
             self.rebalanced(&mut gate, &mut merger, &mut batch, &metadata)
                 .await;
 
             // What the watermark lets go joins the batch; the batch goes
             // when full, when its linger is over, or at once when every
-            // partition is caught up (more waiting would gather nothing).
+            // partition is caught up (more waiting would gather nothing),
+            // as soon as a batch may start.
             let now = tokio::time::Instant::now();
             while batch.len() < self.config.input.batch_size {
                 match merger.pop_ready(now.into_std(), end) {
@@ -174,52 +221,71 @@ impl Ingest<'_> {
                     None => break,
                 }
             }
+            if batch.is_empty() {
+                // A revoke may have emptied it.
+                linger_until = None;
+            }
+            let mut ready_to_go = false;
             if !batch.is_empty() {
                 let linger = *linger_until.get_or_insert(now + self.config.batch_linger);
-                if batch.len() >= self.config.input.batch_size
+                ready_to_go = batch.len() >= self.config.input.batch_size
                     || now >= linger
-                    || (merger.buffered() == 0 && merger.all_caught_up(end))
-                {
+                    || (merger.buffered() == 0 && merger.all_caught_up(end));
+            }
+            if ready_to_go && !housekeeping_due {
+                if let Some(slot) = flights.slot() {
+                    let ahead = match slot {
+                        Slot::Alone => None,
+                        Slot::Behind(ahead) => Some(ahead),
+                    };
                     linger_until = None;
                     let ready = std::mem::take(&mut batch);
                     let span = tracing::info_span!("batch", size = ready.len(), partitions = %describe(&ready));
-                    match self.handle(&ready, &mut shutdown).instrument(span).await? {
-                        // What arrived meanwhile, before any partition is
-                        // judged idle.
-                        Handled::Committed => {
-                            self.take_waiting(&mut gate, &mut merger, &mut batch, &metadata)
-                                .await;
-                            self.flow_control(&merger);
-                        }
-                        Handled::Abandoned => {
-                            tracing::warn!(
-                                "shutdown while the database is unreachable; batch left uncommitted"
-                            );
-                            return Ok(());
-                        }
-                    }
+                    let (progress, watch) = overlap::progress();
+                    let shutdown = shutdown.clone();
+                    flights.start(
+                        async move { self.handle(&ready, shutdown, progress, ahead).await }
+                            .instrument(span),
+                        watch,
+                    );
                     continue;
                 }
             }
 
-            // Wait for more: a message, the end of the batch's linger or of
-            // the merger's wait for a partition that is behind, the periodic
-            // round, or shutdown.
+            // Wait for more: a message (only with no batch in flight), the
+            // end of the batch's linger or of the merger's wait for a
+            // partition that is behind, a batch ending or letting the next
+            // one start, the periodic round, or shutdown. A batch ready to
+            // go waits for a batch only (past deadlines would spin).
             let deadline = [
                 linger_until,
                 merger.wake_at().map(tokio::time::Instant::from_std),
             ]
             .into_iter()
             .flatten()
-            .min();
+            .min()
+            .filter(|_| !ready_to_go);
             let received = tokio::select! {
                 biased;
                 _ = shutdown.requested() => continue,
-                _ = periodic_round.tick() => {
-                    self.periodic(&merger, &mut stranded, &mut stalls).await?;
+                end = flights.next(ready_to_go && !housekeeping_due) => {
+                    if let Some(end) = end {
+                        let handled = end?;
+                        if self
+                            .landed(handled, !flights.is_empty(), &mut gate, &mut merger, &mut batch, &metadata)
+                            .await
+                            .is_break()
+                        {
+                            return Ok(());
+                        }
+                    }
                     continue;
                 }
-                m = recv_until(self.consumer, deadline) => m,
+                _ = periodic_round.tick(), if !housekeeping_due => {
+                    housekeeping_due = true;
+                    continue;
+                }
+                m = recv_until(self.consumer, deadline), if flights.is_empty() => m,
             };
             match received {
                 // Nothing came until the deadline: the client holds nothing.
@@ -240,8 +306,37 @@ impl Ingest<'_> {
         }
     }
 
-    /// Takes what the client already holds, without waiting and up to a
-    /// batch's worth, so that the watermark judges partitions on everything
+    /// After a batch ended: what arrived meanwhile joins the merger before
+    /// any partition is judged idle (once no batch is in flight: see the
+    /// module's doc); a batch abandoned at shutdown ends the loop.
+    async fn landed(
+        &self,
+        handled: Handled,
+        in_flight: bool,
+        gate: &mut OffsetGate,
+        merger: &mut Merger,
+        batch: &mut Vec<InboundMessage>,
+        metadata: &Arc<BaseConsumer>,
+    ) -> ControlFlow<()> {
+        match handled {
+            Handled::Committed => {
+                if !in_flight {
+                    self.take_waiting(gate, merger, batch, metadata).await;
+                    self.flow_control(merger);
+                }
+                ControlFlow::Continue(())
+            }
+            Handled::Abandoned => {
+                tracing::warn!(
+                    "shutdown while the database is unreachable; batch left uncommitted"
+                );
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// Takes what the client already holds, without waiting and up to
+    /// [`TAKE_PER_POLL`] batches' worth, so that the watermark judges partitions on everything
     /// received; tells the merger whether more is still waiting.
     async fn take_waiting(
         &self,
@@ -250,7 +345,7 @@ impl Ingest<'_> {
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
     ) {
-        for _ in 0..self.config.input.batch_size {
+        for _ in 0..self.config.input.batch_size * TAKE_PER_POLL {
             match self.consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
                     let m = kafka::inbound(&m);
@@ -391,16 +486,23 @@ impl Ingest<'_> {
         }
     }
 
-    /// Processes, publishes dead letters, commits.
+    /// Processes, publishes dead letters, commits; behind the batch
+    /// `ahead`, when given (see [`super::overlap`]). `progress` tells the
+    /// batch behind this one how it goes.
     async fn handle<'m>(
         &self,
         batch: &'m [InboundMessage],
-        shutdown: &mut Shutdown,
+        mut shutdown: Shutdown,
+        progress: BatchProgress,
+        mut ahead: Option<BatchAhead>,
     ) -> anyhow::Result<Handled> {
         let started = Instant::now();
+        let progress = &progress;
         let attempt = |messages: &'m [InboundMessage]| {
             let mut shutdown = shutdown.clone();
-            async move { self.process(messages, &mut shutdown).await }
+            // Only the first attempt runs behind; the others after it.
+            let ahead = ahead.take();
+            async move { self.process(messages, &mut shutdown, progress, ahead).await }
         };
         let mut report = match process_isolating(self.store, &self.pipeline, batch, attempt).await {
             Ok(Some(report)) => report,
@@ -410,22 +512,61 @@ impl Ingest<'_> {
         self.handoff.offer(std::mem::take(&mut report.handed));
         commit(self.consumer, &report);
         if !report.dead_letters.is_empty() {
-            self.publish_outbox(shutdown).await;
+            self.publish_outbox(&mut shutdown).await;
         }
+        // After the outbox: the batch behind publishes only after this one,
+        // so no letter is published twice.
+        progress.done();
         record(&report, started.elapsed().as_secs_f64());
         Ok(Handled::Committed)
     }
 
-    /// [`process_batch`], retrying transient failures until it succeeds or
-    /// shutdown has waited `--shutdown-timeout` (then `Ok(None)`).
+    /// [`process_batch_in_turn`]: once behind `ahead` if given, then (if it
+    /// gave way or failed) after it, retrying transient failures until it
+    /// succeeds or shutdown has waited `--shutdown-timeout` (then
+    /// `Ok(None)`).
     async fn process(
         &self,
         batch: &[InboundMessage],
         shutdown: &mut Shutdown,
+        progress: &BatchProgress,
+        ahead: Option<BatchAhead>,
     ) -> Result<Option<BatchOutcome>, StoreError> {
+        if let Some(mut ahead) = ahead {
+            let turn = Turn {
+                ahead: Some(&mut ahead),
+                progress: Some(progress),
+            };
+            let cause = match process_batch_in_turn(self.store, &self.pipeline, batch, turn).await {
+                Ok(Some(report)) => return Ok(Some(report)),
+                Ok(None) => "gave_way",
+                Err(e) => {
+                    tracing::info!(error = %e, "a batch behind another failed; running it again after it");
+                    "failed"
+                }
+            };
+            metrics::counter!("order_lifecycle_batches_rerun_total", "cause" => cause).increment(1);
+            // The batch behind this one, if any, gives way too.
+            progress.failed();
+            if !ahead.finished().await {
+                // The batch ahead was abandoned (shutdown) or failed for
+                // good: this one must not commit past its messages.
+                return Ok(None);
+            }
+        }
         RetryPolicy::until_shutdown(self.config.shutdown_timeout)
-            .run("batch", shutdown, || {
-                process_batch(self.store, &self.pipeline, batch)
+            .run("batch", shutdown, || async {
+                let turn = Turn {
+                    ahead: None,
+                    progress: Some(progress),
+                };
+                let result = process_batch_in_turn(self.store, &self.pipeline, batch, turn).await;
+                if result.is_err() {
+                    progress.failed();
+                }
+                result.map(|ran| {
+                    ran.unwrap_or_else(|| unreachable!("a batch with none ahead never gives way"))
+                })
             })
             .await
     }

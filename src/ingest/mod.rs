@@ -6,12 +6,13 @@ pub mod assignment;
 pub mod consumer;
 pub mod dead_letter;
 pub mod ordering;
+pub mod overlap;
 pub mod pipeline;
 pub mod plan;
 pub mod stall;
 
 pub use consumer::consume;
 pub use pipeline::{
-    expire_parked, process_batch, record_poison, release_stranded, BatchOutcome, PipelineConfig,
-    StrandedWindow,
+    expire_parked, process_batch, process_batch_in_turn, record_poison, release_stranded,
+    BatchOutcome, PipelineConfig, StrandedWindow, Turn,
 };

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlConnection};
 
+use super::overlap::{BatchAhead, BatchProgress, Decided};
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Transition,
@@ -137,6 +138,33 @@ pub async fn process_batch(
     messages: &[InboundMessage],
 ) -> Result<BatchOutcome, StoreError> {
     run_batch(store, config, messages, Release::IssuedByBatch).await
+}
+
+/// How a batch runs beside the batches around it (see [`super::overlap`]).
+#[derive(Debug, Default)]
+pub struct Turn<'t> {
+    /// The batch ahead, when this one runs behind it before it is done.
+    pub ahead: Option<&'t mut BatchAhead>,
+    /// Where this batch tells the batch behind it what it touches.
+    pub progress: Option<&'t BatchProgress>,
+}
+
+/// [`process_batch`] taking its [`Turn`]: behind a batch that is not done
+/// yet, it reads and decides at once but writes only once that batch is
+/// done; `Ok(None)` when it gave way instead (it touches what the batch
+/// ahead touches, or an attempt of that batch failed): nothing was
+/// written, run it again once the batch ahead is over.
+///
+/// # Errors
+/// As [`process_batch`].
+pub async fn process_batch_in_turn(
+    store: &Store,
+    config: &PipelineConfig,
+    messages: &[InboundMessage],
+    turn: Turn<'_>,
+) -> Result<Option<BatchOutcome>, StoreError> {
+    let tx = store.pool().begin().await?;
+    run_batch_in(tx, config, messages, Release::IssuedByBatch, turn).await
 }
 
 /// Applies parked events after row `after` whose awaited id is issued
@@ -265,7 +293,9 @@ async fn run_batch(
     release: Release,
 ) -> Result<BatchOutcome, StoreError> {
     let tx = store.pool().begin().await?;
-    run_batch_in(tx, config, messages, release).await
+    run_batch_in(tx, config, messages, release, Turn::default())
+        .await
+        .map(|ran| ran.unwrap_or_else(|| unreachable!("a batch with none ahead never gives way")))
 }
 
 /// Dead letters redriven in one transaction, at most.
@@ -299,7 +329,15 @@ pub async fn redrive(
     let ids: Vec<i64> = letters.iter().map(|(id, _)| *id).collect();
     dead_letters::mark_redriven(&mut tx, &ids).await?;
     let messages: Vec<InboundMessage> = letters.into_iter().map(|(_, m)| m).collect();
-    let outcome = run_batch_in(tx, config, &messages, Release::IssuedByBatch).await?;
+    let outcome = run_batch_in(
+        tx,
+        config,
+        &messages,
+        Release::IssuedByBatch,
+        Turn::default(),
+    )
+    .await?
+    .unwrap_or_else(|| unreachable!("a batch with none ahead never gives way"));
     Ok(Some((last, outcome)))
 }
 
@@ -308,13 +346,28 @@ async fn run_batch_in(
     config: &PipelineConfig,
     messages: &[InboundMessage],
     release: Release,
-) -> Result<BatchOutcome, StoreError> {
+    turn: Turn<'_>,
+) -> Result<Option<BatchOutcome>, StoreError> {
     let mut report = BatchOutcome {
         consumed: messages.len(),
         offsets: next_offsets(messages),
         ..BatchOutcome::default()
     };
     let works = decode(messages, &config.schema_ids, &mut report.dead_letters);
+    // Behind a batch that is not done (see `super::overlap`); if that
+    // batch failed an attempt, give way before reading anything its retry
+    // will lock.
+    let ahead = match turn.ahead.as_deref().map(BatchAhead::decision) {
+        Some(None) => return Ok(None),
+        Some(Some(ahead)) => Some(ahead),
+        None => None,
+    };
+    if ahead
+        .as_deref()
+        .is_some_and(|a| a.blocks(works.iter().map(|w| &w.event)))
+    {
+        return Ok(None);
+    }
 
     // Batches read order state from order_lifecycle_ids: hold off while a
     // rebuild swaps that table (see `crate::projection::rebuild`).
@@ -329,16 +382,57 @@ async fn run_batch_in(
             .collect::<Result<_, _>>()?,
     };
     if messages.is_empty() && released_rows.is_empty() {
-        return Ok(report);
+        return Ok(Some(report));
+    }
+    if ahead
+        .as_deref()
+        .is_some_and(|a| a.blocks(released_rows.iter().map(|(_, e)| e)))
+    {
+        return Ok(None);
     }
     let released: Vec<Work<'_>> = released_rows
         .iter()
         .map(|(row, event)| Work::released(row, event.clone()))
         .collect();
-    let mut book = load_book(&mut tx, works.iter().chain(&released).map(|w| &w.event)).await?;
+    let event_ids: HashSet<EventId> = match turn.progress {
+        Some(_) => works
+            .iter()
+            .chain(&released)
+            .map(|w| w.event.event_id.clone())
+            .chain(
+                report
+                    .dead_letters
+                    .iter()
+                    .filter_map(|d| d.event_id.clone()),
+            )
+            .collect(),
+        None => HashSet::new(),
+    };
+    let mut book = load_book(
+        &mut tx,
+        works.iter().chain(&released).map(|w| &w.event),
+        ahead.as_deref().map(|a| &a.book),
+    )
+    .await?;
     let stored = book.bound_ids();
 
     let mut plan = decide(&mut book, works, released, release);
+    if let Some(progress) = turn.progress {
+        let awaited = plan.to_park.iter().map(|p| p.awaited.clone());
+        progress.has_decided(Decided {
+            book: book.clone(),
+            awaited: awaited
+                .chain(plan.repoint.iter().map(|(_, id)| id.clone()))
+                .collect(),
+            event_ids,
+        });
+    }
+    // Writes keep batch order: they wait for the batch ahead.
+    if let Some(ahead) = turn.ahead {
+        if !ahead.cleared().await {
+            return Ok(None);
+        }
+    }
     let overflow = cap_parking(&mut tx, &mut plan.to_park, config.max_parked).await?;
 
     report.recorded = plan.recorded;
@@ -362,7 +456,7 @@ async fn run_batch_in(
     report
         .handed
         .extend(positions.map(|p| handed(p, &plan.applied.entries, &book)));
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// Most events parked for one id. A producer (or an attacker) sending
@@ -658,10 +752,13 @@ fn decode_parked(row: ParkedRow) -> Result<(ParkedRow, OrderEvent), StoreError> 
 }
 
 /// Loads, locked, every order the events can touch: their own orders and
-/// the owners of every id they issue or name.
+/// the owners of every id they issue or name. Behind a batch not committed
+/// yet, the orders `ahead` holds are taken from it as they will be once it
+/// commits, and only the others loaded and locked (see `super::overlap`).
 pub(crate) async fn load_book<'e>(
     conn: &mut MySqlConnection,
     events: impl Iterator<Item = &'e OrderEvent> + Clone,
+    ahead: Option<&LifecycleBook>,
 ) -> Result<LifecycleBook, StoreError> {
     let ids: Vec<LifecycleId> = unique(
         events
@@ -674,16 +771,26 @@ pub(crate) async fn load_book<'e>(
             })
             .collect(),
     );
-    let owners = id_projection::owners_of(conn, &ids).await?;
+    let owner_ahead = |id: &LifecycleId| ahead.and_then(|a| a.owner_of(id)).cloned();
+    let (known, unknown): (Vec<_>, Vec<_>) =
+        ids.into_iter().partition(|id| owner_ahead(id).is_some());
+    let owners = id_projection::owners_of(conn, &unknown).await?;
     let orders: Vec<OrderId> = unique(
         events
             .filter_map(|e| e.order_id.clone())
+            .chain(known.iter().filter_map(owner_ahead))
             .chain(owners.into_values())
             .collect(),
     );
+    let (taken, loaded): (Vec<_>, Vec<_>) = orders
+        .into_iter()
+        .partition(|o| ahead.and_then(|a| a.order(o)).is_some());
     let mut book = LifecycleBook::new();
-    for order in id_projection::load_orders(conn, &orders, true).await? {
+    for order in id_projection::load_orders(conn, &loaded, true).await? {
         book.insert(order);
+    }
+    for order in taken.iter().filter_map(|o| ahead.and_then(|a| a.order(o))) {
+        book.insert(order.clone());
     }
     Ok(book)
 }
