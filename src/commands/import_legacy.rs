@@ -656,7 +656,8 @@ async fn apply(
         }
     }
     // The page behind, if any, is read and decided from here on.
-    let _ = decided.send(Arc::new(book.clone()));
+    let book = Arc::new(book);
+    let _ = decided.send(book.clone());
     if let Some(ahead) = ahead {
         if ahead.committed.await.is_err() {
             return Ok(None);

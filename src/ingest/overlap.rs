@@ -41,7 +41,7 @@ use crate::domain::{EventId, LifecycleBook, LifecycleId, OrderEvent};
 #[derive(Debug, Default)]
 pub struct Decided {
     /// Its orders as they will be once it commits.
-    pub book: LifecycleBook,
+    pub book: Arc<LifecycleBook>,
     /// Ids its parked events wait for.
     pub awaited: HashSet<LifecycleId>,
     /// The event ids it took in: logged, parked, or dead-lettered with

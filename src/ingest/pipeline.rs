@@ -29,6 +29,7 @@
 //!   a second.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{MySql, MySqlConnection};
@@ -411,12 +412,14 @@ async fn run_batch_in(
     let mut book = load_book(
         &mut tx,
         works.iter().chain(&released).map(|w| &w.event),
-        ahead.as_deref().map(|a| &a.book),
+        ahead.as_deref().map(|a| a.book.as_ref()),
     )
     .await?;
     let stored = book.bound_ids();
 
     let mut plan = decide(&mut book, works, released, release);
+    // Shared with the batch behind, which takes the orders it needs.
+    let book = Arc::new(book);
     if let Some(progress) = turn.progress {
         let awaited = plan.to_park.iter().map(|p| p.awaited.clone());
         progress.has_decided(Decided {
