@@ -46,7 +46,13 @@ pub fn resident_memory_mib() -> Option<u64> {
 
 /// A `/proc/self/status` line given in kB, in MiB.
 fn memory_status_mib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    process_memory_mib("self", field)
+}
+
+/// A line of process `pid`'s `/proc/<pid>/status` given in kB (`VmRSS:`,
+/// `VmHWM:`), in MiB, where the platform tells it (Linux).
+pub fn process_memory_mib(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
         .find(|l| l.starts_with(field))?

@@ -22,7 +22,7 @@ use rdkafka::producer::FutureProducer;
 use sqlx::{MySql, QueryBuilder};
 
 use super::{enqueue, plain_consumer, plan, BenchServices, CpuReading, Layout, Scratch};
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, RunConfig};
 use crate::kafka;
 use crate::store::{event_log, offsets, Store};
 
@@ -239,22 +239,21 @@ async fn drain(
     let mut run = scratch.run_config(kafka, topics, config.partitions, 10);
     run.input.batch_size = config.batch_size;
     let redis = scratch.projection().await?;
-    super::reset_peak_memory();
-    let start_rss_mib = crate::telemetry::peak_memory_mib();
     let joined_at = Instant::now();
-    let (stop, stopped) = crate::shutdown::Shutdown::new();
-    let consumer = tokio::spawn(crate::commands::run::run(run, stopped));
-
+    let mut consumer = ServiceProcess::start(&run)?;
+    let pid = consumer.pid();
+    let mut start_rss_mib = None;
     // From the first committed batch on: events committed, log projected.
     let mut first: Option<(Instant, usize, CpuReading)> = None;
     // Progress each PROGRESS_EVERY: the rate since the last line shows
     // whether it holds as the tables grow.
     let mut last_progress: Option<(Instant, usize)> = None;
     let finished = loop {
-        anyhow::ensure!(!consumer.is_finished(), "the consumer stopped early");
+        consumer.check_running()?;
         let committed = committed(store, &scratch.name).await?;
         if committed > 0 && first.is_none() {
-            first = Some((Instant::now(), committed, CpuReading::now()));
+            start_rss_mib = rss(&pid, "VmRSS:");
+            first = Some((Instant::now(), committed, CpuReading::with_service(&pid)));
             last_progress = Some((Instant::now(), committed));
         }
         if let Some((at, then)) = last_progress {
@@ -264,8 +263,7 @@ async fn drain(
                      last {} s; RSS {} MiB",
                     (committed - then) as f64 / at.elapsed().as_secs_f64(),
                     at.elapsed().as_secs(),
-                    crate::telemetry::resident_memory_mib()
-                        .map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
+                    rss(&pid, "VmRSS:").map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
                 );
                 last_progress = Some((Instant::now(), committed));
             }
@@ -273,7 +271,7 @@ async fn drain(
         if committed >= produced {
             let head = event_log::head(store.pool()).await?;
             if redis.position().await? >= head {
-                break (Instant::now(), CpuReading::now());
+                break (Instant::now(), CpuReading::with_service(&pid));
             }
         }
         anyhow::ensure!(
@@ -282,9 +280,8 @@ async fn drain(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let peak_rss_mib = crate::telemetry::peak_memory_mib();
-    stop.trigger();
-    consumer.await??;
+    let peak_rss_mib = rss(&pid, "VmHWM:");
+    consumer.stop().await?;
     let (t0, before, cpu0) = first.context("nothing was committed")?;
     let (t1, cpu1) = finished;
     Ok(Drain {
@@ -371,4 +368,88 @@ async fn ceiling(store: &Store, events: usize) -> anyhow::Result<Ceiling> {
         cpu: cpu1.since(&cpu0),
         database_cpu: cpu1.of(&cpu0, "mariadb"),
     })
+}
+
+/// A line of process `pid`'s status in MiB.
+fn rss(pid: &str, field: &str) -> Option<u64> {
+    crate::telemetry::process_memory_mib(pid, field)
+}
+
+/// `order-lifecycle run`, this same binary, as a process of its own: its
+/// CPU and memory are then the service's alone, not what producing the
+/// backlog left in the bench's process.
+struct ServiceProcess(std::process::Child);
+
+impl ServiceProcess {
+    /// Starts `run` with `config` as flags.
+    fn start(config: &RunConfig) -> anyhow::Result<ServiceProcess> {
+        let exe = std::env::current_exe().context("locating this binary")?;
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let mut command = std::process::Command::new(exe);
+        command
+            .arg("run")
+            .args(["--brokers", &config.kafka.brokers])
+            .args(["--database-url", config.database.url.expose()])
+            .args([
+                "--database-max-connections",
+                &config.database.max_connections.to_string(),
+            ])
+            .args(["--redis-url", config.redis.url.expose()])
+            .args(["--redis-key-prefix", &config.redis.key_prefix])
+            .args(["--http-listen", "off"])
+            .args(["--topics", &config.input.topics.join(",")])
+            .args(["--batch-size", &config.input.batch_size.to_string()])
+            .args(["--group-id", &config.group_id])
+            .args(["--dead-letter-topic", &config.dead_letter_topic])
+            .args(["--batch-linger", &ms(config.batch_linger)])
+            .args(["--session-timeout", &ms(config.session_timeout)])
+            .args(["--shutdown-timeout", &ms(config.shutdown_timeout)])
+            .args(["--max-partition-idle", &ms(config.max_partition_idle)])
+            .args(["--topic-partitions", &config.topic_partitions.to_string()]);
+        for o in &config.kafka.options {
+            command.args(["--kafka-option", &format!("{}={}", o.key, o.value)]);
+        }
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting order-lifecycle run")?;
+        Ok(ServiceProcess(child))
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    /// An error if it has exited.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.0.try_wait()? {
+            Some(status) => anyhow::bail!("the consumer stopped early: {status}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops it (SIGTERM, as an operator would; SIGKILL after 30 s).
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid()])
+            .status();
+        for _ in 0..300 {
+            if self.0.try_wait()?.is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        // A bench that fails leaves no consumer behind.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -369,8 +369,14 @@ pub struct CpuReading {
 impl CpuReading {
     /// Reads this process, MariaDB, the broker and Redis.
     pub fn now() -> CpuReading {
+        CpuReading::with_service("self")
+    }
+
+    /// Reads process `service` (a pid, or `self`) as the service, MariaDB,
+    /// the broker and Redis.
+    pub fn with_service(service: &str) -> CpuReading {
         let servers: [(&'static str, Option<String>); 4] = [
-            ("service", Some("self".to_owned())),
+            ("service", Some(service.to_owned())),
             ("mariadb", find_process(&["mariadbd", "mysqld"])),
             ("broker", find_process(&["tansu", "kafka"])),
             ("redis", find_process(&["redis-server"])),
