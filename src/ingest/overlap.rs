@@ -113,12 +113,38 @@ impl BatchProgress {
     }
 }
 
+/// Where the batch ahead stands, for a batch about to read behind it.
+#[derive(Debug)]
+pub enum Standing {
+    /// Decided on its first attempt, not done yet: read behind it.
+    Decided(Arc<Decided>),
+    /// An attempt failed and it is not done: give way.
+    Failed,
+    /// Done (committed, handed on): nothing of it is pending, run alone.
+    Done,
+}
+
 impl BatchAhead {
     /// What the batch ahead decided, on its first attempt: a batch may
     /// then start behind it.
     pub fn decision(&self) -> Option<Arc<Decided>> {
+        match self.standing() {
+            Standing::Decided(decided) => Some(decided),
+            Standing::Failed | Standing::Done => None,
+        }
+    }
+
+    /// Where the batch ahead stands now. A batch started behind it may
+    /// find it done already (it had begun its transaction meanwhile).
+    pub fn standing(&self) -> Standing {
         let s = self.0.borrow();
-        (!s.failed && !s.done).then(|| s.decided.clone()).flatten()
+        match (&s.decided, s.failed, s.done) {
+            (_, _, true) => Standing::Done,
+            (Some(decided), false, false) => Standing::Decided(decided.clone()),
+            // Failed, or not decided yet (no batch starts behind it then):
+            // giving way is the safe answer.
+            (_, _, false) => Standing::Failed,
+        }
     }
 
     /// Waits until a batch may start behind this one ([`Self::decision`]);
@@ -283,6 +309,10 @@ mod tests {
         progress.done();
         assert!(waiting.await.unwrap());
         assert!(ahead.cleared().await);
+        assert!(
+            matches!(ahead.standing(), Standing::Done),
+            "a batch finding it done runs alone"
+        );
     }
 
     #[tokio::test]
@@ -291,6 +321,7 @@ mod tests {
         progress.has_decided(Decided::default());
         progress.failed();
         assert!(ahead.decision().is_none(), "nothing starts behind a retry");
+        assert!(matches!(ahead.standing(), Standing::Failed));
         progress.has_decided(Decided::default());
         progress.done();
         assert!(!ahead.cleared().await, "sticky, even once done");

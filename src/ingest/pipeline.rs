@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlConnection};
 
-use super::overlap::{BatchAhead, BatchProgress, Decided};
+use super::overlap::{BatchAhead, BatchProgress, Decided, Standing};
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Transition,
@@ -357,11 +357,11 @@ async fn run_batch_in(
     let works = decode(messages, &config.schema_ids, &mut report.dead_letters);
     // Behind a batch that is not done (see `super::overlap`); if that
     // batch failed an attempt, give way before reading anything its retry
-    // will lock.
-    let ahead = match turn.ahead.as_deref().map(BatchAhead::decision) {
-        Some(None) => return Ok(None),
-        Some(Some(ahead)) => Some(ahead),
-        None => None,
+    // will lock; if it is done, everything of it is committed: alone.
+    let ahead = match turn.ahead.as_deref().map(BatchAhead::standing) {
+        Some(Standing::Failed) => return Ok(None),
+        Some(Standing::Decided(ahead)) => Some(ahead),
+        Some(Standing::Done) | None => None,
     };
     if ahead
         .as_deref()
@@ -431,8 +431,8 @@ async fn run_batch_in(
         });
     }
     // Writes keep batch order: they wait for the batch ahead.
-    if let Some(ahead) = turn.ahead {
-        if !ahead.cleared().await {
+    if let (Some(_), Some(gate)) = (&ahead, turn.ahead) {
+        if !gate.cleared().await {
             return Ok(None);
         }
     }
