@@ -614,6 +614,7 @@ async fn a_backlog_drained_late_parks_in_stream_time_and_dead_letters_no_confirm
              WHERE table_schema = DATABASE() AND table_name = 'parked_events'",
         )
         .await;
+    println!("{ever_parked} confirmations were parked during the drain");
     assert!(
         ever_parked < (lifecycles / 100) as i64,
         "{ever_parked} confirmations were parked during the drain"
