@@ -35,18 +35,7 @@ pub fn init(format: LogFormat) {
 /// This process's peak resident memory in MiB (`VmHWM`), where the platform
 /// tells it (Linux); for the long jobs' summaries.
 pub fn peak_memory_mib() -> Option<u64> {
-    memory_status_mib("VmHWM:")
-}
-
-/// This process's resident memory now in MiB (`VmRSS`), where the platform
-/// tells it (Linux).
-pub fn resident_memory_mib() -> Option<u64> {
-    memory_status_mib("VmRSS:")
-}
-
-/// A `/proc/self/status` line given in kB, in MiB.
-fn memory_status_mib(field: &str) -> Option<u64> {
-    process_memory_mib("self", field)
+    process_memory_mib("self", "VmHWM:")
 }
 
 /// A line of process `pid`'s `/proc/<pid>/status` given in kB (`VmRSS:`,

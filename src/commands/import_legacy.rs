@@ -362,9 +362,9 @@ async fn import_pages(
             next = read_page(Some(last));
             *summary.orders.entry(table.to_owned()).or_default() += rows.len() as u64;
             let events = events_of(table, user_type, &rows, summary, config.show);
-            let (page, behind) = PageInFlight::start(store, events, config, ahead.take());
-            if let Some(before) = behind {
-                summary.absorb(ended(before).await?, config.show);
+            let (page, ahead_task) = PageInFlight::start(store, events, config, ahead.take());
+            if let Some(task) = ahead_task {
+                summary.absorb(ended(task).await?, config.show);
             }
             ahead = Some(page.decided().await?);
             progress.add(rows.len() as u64);

@@ -42,8 +42,8 @@ use super::dead_letter::{publish_pending, DeadLetterPublisher};
 use super::ordering::{copartitioning_problem, Merger};
 use super::overlap::{self, BatchAhead, BatchProgress, Flights, Slot};
 use super::pipeline::{
-    expire_parked, process_batch_in_turn, process_isolating, release_stranded, BatchOutcome,
-    PipelineConfig, StrandedWindow, Turn,
+    expire_parked, process_batch_in_turn, process_isolating, ran_alone, release_stranded,
+    BatchOutcome, PipelineConfig, StrandedWindow, Turn,
 };
 use super::stall::{StallChange, StallWatch, STALL_AFTER};
 use crate::clock;
@@ -185,19 +185,16 @@ impl Ingest<'_> {
                 }
                 // The batches in flight finish (or are abandoned) first.
                 if let Some(end) = flights.next(false).await {
-                    let handled = end?;
-                    if self
-                        .landed(
-                            handled,
-                            !flights.is_empty(),
-                            &mut gate,
-                            &mut merger,
-                            &mut batch,
-                            &metadata,
-                        )
-                        .await
-                        .is_break()
-                    {
+                    let in_flight = !flights.is_empty();
+                    let landed = self.landed(
+                        end?,
+                        in_flight,
+                        &mut gate,
+                        &mut merger,
+                        &mut batch,
+                        &metadata,
+                    );
+                    if landed.await.is_break() {
                         return Ok(());
                     }
                 }
@@ -276,12 +273,9 @@ impl Ingest<'_> {
                 _ = shutdown.requested() => continue,
                 end = flights.next(ready_to_go && !housekeeping_due) => {
                     if let Some(end) = end {
-                        let handled = end?;
-                        if self
-                            .landed(handled, !flights.is_empty(), &mut gate, &mut merger, &mut batch, &metadata)
-                            .await
-                            .is_break()
-                        {
+                        let in_flight = !flights.is_empty();
+                        let landed = self.landed(end?, in_flight, &mut gate, &mut merger, &mut batch, &metadata);
+                        if landed.await.is_break() {
                             return Ok(());
                         }
                     }
@@ -570,9 +564,7 @@ impl Ingest<'_> {
                 if result.is_err() {
                     progress.failed();
                 }
-                result.map(|ran| {
-                    ran.unwrap_or_else(|| unreachable!("a batch with none ahead never gives way"))
-                })
+                result.map(ran_alone)
             })
             .await
     }

@@ -152,8 +152,8 @@ pub struct Turn<'t> {
 
 /// [`process_batch`] taking its [`Turn`]: behind a batch that is not done
 /// yet, it reads and decides at once but writes only once that batch is
-/// done; `Ok(None)` when it gave way instead (it touches what the batch
-/// ahead touches, or an attempt of that batch failed): nothing was
+/// done; `Ok(None)` when it gave way instead (see
+/// [`Decided::blocks`], or an attempt of that batch failed): nothing was
 /// written, run it again once the batch ahead is over.
 ///
 /// # Errors
@@ -296,7 +296,12 @@ async fn run_batch(
     let tx = store.pool().begin().await?;
     run_batch_in(tx, config, messages, release, Turn::default())
         .await
-        .map(|ran| ran.unwrap_or_else(|| unreachable!("a batch with none ahead never gives way")))
+        .map(ran_alone)
+}
+
+/// The outcome of a batch run with no batch ahead, which never gives way.
+pub fn ran_alone(ran: Option<BatchOutcome>) -> BatchOutcome {
+    ran.unwrap_or_else(|| unreachable!("a batch with none ahead never gives way"))
 }
 
 /// Dead letters redriven in one transaction, at most.
@@ -337,8 +342,8 @@ pub async fn redrive(
         Release::IssuedByBatch,
         Turn::default(),
     )
-    .await?
-    .unwrap_or_else(|| unreachable!("a batch with none ahead never gives way"));
+    .await
+    .map(ran_alone)?;
     Ok(Some((last, outcome)))
 }
 
@@ -774,26 +779,29 @@ pub(crate) async fn load_book<'e>(
             })
             .collect(),
     );
-    let owner_ahead = |id: &LifecycleId| ahead.and_then(|a| a.owner_of(id)).cloned();
-    let (known, unknown): (Vec<_>, Vec<_>) =
-        ids.into_iter().partition(|id| owner_ahead(id).is_some());
-    let owners = id_projection::owners_of(conn, &unknown).await?;
-    let orders: Vec<OrderId> = unique(
-        events
-            .filter_map(|e| e.order_id.clone())
-            .chain(known.iter().filter_map(owner_ahead))
-            .chain(owners.into_values())
-            .collect(),
+    let mut orders: Vec<OrderId> = events.filter_map(|e| e.order_id.clone()).collect();
+    let mut unknown = Vec::new();
+    for id in ids {
+        match ahead.and_then(|a| a.owner_of(&id)) {
+            Some(owner) => orders.push(owner.clone()),
+            None => unknown.push(id),
+        }
+    }
+    orders.extend(
+        id_projection::owners_of(conn, &unknown)
+            .await?
+            .into_values(),
     );
-    let (taken, loaded): (Vec<_>, Vec<_>) = orders
-        .into_iter()
-        .partition(|o| ahead.and_then(|a| a.order(o)).is_some());
     let mut book = LifecycleBook::new();
+    let mut loaded = Vec::new();
+    for order in unique(orders) {
+        match ahead.and_then(|a| a.order(&order)) {
+            Some(taken) => book.insert(taken.clone()),
+            None => loaded.push(order),
+        }
+    }
     for order in id_projection::load_orders(conn, &loaded, true).await? {
         book.insert(order);
-    }
-    for order in taken.iter().filter_map(|o| ahead.and_then(|a| a.order(o))) {
-        book.insert(order.clone());
     }
     Ok(book)
 }

@@ -25,6 +25,7 @@ use super::{enqueue, plain_consumer, plan, BenchServices, CpuReading, Layout, Sc
 use crate::config::{KafkaConfig, RunConfig};
 use crate::kafka;
 use crate::store::{event_log, offsets, Store};
+use crate::telemetry::process_memory_mib;
 
 /// Options of `bench-ingest`.
 #[derive(Debug, Clone, Args)]
@@ -103,8 +104,8 @@ async fn measure(config: &IngestBenchConfig, scratch: &Scratch) -> anyhow::Resul
     let drain = drain(config, scratch, &kafka, &topics, &store, produced).await?;
     println!(
         "bench-ingest: drained {} events in {:.1} s = {:.0} events/s (timed from the first \
-         committed batch; {:.1} s with the group join); CPU {}; peak RSS {} MiB ({} MiB when \
-         the drain started)",
+         committed batch; {:.1} s with the group join); CPU {}; peak RSS {} MiB ({} MiB at \
+         the first committed batch)",
         drain.events,
         drain.seconds,
         drain.events as f64 / drain.seconds,
@@ -222,7 +223,7 @@ struct Drain {
     service_cpu: f64,
     database_cpu: f64,
     peak_rss_mib: Option<u64>,
-    /// Resident memory when the drain started (what producing left).
+    /// The `run` process's resident memory at its first committed batch.
     start_rss_mib: Option<u64>,
 }
 
@@ -252,7 +253,7 @@ async fn drain(
         consumer.check_running()?;
         let committed = committed(store, &scratch.name).await?;
         if committed > 0 && first.is_none() {
-            start_rss_mib = rss(&pid, "VmRSS:");
+            start_rss_mib = process_memory_mib(&pid, "VmRSS:");
             first = Some((Instant::now(), committed, CpuReading::with_service(&pid)));
             last_progress = Some((Instant::now(), committed));
         }
@@ -263,7 +264,8 @@ async fn drain(
                      last {} s; RSS {} MiB",
                     (committed - then) as f64 / at.elapsed().as_secs_f64(),
                     at.elapsed().as_secs(),
-                    rss(&pid, "VmRSS:").map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
+                    process_memory_mib(&pid, "VmRSS:")
+                        .map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
                 );
                 last_progress = Some((Instant::now(), committed));
             }
@@ -280,7 +282,7 @@ async fn drain(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let peak_rss_mib = rss(&pid, "VmHWM:");
+    let peak_rss_mib = process_memory_mib(&pid, "VmHWM:");
     consumer.stop().await?;
     let (t0, before, cpu0) = first.context("nothing was committed")?;
     let (t1, cpu1) = finished;
@@ -370,14 +372,10 @@ async fn ceiling(store: &Store, events: usize) -> anyhow::Result<Ceiling> {
     })
 }
 
-/// A line of process `pid`'s status in MiB.
-fn rss(pid: &str, field: &str) -> Option<u64> {
-    crate::telemetry::process_memory_mib(pid, field)
-}
-
 /// `order-lifecycle run`, this same binary, as a process of its own: its
 /// CPU and memory are then the service's alone, not what producing the
-/// backlog left in the bench's process.
+/// backlog left in the bench's process. The URLs go in its environment,
+/// not on its command line, which any user of the machine can read.
 struct ServiceProcess(std::process::Child);
 
 impl ServiceProcess {
@@ -389,12 +387,12 @@ impl ServiceProcess {
         command
             .arg("run")
             .args(["--brokers", &config.kafka.brokers])
-            .args(["--database-url", config.database.url.expose()])
+            .env("OL_DATABASE_URL", config.database.url.expose())
             .args([
                 "--database-max-connections",
                 &config.database.max_connections.to_string(),
             ])
-            .args(["--redis-url", config.redis.url.expose()])
+            .env("OL_REDIS_URL", config.redis.url.expose())
             .args(["--redis-key-prefix", &config.redis.key_prefix])
             .args(["--http-listen", "off"])
             .args(["--topics", &config.input.topics.join(",")])
