@@ -392,8 +392,7 @@ struct PageInFlight {
 /// A page that has decided: the next page may start behind it.
 struct DecidedPage {
     task: PageTask,
-    book: Arc<LifecycleBook>,
-    committed: tokio::sync::oneshot::Receiver<()>,
+    ahead: PageAhead,
 }
 
 /// What a page behind another takes from it.
@@ -415,13 +414,7 @@ impl PageInFlight {
         let (decided_tx, decided) = tokio::sync::oneshot::channel();
         let (committed_tx, committed) = tokio::sync::oneshot::channel();
         let (page_ahead, before) = match ahead {
-            Some(a) => (
-                Some(PageAhead {
-                    book: a.book,
-                    committed: a.committed,
-                }),
-                Some(a.task),
-            ),
+            Some(a) => (Some(a.ahead), Some(a.task)),
             None => (None, None),
         };
         let task = tokio::spawn(apply(
@@ -446,8 +439,10 @@ impl PageInFlight {
         match self.decided.await {
             Ok(book) => Ok(DecidedPage {
                 task: self.task,
-                book,
-                committed: self.committed,
+                ahead: PageAhead {
+                    book,
+                    committed: self.committed,
+                },
             }),
             // It ended before deciding: only an error does.
             Err(_) => match ended(self.task).await {
