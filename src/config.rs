@@ -583,6 +583,14 @@ pub struct RunConfig {
         default_value = "order-lifecycle"
     )]
     pub group_id: String,
+    /// Static group membership (Kafka's `group.instance.id`): a name of this
+    /// instance, stable across its restarts and unique in the group (e.g.
+    /// the pod's name). An instance that comes back within
+    /// `--session-timeout` gets its partitions back without a rebalance; an
+    /// instance stopped for longer loses them when the timeout passes.
+    /// Unset: dynamic membership, every start and stop rebalances.
+    #[arg(long = "group-instance-id", env = "OL_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
     /// Topic for rejected messages (rule R10).
     #[arg(
         long = "dead-letter-topic",
@@ -693,6 +701,19 @@ impl RunConfig {
         }
         if self.group_id.trim().is_empty() {
             return bad("--group-id is empty");
+        }
+        if let Some(id) = &self.group_instance_id {
+            if id.is_empty()
+                || id.len() > 249
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return bad(
+                    "--group-instance-id must be 1 to 249 characters of letters, digits, '.', '_' \
+                     and '-' (a pod's name, say)",
+                );
+            }
         }
         Ok(())
     }

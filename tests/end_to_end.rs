@@ -1162,3 +1162,50 @@ async fn a_dead_letter_too_large_for_its_topic_is_shortened_and_blocks_nothing()
     consumer.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishers_emptying_one_outbox_publish_each_letter_once() {
+    use order_lifecycle::ingest::dead_letter::{publish_pending, DeadLetterPublisher};
+    use order_lifecycle::store::dead_letters::{self, DeadLetter};
+    let env = Env::new().await;
+    let letters: Vec<DeadLetter> = (0..300)
+        .map(|offset| DeadLetter {
+            topic: env.topics.orders.clone(),
+            partition: 0,
+            offset,
+            key: Some(format!("K{offset}").into_bytes()),
+            payload: Some(b"\xff not an event".to_vec()),
+            content_type: None,
+            reason: "undecodable_protobuf".into(),
+            error: "not a protobuf OrderEvent".into(),
+            event_id: None,
+            order_id: None,
+        })
+        .collect();
+    let mut conn = env.db.store.pool().acquire().await.unwrap();
+    dead_letters::insert(&mut conn, &letters).await.unwrap();
+    drop(conn);
+    // Two instances' publishers, as when a leader hands over mid-publish.
+    let publisher =
+        || DeadLetterPublisher::new(&common::kafka_config(), &env.topics.dead_letters).unwrap();
+    let (one, other) = (publisher(), publisher());
+    let (a, b) = tokio::join!(
+        publish_pending(&env.db.store, &one),
+        publish_pending(&env.db.store, &other)
+    );
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        letters.len(),
+        "each letter marked once"
+    );
+    let mut published: Vec<String> = env
+        .read_all_dead_letters()
+        .iter()
+        .map(|f| f["source-offset"].clone())
+        .collect();
+    published.sort();
+    let mut expected: Vec<String> = (0..300).map(|o: i64| o.to_string()).collect();
+    expected.sort();
+    assert_eq!(published, expected, "each letter on the topic once");
+    env.cleanup().await;
+}

@@ -1,5 +1,7 @@
 //! Failures a production consumer meets, injected for real: SIGKILL at random
-//! moments, several instances sharing partitions, SIGTERM mid-stream, Redis
+//! moments, several instances sharing partitions (one leader projecting
+//! and publishing, its SIGKILL handed over, restarts with static
+//! membership), SIGTERM mid-stream, Redis
 //! and the database going away (test-owned instances, never the shared
 //! ones), confirmations overtaking their requests. After each: every event
 //! applied exactly once, per-order sequences without gaps, and MySQL and
@@ -458,4 +460,194 @@ async fn redis_over_tls_is_verified_and_a_wrong_ca_is_refused() {
     assert!(stderr.contains("Redis refused the connection"), "{stderr}");
     assert!(stderr.contains("--redis-ca-file"), "{stderr}");
     db.drop().await;
+}
+
+/// What an instance logs when it takes the leader lease.
+const LEADS: &str = "this instance leads";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_projects_and_a_sigkilled_leader_is_replaced_within_seconds() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let env = Env::with_partitions(4).await;
+    let events = stream(600, 21);
+    let (first, rest) = events.split_at(events.len() / 2);
+    env.send_many(first).await;
+    let config = ["--batch-size", "100"];
+    let mut instances: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| env.spawn_binary(&config, name))
+        .collect();
+    env.wait_until_logged(first.len(), Duration::from_secs(120))
+        .await;
+    env.wait_for_redis().await;
+    let leaders: Vec<usize> = (0..instances.len())
+        .filter(|&i| instances[i].logged(LEADS))
+        .collect();
+    assert_eq!(leaders.len(), 1, "exactly one instance leads");
+    for (i, instance) in instances.iter().enumerate() {
+        assert_eq!(
+            instance.logged("redis follower connected"),
+            i == leaders[0],
+            "only the leader follows the log into Redis"
+        );
+    }
+    instances.remove(leaders[0]).kill();
+    let killed = Instant::now();
+    wait_until(
+        "another instance to lead",
+        Duration::from_secs(15),
+        || async { instances.iter().any(|c| c.logged(LEADS)) },
+    )
+    .await;
+    eprintln!(
+        "leader handover after SIGKILL: {} ms",
+        killed.elapsed().as_millis()
+    );
+    env.send_many(rest).await;
+    env.wait_until_logged(events.len(), Duration::from_secs(180))
+        .await;
+    env.wait_for_redis().await;
+    for consumer in instances {
+        let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+    assert_exactly_once(&env, &events).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_published_once_each_with_three_instances() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let env = Env::with_partitions(4).await;
+    let instances: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| env.spawn_binary(&["--batch-size", "50"], name))
+        .collect();
+    let events = stream(300, 22);
+    let broken = 40;
+    for (round, quarter) in events.chunks(events.len().div_ceil(4)).enumerate() {
+        env.send_many(quarter).await;
+        for i in 0..broken / 4 {
+            // Keys spread the broken messages over the partitions, so
+            // every instance dead-letters some.
+            let key = format!("BROKEN-{round}-{i}");
+            env.send_raw(&env.topics.orders, &key, b"\xff\x00 not an event", None)
+                .await;
+        }
+    }
+    env.wait_until_logged(events.len(), Duration::from_secs(180))
+        .await;
+    wait_until(
+        "every dead letter published",
+        Duration::from_secs(60),
+        || async {
+            env.db
+                .count("SELECT COUNT(*) FROM dead_letters WHERE published_at IS NOT NULL")
+                .await
+                == broken as i64
+        },
+    )
+    .await;
+    // Periodic rounds of every instance have run a few times since.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut published: Vec<String> = env
+        .read_all_dead_letters()
+        .iter()
+        .map(|f| format!("{}/{}", f["source-partition"], f["source-offset"]))
+        .collect();
+    published.sort();
+    let mut recorded: Vec<String> =
+        sqlx::query_scalar("SELECT CONCAT(source_partition, '/', source_offset) FROM dead_letters")
+            .fetch_all(env.db.store.pool())
+            .await
+            .unwrap();
+    recorded.sort();
+    assert_eq!(recorded.len(), broken);
+    assert_eq!(published, recorded, "each dead letter on the topic once");
+    let leaders = instances.iter().filter(|c| c.logged(LEADS)).count();
+    assert_eq!(leaders, 1, "one instance leads");
+    for consumer in instances {
+        let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+    env.db.assert_sequences_gap_free().await;
+    env.cleanup().await;
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// "partitions assigned" lines in an instance's log: its rebalances.
+fn assignments(consumer: &common::process::BinaryConsumer) -> usize {
+    std::fs::read_to_string(&consumer.log)
+        .unwrap_or_default()
+        .matches("partitions assigned")
+        .count()
+}
+
+/// Restarts instance `b` of two (SIGTERM, start at once) and returns how
+/// many rebalances `a` went through because of it.
+async fn rebalances_of_a_restart(static_membership: bool) -> usize {
+    let env = Env::with_partitions(4).await;
+    let ids = |name: &str| {
+        let id = format!("{}-{name}", env.group_id);
+        let mut args = vec!["--batch-size".to_owned(), "100".to_owned()];
+        if static_membership {
+            args.extend(["--group-instance-id".to_owned(), id]);
+        }
+        args
+    };
+    let args_a = ids("a");
+    let args_b = ids("b");
+    let a = env.spawn_binary(&as_strs(&args_a), "a");
+    wait_until("a to get partitions", Duration::from_secs(60), || async {
+        a.logged("partitions assigned")
+    })
+    .await;
+    let b = env.spawn_binary(&as_strs(&args_b), "b");
+    wait_until("b to get partitions", Duration::from_secs(60), || async {
+        b.logged("partitions assigned")
+    })
+    .await;
+    let events = stream(200, 23);
+    env.send_many(&events[..100]).await;
+    env.wait_until_logged(100, Duration::from_secs(60)).await;
+    let before = assignments(&a);
+    let (code, log) = b.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{log}");
+    let b = env.spawn_binary(&as_strs(&args_b), "b2");
+    wait_until("b to be back", Duration::from_secs(60), || async {
+        b.logged("partitions assigned")
+    })
+    .await;
+    env.send_many(&events[100..]).await;
+    env.wait_until_logged(events.len(), Duration::from_secs(120))
+        .await;
+    let rebalances = assignments(&a) - before;
+    for consumer in [a, b] {
+        let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+    assert_exactly_once(&env, &events).await;
+    env.cleanup().await;
+    rebalances
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_static_membership_does_not_rebalance_the_others() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dynamic = rebalances_of_a_restart(false).await;
+    let fixed = rebalances_of_a_restart(true).await;
+    eprintln!(
+        "rebalances of the other instance for one restart: dynamic {dynamic}, static {fixed}"
+    );
+    assert!(
+        dynamic >= 1,
+        "a dynamic member's restart rebalances the group"
+    );
+    assert_eq!(
+        fixed, 0,
+        "a static member's restart within the session timeout rebalances nothing"
+    );
 }

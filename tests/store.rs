@@ -1247,9 +1247,8 @@ async fn a_letter_refused_again_during_its_publication_is_published_again() {
     )
     .await
     .unwrap();
-    let read = dead_letters::unpublished(db.store.pool(), 10)
-        .await
-        .unwrap();
+    let mut conn = db.store.pool().acquire().await.unwrap();
+    let read = dead_letters::unpublished(&mut conn, 10).await.unwrap();
     assert_eq!(read.len(), 1);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let again = redrive_all(&db.store, &redrive_config(&db, 0, &["parking_full"]))
@@ -1257,7 +1256,7 @@ async fn a_letter_refused_again_during_its_publication_is_published_again() {
         .unwrap();
     assert_eq!(again.refused_again.get("parking_full"), Some(&1));
     let keys: Vec<_> = read.into_iter().map(|(key, _)| key).collect();
-    dead_letters::mark_published(db.store.pool(), &keys)
+    dead_letters::mark_published(&mut conn, &keys)
         .await
         .unwrap();
     assert_eq!(
@@ -1266,11 +1265,9 @@ async fn a_letter_refused_again_during_its_publication_is_published_again() {
         1,
         "the new version is still to publish"
     );
-    let read = dead_letters::unpublished(db.store.pool(), 10)
-        .await
-        .unwrap();
+    let read = dead_letters::unpublished(&mut conn, 10).await.unwrap();
     let keys: Vec<_> = read.into_iter().map(|(key, _)| key).collect();
-    dead_letters::mark_published(db.store.pool(), &keys)
+    dead_letters::mark_published(&mut conn, &keys)
         .await
         .unwrap();
     assert_eq!(

@@ -46,6 +46,7 @@ use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Handoff};
 use crate::shutdown::Shutdown;
 use crate::store::event_log;
+use crate::store::leadership::Leadership;
 use crate::store::legacy::{self, LegacyRow};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{id_projection, Store, StoreError};
@@ -305,6 +306,7 @@ pub async fn import(
             store.clone(),
             config.redis.clone(),
             Arc::new(Handoff::new()),
+            Leadership::sole(),
             stopped,
         ));
         (stop, task)

@@ -459,6 +459,21 @@ mod tests {
     }
 
     #[test]
+    fn a_group_instance_id_is_a_plain_name() {
+        let with = |id: &str| run_config(&["run", "--group-instance-id", id], "").validate();
+        assert!(with("order-lifecycle-0").is_ok());
+        assert_eq!(
+            run_config(&["run"], "").group_instance_id,
+            None,
+            "dynamic membership by default"
+        );
+        for bad in ["", "pod 1", "pod/1", &"x".repeat(250)] {
+            let err = with(bad).expect_err(bad);
+            assert!(err.to_string().contains("--group-instance-id"), "{err}");
+        }
+    }
+
+    #[test]
     fn a_batch_size_out_of_range_is_refused_by_the_parser() {
         let err = super::parse_from(["order-lifecycle", "run", "--batch-size", "0"], None)
             .expect_err("0 is refused");

@@ -1,9 +1,12 @@
 //! `run`: the consumer, with the read API beside it and the Redis follower
 //! behind it. This file wires them: the HTTP server starts first (so that
 //! `/healthz` answers while the database is still coming), then the store,
-//! then the follower and the consumer; on shutdown the consumer finishes its
-//! batch and leaves the group, the follower projects what was committed,
-//! and the server stops, each within `--shutdown-timeout`.
+//! then the campaign for the leader lease, the follower and the consumer; on
+//! shutdown the consumer finishes its batch and leaves the group, the
+//! follower (on the leader) projects what was committed, the lease is given
+//! back, and the server stops, each within `--shutdown-timeout`. Of many
+//! instances sharing a database, only the leader follows the log into Redis
+//! and does the housekeeping (see [`crate::store::leadership`]).
 
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use crate::ingest::{self, assignment::ConsumerStatus};
 use crate::projection::redis_follower::{self, Handoff};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
+use crate::store::leadership::Leadership;
 use crate::store::redis_projection::RedisProjection;
 use crate::store::{Store, StoreError};
 
@@ -84,15 +88,19 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
 
     // The follower stops after the consumer, so that it projects the last
     // batches: it has a signal of its own.
+    // The leader lease is given back after the follower's last round.
+    let (stop_campaign, campaign_shutdown) = Shutdown::new();
+    let (leadership, campaign) = Leadership::campaign(store.clone(), campaign_shutdown);
     let (stop_follower, follower_shutdown) = Shutdown::new();
     let handoff = Arc::new(Handoff::new());
     let follower = tokio::spawn(redis_follower::run(
         store.clone(),
         config.redis.clone(),
         handoff.clone(),
+        leadership.clone(),
         follower_shutdown,
     ));
-    let result = ingest::consume(&config, &store, status, &handoff, shutdown).await;
+    let result = ingest::consume(&config, &store, status, &handoff, &leadership, shutdown).await;
 
     handoff.wake();
     stop_follower.trigger();
@@ -101,6 +109,13 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
         .is_err()
     {
         tracing::warn!("redis follower did not stop in time; it resumes from its checkpoint");
+    }
+    stop_campaign.trigger();
+    if tokio::time::timeout(config.shutdown_timeout, campaign)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the leader lease was not given back in time; it ends with its session");
     }
     if let Some(server) = server {
         if result.is_err() {

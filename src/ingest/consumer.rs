@@ -53,6 +53,7 @@ use crate::projection::redis_follower::Handoff;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::shutdown::Shutdown;
 use crate::store::dead_letters::DeadLetter;
+use crate::store::leadership::Leadership;
 use crate::store::{offsets, parked, Store, StoreError};
 use crate::wire::InboundMessage;
 
@@ -69,6 +70,7 @@ pub async fn consume(
     store: &Store,
     status: Arc<ConsumerStatus>,
     handoff: &Handoff,
+    leadership: &Leadership,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let topics: Vec<&str> = config.input.topics.iter().map(String::as_str).collect();
@@ -81,12 +83,18 @@ pub async fn consume(
     }
     let dead_letters = DeadLetterPublisher::new(&config.kafka, &config.dead_letter_topic)
         .context("creating the dead-letter producer")?;
-    let consumer: StreamConsumer<AssignmentContext> =
-        kafka::consumer_config(&config.kafka, &config.group_id, config.session_timeout)
-            // For the consumer-lag gauge (see AssignmentContext).
-            .set("statistics.interval.ms", "5000")
-            .create_with_context(AssignmentContext::new(status))
-            .context("creating the Kafka consumer")?;
+    let mut settings =
+        kafka::consumer_config(&config.kafka, &config.group_id, config.session_timeout);
+    // For the consumer-lag gauge (see AssignmentContext).
+    settings.set("statistics.interval.ms", "5000");
+    if let Some(instance) = &config.group_instance_id {
+        // Static membership: a restart within the session timeout keeps
+        // the assignment (no LeaveGroup is sent on the way out).
+        settings.set("group.instance.id", instance);
+    }
+    let consumer: StreamConsumer<AssignmentContext> = settings
+        .create_with_context(AssignmentContext::new(status))
+        .context("creating the Kafka consumer")?;
     consumer
         .subscribe(&topics)
         .context("subscribing to the topics")?;
@@ -102,6 +110,7 @@ pub async fn consume(
         consumer: &consumer,
         dead_letters: &dead_letters,
         handoff,
+        leadership,
         paused: Default::default(),
     };
     let result = ingest.consume(shutdown).await;
@@ -118,6 +127,9 @@ struct Ingest<'a> {
     consumer: &'a StreamConsumer<AssignmentContext>,
     dead_letters: &'a DeadLetterPublisher,
     handoff: &'a Handoff,
+    /// Whether this instance does the once-only work: publishing the
+    /// outbox, releasing stranded and expiring parked events.
+    leadership: &'a Leadership,
     /// Partitions whose fetching [`Ingest::flow_control`] paused.
     paused: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
 }
@@ -511,7 +523,9 @@ impl Ingest<'_> {
         };
         self.handoff.offer(std::mem::take(&mut report.handed));
         commit(self.consumer, &report);
-        if !report.dead_letters.is_empty() {
+        // Other instances' letters wait in the outbox for the leader's
+        // periodic round (within a second).
+        if !report.dead_letters.is_empty() && self.leadership.is_leader() {
             self.publish_outbox(&mut shutdown).await;
         }
         // After the outbox: the batch behind publishes only after this one,
@@ -633,9 +647,10 @@ impl Ingest<'_> {
         }
     }
 
-    /// The periodic round: release stranded parked events, move the stream
-    /// time of caught-up partitions to now, expire parked events in stream
-    /// time (rule R7), publish the outbox.
+    /// The periodic round: move the stream time of caught-up partitions to
+    /// now; and on the leader only (see [`crate::store::leadership`]),
+    /// release stranded parked events, expire parked events in stream time
+    /// (rule R7) and publish the outbox.
     async fn periodic(
         &self,
         merger: &Merger,
@@ -643,6 +658,14 @@ impl Ingest<'_> {
         stalls: &mut StallWatch,
     ) -> anyhow::Result<()> {
         self.watch_stalls(merger, stalls);
+        if !self.leadership.is_leader() {
+            if let Err(e) = self.advance_stream_time(merger).await {
+                tracing::warn!(error = %e, "database unavailable; stream time moves later");
+            }
+            // Whoever leads next looks at every parked row again.
+            *stranded = StrandedWindow::default();
+            return Ok(());
+        }
         let after = match parked::last_row_id(self.store.pool()).await {
             Ok(last) => stranded.advance(Instant::now(), last),
             Err(e) => {
@@ -696,21 +719,31 @@ impl Ingest<'_> {
     async fn expire_parked(&self, merger: &Merger) -> Result<Vec<DeadLetter>, StoreError> {
         let pool = self.store.pool();
         let group = &self.config.group_id;
-        let at_end = merger.idle_at_end(|t, p| self.end_offset(t, p));
-        let now_ms = clock::now_ms();
-        offsets::advance_stream_time(pool, group, &at_end, now_ms).await?;
+        self.advance_stream_time(merger).await?;
         let Some(stream_time) =
             offsets::stream_time(pool, group, &self.config.input.topics).await?
         else {
             return Ok(Vec::new());
         };
         metrics::gauge!("order_lifecycle_stream_time_lag_seconds")
-            .set((now_ms - stream_time).max(0) as f64 / 1000.0);
+            .set((clock::now_ms() - stream_time).max(0) as f64 / 1000.0);
         expire_parked(
             self.store,
             self.config.input.parking.park_timeout,
             stream_time,
             500,
+        )
+        .await
+    }
+
+    /// Stream time moves on for this instance's partitions at their end.
+    async fn advance_stream_time(&self, merger: &Merger) -> Result<(), StoreError> {
+        let at_end = merger.idle_at_end(|t, p| self.end_offset(t, p));
+        offsets::advance_stream_time(
+            self.store.pool(),
+            &self.config.group_id,
+            &at_end,
+            clock::now_ms(),
         )
         .await
     }

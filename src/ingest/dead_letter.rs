@@ -16,7 +16,8 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 use crate::kafka;
-use crate::store::dead_letters::DeadLetter;
+use crate::store::dead_letters::{self, DeadLetter};
+use crate::store::StoreError;
 
 /// Sends dead letters and waits until the broker has them.
 #[derive(Clone)]
@@ -176,7 +177,10 @@ fn too_large(e: &KafkaError) -> bool {
 }
 
 /// Publishes every letter of the outbox not yet on the topic, oldest first,
-/// and marks them published. Returns how many it published.
+/// and marks them published, each page of letters locked from its read to
+/// its mark (see [`crate::store::dead_letters::unpublished`]): with
+/// publishers on several instances, each letter is still published once.
+/// Returns how many it published.
 ///
 /// # Errors
 /// The first Kafka or database error; what was not marked is published
@@ -187,13 +191,15 @@ pub async fn publish_pending(
 ) -> Result<usize, PublishError> {
     let mut total = 0;
     loop {
-        let pending = crate::store::dead_letters::unpublished(store.pool(), 500).await?;
+        let mut tx = store.pool().begin().await.map_err(StoreError::from)?;
+        let pending = dead_letters::unpublished(&mut tx, 500).await?;
         if pending.is_empty() {
             return Ok(total);
         }
         let (keys, letters): (Vec<_>, Vec<DeadLetter>) = pending.into_iter().unzip();
         publisher.publish(&letters).await?;
-        crate::store::dead_letters::mark_published(store.pool(), &keys).await?;
+        dead_letters::mark_published(&mut tx, &keys).await?;
+        tx.commit().await.map_err(StoreError::from)?;
         total += keys.len();
     }
 }

@@ -50,6 +50,7 @@ use crate::shutdown::Shutdown;
 use crate::config::RedisConfig;
 use crate::domain::{LifecycleId, OrderId, Transition};
 use crate::store::event_log::LogHead;
+use crate::store::leadership::Leadership;
 use crate::store::redis_projection::{ActiveIds, Projected, RedisError, RedisProjection};
 use crate::store::{checkpoints, event_log, id_projection, Store, StoreError};
 
@@ -318,10 +319,18 @@ async fn record_lag(store: &Store, redis: &RedisProjection) {
     }
 }
 
-/// Follows the log until `stop` turns true: woken by `handoff` after each
-/// committed batch, whose keys it writes straight away when they continue
-/// Redis, and reading the log itself otherwise and at least every second.
-pub async fn run(store: Store, config: RedisConfig, handoff: Arc<Handoff>, mut stop: Shutdown) {
+/// Follows the log until `stop` turns true, while `leadership` says this
+/// instance leads (one writer of Redis among many instances; see
+/// [`crate::store::leadership`]): woken by `handoff` after each committed
+/// batch, whose keys it writes straight away when they continue Redis, and
+/// reading the log itself otherwise and at least every second.
+pub async fn run(
+    store: Store,
+    config: RedisConfig,
+    handoff: Arc<Handoff>,
+    mut leadership: Leadership,
+    mut stop: Shutdown,
+) {
     let mut backoff = Backoff::new();
     let mut redis: Option<RedisProjection> = None;
     // The log's identity as last read; `None` makes the next round read the
@@ -334,7 +343,7 @@ pub async fn run(store: Store, config: RedisConfig, handoff: Arc<Handoff>, mut s
         if stop.is_requested() {
             // Project what the last batches committed before leaving; the
             // caller bounds how long this may take.
-            if let Some(projection) = &redis {
+            if let (Some(projection), true) = (&redis, leadership.is_leader()) {
                 while let Ok(n) = catch_up(&store, projection).await {
                     if n == 0 {
                         break;
@@ -343,6 +352,17 @@ pub async fn run(store: Store, config: RedisConfig, handoff: Arc<Handoff>, mut s
                 mirror_checkpoint(&store, projection, &mut mirrored).await;
             }
             break;
+        }
+        if !leadership.is_leader() {
+            // The leader projects every instance's batches from the log.
+            drop(handoff.take());
+            log_id = None;
+            tokio::select! {
+                _ = leadership.changed() => {}
+                _ = handoff.wake.notified() => {}
+                _ = stop.requested() => {}
+            }
+            continue;
         }
         let projection = match &redis {
             Some(r) => r.clone(),

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
+use sqlx::{MySql, MySqlConnection, QueryBuilder, Row};
 
 use super::{opt_text, text, StoreError, MAX_ROWS_PER_STATEMENT};
 use crate::domain::{EventId, OrderEvent, OrderId};
@@ -118,21 +118,24 @@ pub struct OutboxKey {
 }
 
 /// Up to `limit` letters not yet on the dead-letter topic, oldest first,
-/// with their outbox keys.
+/// with their outbox keys, locked until `conn`'s transaction ends: a second
+/// publisher (another instance) waits, then finds them published, so each
+/// letter is published once and in the outbox's order. (READ COMMITTED:
+/// only these rows are locked, so batches adding letters do not wait.)
 ///
 /// # Errors
 /// [`StoreError`] from the database.
 pub async fn unpublished(
-    pool: &MySqlPool,
+    conn: &mut MySqlConnection,
     limit: u32,
 ) -> Result<Vec<(OutboxKey, DeadLetter)>, StoreError> {
     let rows = sqlx::query(
         "SELECT id, source_topic, source_partition, source_offset, message_key, payload, \
          content_type, reason, error, event_id, order_id, CAST(created_at AS CHAR) \
-         FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ?",
+         FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ? FOR UPDATE",
     )
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     rows.iter()
         .map(|row| {
@@ -165,7 +168,10 @@ pub async fn unpublished(
 ///
 /// # Errors
 /// [`StoreError`] from the database.
-pub async fn mark_published(pool: &MySqlPool, keys: &[OutboxKey]) -> Result<(), StoreError> {
+pub async fn mark_published(
+    conn: &mut MySqlConnection,
+    keys: &[OutboxKey],
+) -> Result<(), StoreError> {
     for chunk in keys.chunks(MAX_ROWS_PER_STATEMENT) {
         let ids: Vec<i64> = chunk.iter().map(|k| k.id).collect();
         let mut qb =
@@ -182,7 +188,7 @@ pub async fn mark_published(pool: &MySqlPool, keys: &[OutboxKey]) -> Result<(), 
                 .push_unseparated(")");
         }
         list.push_unseparated(")");
-        qb.build().execute(pool).await?;
+        qb.build().execute(&mut *conn).await?;
     }
     Ok(())
 }

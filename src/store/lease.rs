@@ -27,17 +27,48 @@ impl Lease {
     /// # Errors
     /// [`StoreError`] from the database.
     pub async fn try_acquire(store: &Store, name: &str) -> Result<Option<Lease>, StoreError> {
-        let mut session = store.pool().acquire().await?.detach();
+        let session = store.pool().acquire().await?.detach();
+        Ok(Lease::try_acquire_on(session, name).await?.ok())
+    }
+
+    /// [`Lease::try_acquire`] on a session of the caller's (one kept for
+    /// repeated attempts); the session comes back when someone else holds
+    /// the lease.
+    ///
+    /// # Errors
+    /// [`StoreError`] from the database (the session is then dropped).
+    pub async fn try_acquire_on(
+        mut session: MySqlConnection,
+        name: &str,
+    ) -> Result<Result<Lease, MySqlConnection>, StoreError> {
         // Names are at most 64 characters: a fixed prefix and an MD5.
         let got: Option<i64> =
             sqlx::query_scalar("SELECT GET_LOCK(CONCAT(?, ':', MD5(DATABASE())), 0)")
                 .bind(name)
                 .fetch_one(&mut session)
                 .await?;
-        Ok((got == Some(1)).then(|| Lease {
-            session,
-            name: name.to_owned(),
-        }))
+        Ok(if got == Some(1) {
+            Ok(Lease {
+                session,
+                name: name.to_owned(),
+            })
+        } else {
+            Err(session)
+        })
+    }
+
+    /// Whether this lease is still held: its session answers and the server
+    /// still gives the lock to it. `false` once the server closed the
+    /// session (a restart, a network cut, an idle limit passed), after which
+    /// someone else may hold the lease.
+    pub async fn is_held(&mut self) -> bool {
+        let holder: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT IS_USED_LOCK(CONCAT(?, ':', MD5(DATABASE()))) = CONNECTION_ID()",
+        )
+        .bind(&self.name)
+        .fetch_one(&mut self.session)
+        .await;
+        matches!(holder, Ok(Some(1)))
     }
 
     /// Gives the lease back and closes its connection.

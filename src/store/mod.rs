@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod event_log;
 pub mod fold;
 pub mod id_projection;
+pub mod leadership;
 pub mod lease;
 pub mod legacy;
 pub mod offsets;

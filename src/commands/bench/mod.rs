@@ -135,6 +135,7 @@ impl Scratch {
                 schemas: crate::config::SchemaConfig::default(),
             },
             group_id: self.name.clone(),
+            group_instance_id: None,
             dead_letter_topic: self.dead_letter_topic(),
             batch_linger: Duration::from_millis(50),
             session_timeout: Duration::from_secs(6),

@@ -226,22 +226,42 @@ impl Env {
         .await;
     }
 
-    /// Reads the dead-letter topic from the start: `(reason header, source-topic header, payload)`.
+    /// Reads the dead-letter topic from the start until `expected` letters
+    /// came (or 20 s passed): each letter's headers and its `payload`.
     pub fn read_dead_letter_topic(&self, expected: usize) -> Vec<BTreeMap<String, String>> {
+        self.read_dead_letters(|read, _| read >= expected)
+    }
+
+    /// Reads the whole dead-letter topic: until nothing more came for 3 s.
+    pub fn read_all_dead_letters(&self) -> Vec<BTreeMap<String, String>> {
+        self.read_dead_letters(|_, quiet| quiet >= Duration::from_secs(3))
+    }
+
+    /// Reads every partition of the dead-letter topic from the start until
+    /// `done(letters read, time since the last one)` or 20 s.
+    fn read_dead_letters(
+        &self,
+        done: impl Fn(usize, Duration) -> bool,
+    ) -> Vec<BTreeMap<String, String>> {
         let consumer: BaseConsumer =
             kafka::consumer_config(&kafka_config(), &self.group_id, Duration::from_secs(6))
                 .create()
                 .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&self.topics.dead_letters), Duration::from_secs(10))
+            .expect("the dead-letter topic's metadata");
         let mut tpl = TopicPartitionList::new();
-        for p in 0..2 {
-            tpl.add_partition_offset(&self.topics.dead_letters, p, Offset::Beginning)
+        for p in metadata.topics()[0].partitions() {
+            tpl.add_partition_offset(&self.topics.dead_letters, p.id(), Offset::Beginning)
                 .unwrap();
         }
         consumer.assign(&tpl).expect("assign");
         let mut out = Vec::new();
         let start = Instant::now();
-        while out.len() < expected && start.elapsed() < Duration::from_secs(20) {
+        let mut last = Instant::now();
+        while !done(out.len(), last.elapsed()) && start.elapsed() < Duration::from_secs(20) {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                last = Instant::now();
                 let mut fields = BTreeMap::new();
                 if let Some(h) = m.headers() {
                     for h in h.iter() {
