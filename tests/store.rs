@@ -231,12 +231,16 @@ async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() 
         .unwrap();
 
     let (progress, ahead) = overlap::progress();
+    // The batch ahead is done only after the batch behind has ended: found
+    // done, the batch ahead would let the batch behind run alone instead.
+    let (behind_ended, behind_over) = tokio::sync::oneshot::channel::<()>();
     let run_ahead = async {
         let turn = Turn {
             ahead: None,
             progress: Some(&progress),
         };
         let report = process_batch_in_turn(&db.store, &cfg, &first, turn).await;
+        let _ = behind_over.await;
         progress.done();
         report
     };
@@ -250,7 +254,9 @@ async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() 
             ahead: Some(&mut ahead),
             progress: None,
         };
-        process_batch_in_turn(&db.store, &cfg, &second, turn).await
+        let report = process_batch_in_turn(&db.store, &cfg, &second, turn).await;
+        let _ = behind_ended.send(());
+        report
     };
     let (report_ahead, report_behind) = tokio::join!(run_ahead, run_behind);
     assert_eq!(report_ahead.unwrap().unwrap().recorded_total(), 3);
