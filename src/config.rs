@@ -99,6 +99,28 @@ pub fn parse_redis_url(raw: &str) -> Result<SecretUrl, String> {
     )
 }
 
+/// Parses one Redis Cluster seed node: `redis://` or `rediss://`, no
+/// database other than 0 (a cluster has only that one).
+///
+/// # Errors
+/// A message naming the problem (the URL's secret never in it).
+pub fn parse_redis_cluster_node(raw: &str) -> Result<SecretUrl, String> {
+    let url = with_scheme(raw, &["redis", "rediss"], "redis://host:7000")?;
+    let path = url
+        .expose()
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, db)| db);
+    match path {
+        None | Some("") | Some("0") => Ok(url),
+        Some(_) => Err(format!(
+            "{}: a Redis Cluster has only database 0",
+            url.redacted()
+        )),
+    }
+}
+
 fn with_scheme(raw: &str, schemes: &[&str], example: &str) -> Result<SecretUrl, String> {
     let url: SecretUrl = raw.parse()?;
     let scheme = url.expose().split("://").next().unwrap_or_default();
@@ -270,6 +292,19 @@ pub struct RedisConfig {
         value_parser = parse_redis_url
     )]
     pub url: SecretUrl,
+    /// Redis Cluster: comma-separated seed nodes (`redis://host:port`, or
+    /// `rediss://` for TLS; a password in the first one serves them all).
+    /// Selects cluster mode in place of --redis-url; the key names stay the
+    /// legacy ones.
+    #[arg(
+        id = "redis_cluster_nodes",
+        long = "redis-cluster-nodes",
+        env = "OL_REDIS_CLUSTER_NODES",
+        hide_env_values = true,
+        value_delimiter = ',',
+        value_parser = parse_redis_cluster_node
+    )]
+    pub cluster_nodes: Vec<SecretUrl>,
     /// Prefix for every key written (empty: the legacy names exactly).
     #[arg(
         id = "redis_key_prefix",
@@ -280,6 +315,24 @@ pub struct RedisConfig {
     pub key_prefix: String,
     #[command(flatten)]
     pub tls: RedisTls,
+}
+
+impl RedisConfig {
+    /// Whether this is a Redis Cluster (`--redis-cluster-nodes`).
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    /// Where Redis is, for logs: the URL or the cluster's seed nodes, with
+    /// their secrets hidden.
+    pub fn describe(&self) -> String {
+        if self.is_cluster() {
+            let nodes: Vec<String> = self.cluster_nodes.iter().map(SecretUrl::redacted).collect();
+            format!("cluster {}", nodes.join(","))
+        } else {
+            self.url.redacted()
+        }
+    }
 }
 
 /// Certificates for a `rediss://` connection: the CA that signed the
@@ -736,6 +789,14 @@ mod tests {
         assert!(parse_redis_url("redis://h:6379/0").is_ok());
         assert!(parse_redis_url("rediss://h:6380/0").is_ok());
         assert!(parse_redis_url("http://h:6379").is_err());
+        assert!(parse_redis_cluster_node("redis://h:7000").is_ok());
+        assert!(parse_redis_cluster_node("rediss://:pw@h:7000/0").is_ok());
+        let db = parse_redis_cluster_node("redis://:secret@h:7000/2").unwrap_err();
+        assert!(
+            db.contains("only database 0") && !db.contains("secret"),
+            "{db}"
+        );
+        assert!(parse_redis_cluster_node("unix:///tmp/redis.sock").is_err());
     }
 
     #[test]

@@ -1209,3 +1209,33 @@ async fn two_publishers_emptying_one_outbox_publish_each_letter_once() {
     assert_eq!(published, expected, "each letter on the topic once");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_every_lookup_key_and_active_hash_is_right() {
+    let env =
+        Env::with_services(2, common::TestDb::new().await, common::TestRedis::cluster()).await;
+    let consumer = env.start(env.run_config());
+    let events = common::stream(300, 31);
+    env.send_many(&events).await;
+    env.wait_until_logged(events.len(), std::time::Duration::from_secs(120))
+        .await;
+    env.wait_for_redis().await;
+    common::assert_projections_match_log(&env.db, &env.redis).await;
+    // The record on every master, all alike, at the log's head.
+    let copies = env.redis.projection().await.record_copies().await.unwrap();
+    assert_eq!(copies.len(), 3, "one copy per master");
+    let head = env
+        .db
+        .count("SELECT COALESCE(MAX(position), 0) FROM lifecycle_events")
+        .await;
+    for copy in &copies {
+        assert_eq!(copy.as_ref().map(|c| c.position), Some(head), "{copies:?}");
+    }
+    consumer.stop().await;
+    env.redis.cleanup().await;
+    assert!(
+        env.redis.snapshot().await.is_empty(),
+        "cleanup reached every master"
+    );
+    env.cleanup().await;
+}

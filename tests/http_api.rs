@@ -373,6 +373,7 @@ async fn api_on_store_with(config: HttpConfig) -> (TestDb, std::net::SocketAddr)
         .expect("known stream");
     let redis = RedisConfig {
         url: SecretUrl::new(common::redis_url()),
+        cluster_nodes: Vec::new(),
         key_prefix: String::new(),
         tls: Default::default(),
     };

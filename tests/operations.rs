@@ -424,6 +424,7 @@ fn verify_config(
         },
         redis: order_lifecycle::config::RedisConfig {
             url: order_lifecycle::config::SecretUrl::new(redis.url.clone()),
+            cluster_nodes: Vec::new(),
             key_prefix: redis.prefix.clone(),
             tls: Default::default(),
         },

@@ -34,7 +34,7 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
         topics = ?config.input.topics,
         group = %config.group_id,
         database = %config.database.url,
-        redis = %config.redis.url,
+        redis = %config.redis.describe(),
         "starting order-lifecycle consumer"
     );
     let status = Arc::new(ConsumerStatus::for_brokers(&config.kafka.brokers));
@@ -75,7 +75,7 @@ pub async fn run(config: RunConfig, mut shutdown: Shutdown) -> anyhow::Result<()
         if RedisProjection::is_refusal(&e) {
             return Err(e).context("connecting to Redis");
         }
-        tracing::warn!(redis = %config.redis.url, error = %e, "Redis unreachable; the follower retries");
+        tracing::warn!(redis = %config.redis.describe(), error = %e, "Redis unreachable; the follower retries");
     }
     if server.is_some() {
         // The read API's own connections: slow or many reads never take

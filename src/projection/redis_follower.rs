@@ -254,6 +254,9 @@ async fn catch_up_round(
                     "{why}; re-projecting the whole log"
                 );
             }
+            if redis.is_cluster() {
+                forget_stale_fences(store, &log, redis, at.as_ref()).await?;
+            }
             0
         }
     };
@@ -308,6 +311,40 @@ async fn catch_up_round(
         tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL");
     }
     Ok((entries.len(), log_id))
+}
+
+/// On a Redis Cluster, before a re-projection: keeps the slots' fences when
+/// every copy of the record left follows this log's history (the copies
+/// merely disagree: a master lost its last writes or was flushed, and its
+/// slots' fences went with them), and removes them when Redis followed
+/// another log or history (see [`crate::store::redis_cluster`]).
+async fn forget_stale_fences(
+    store: &Store,
+    log: &LogHead,
+    redis: &RedisProjection,
+    agreed: Option<&Projected>,
+) -> Result<(), FollowError> {
+    let mut stale = agreed.is_some();
+    if !stale {
+        let copies = redis.record_copies().await?;
+        for copy in copies.iter().flatten() {
+            if let Resume::Restart(_) = resume_point(store, log, Some(copy)).await? {
+                stale = true;
+            }
+        }
+        if copies.iter().any(Option::is_some) {
+            tracing::warn!(
+            copies = ?copies,
+            "the masters of the Redis Cluster hold different projection records (a \
+             failover that lost writes, a flushed or restarted master, resharding); \
+             re-projecting the log: each slot skips what it already holds"
+            );
+        }
+    }
+    if stale {
+        redis.forget_fences().await?;
+    }
+    Ok(())
 }
 
 /// Sets `order_lifecycle_redis_projection_lag_entries`: log entries not
@@ -368,12 +405,12 @@ pub async fn run(
             Some(r) => r.clone(),
             None => match RedisProjection::connect_to(&config).await {
                 Ok(r) => {
-                    tracing::info!(redis = %config.url, "redis follower connected");
+                    tracing::info!(redis = %config.describe(), "redis follower connected");
                     redis = Some(r.clone());
                     r
                 }
                 Err(e) => {
-                    tracing::warn!(redis = %config.url, error = %e, "redis unreachable; the projection will catch up when it returns");
+                    tracing::warn!(redis = %config.describe(), error = %e, "redis unreachable; the projection will catch up when it returns");
                     backoff.wait(&mut stop).await;
                     continue;
                 }
@@ -400,6 +437,7 @@ pub async fn run(
                 Err(e) => {
                     tracing::warn!(error = %e, "redis projection round failed; retrying");
                     log_id = None;
+                    forget_cluster_connection(&mut redis);
                     backoff.wait(&mut stop).await;
                     continue;
                 }
@@ -428,9 +466,21 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "redis projection round failed; retrying");
+                forget_cluster_connection(&mut redis);
                 backoff.wait(&mut stop).await;
             }
         }
+    }
+}
+
+/// After a failed round on a Redis Cluster, drops the connection so that
+/// the next round connects anew and reads the slot map from the seed
+/// nodes: the cluster client learns of a failover from a MOVED reply, and
+/// a master that died sends none (its requests would go on waiting for
+/// it). One server's connection reconnects by itself.
+fn forget_cluster_connection(redis: &mut Option<RedisProjection>) {
+    if redis.as_ref().is_some_and(RedisProjection::is_cluster) {
+        *redis = None;
     }
 }
 

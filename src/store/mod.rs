@@ -13,6 +13,7 @@ pub mod lease;
 pub mod legacy;
 pub mod offsets;
 pub mod parked;
+pub mod redis_cluster;
 pub mod redis_projection;
 pub mod stray_keys;
 

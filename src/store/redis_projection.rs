@@ -16,10 +16,14 @@
 //!
 //! Every key is prefixed with the configured key prefix (empty in
 //! production, so the names are exactly the legacy ones).
+//!
+//! On a Redis Cluster the keys are the same; the record and the atomicity
+//! are kept per hash slot instead (see [`super::redis_cluster`]).
 
 use redis::aio::ConnectionManager;
 
-use crate::config::RedisConfig;
+use super::redis_cluster::Cluster;
+use crate::config::{RedisConfig, RedisTls};
 use crate::domain::{IdType, LifecycleId, OrderId};
 
 /// A Redis failure; always transient for the caller (retry later), since the
@@ -29,8 +33,16 @@ pub type RedisError = redis::RedisError;
 /// Writes the Redis keys.
 #[derive(Clone)]
 pub struct RedisProjection {
-    conn: ConnectionManager,
+    backend: Backend,
     prefix: String,
+}
+
+/// One server, or a cluster.
+#[derive(Clone)]
+enum Backend {
+    /// One server (or one master), through a reconnecting connection.
+    Single(ConnectionManager),
+    Cluster(Cluster),
 }
 
 /// The key names, in one place.
@@ -88,10 +100,10 @@ pub struct Projected {
     pub event_id: String,
 }
 
-const PROJECTION_FIELDS: [&str; 3] = ["log_id", "position", "event_id"];
+pub(super) const PROJECTION_FIELDS: [&str; 3] = ["log_id", "position", "event_id"];
 
 /// The record from an HMGET of [`PROJECTION_FIELDS`]; `None` unless whole.
-fn projected(fields: Vec<Option<String>>) -> Option<Projected> {
+pub(super) fn projected(fields: Vec<Option<String>>) -> Option<Projected> {
     let [Some(log_id), Some(position), Some(event_id)] =
         <[Option<String>; 3]>::try_from(fields).ok()?
     else {
@@ -119,35 +131,47 @@ impl RedisProjection {
     /// [`RedisError`]: a bad URL, an unreadable or invalid certificate
     /// file, or Redis unreachable (TLS refused included).
     pub async fn connect_to(config: &RedisConfig) -> Result<RedisProjection, RedisError> {
-        let tls = &config.tls;
-        if tls.ca_file.is_none() && tls.cert_file.is_none() {
-            return RedisProjection::connect(config.url.expose(), &config.key_prefix).await;
+        if config.is_cluster() {
+            return Ok(RedisProjection {
+                backend: Backend::Cluster(Cluster::connect(config).await?),
+                prefix: config.key_prefix.clone(),
+            });
         }
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| {
-                RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "cannot read a Redis TLS file",
-                    format!("{}: {e}", path.display()),
-                ))
-            })
+        let Some(certificates) = tls_certificates(&config.tls)? else {
+            return RedisProjection::connect(config.url.expose(), &config.key_prefix).await;
         };
-        let client_tls = match (&tls.cert_file, &tls.key_file) {
-            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                client_cert: read(cert)?,
-                client_key: read(key)?,
-            }),
-            _ => None,
-        };
-        let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
-        let client = redis::Client::build_with_tls(
-            config.url.expose(),
-            redis::TlsCertificates {
-                client_tls,
-                root_cert,
-            },
-        )?;
+        let client = redis::Client::build_with_tls(config.url.expose(), certificates)?;
         RedisProjection::with_client(client, &config.key_prefix).await
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// On a cluster, the record's copy on each master (see
+    /// [`super::redis_cluster`]); empty on one server.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn record_copies(&self) -> Result<Vec<Option<Projected>>, RedisError> {
+        match &self.backend {
+            Backend::Single(_) => Ok(Vec::new()),
+            Backend::Cluster(c) => c.record_copies().await,
+        }
+    }
+
+    /// On a cluster, removes the slots' fences before a re-projection of
+    /// another log or history (see [`super::redis_cluster`]); nothing on
+    /// one server.
+    ///
+    /// # Errors
+    /// [`RedisError`] when Redis is unreachable.
+    pub async fn forget_fences(&self) -> Result<(), RedisError> {
+        match &self.backend {
+            Backend::Single(_) => Ok(()),
+            Backend::Cluster(c) => c.forget_fences().await,
+        }
     }
 
     /// Whether `e` is Redis (or its TLS) refusing this service: a wrong
@@ -175,7 +199,7 @@ impl RedisProjection {
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(RedisProjection {
-            conn,
+            backend: Backend::Single(conn),
             prefix: prefix.to_owned(),
         })
     }
@@ -185,7 +209,10 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when it does not.
     pub async fn ping(&self) -> Result<(), RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.ping().await,
+        };
         redis::cmd("PING").query_async::<String>(&mut conn).await?;
         Ok(())
     }
@@ -201,7 +228,10 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn projected(&self) -> Result<Option<Projected>, RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.projected().await,
+        };
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys().projection())
             .arg(&PROJECTION_FIELDS[..])
@@ -225,7 +255,11 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn watch_projected(&self) -> Result<Option<Projected>, RedisError> {
-        let mut conn = self.conn.clone();
+        // A cluster guards each slot with its fence instead.
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.projected().await,
+        };
         // UNWATCH first: a round that ended without writing left its WATCH
         // (and possibly its "changed" mark) on the connection.
         let key = self.keys().projection();
@@ -257,6 +291,10 @@ impl RedisProjection {
         orders: &[(OrderId, ActiveIds)],
         at: &Projected,
     ) -> Result<bool, RedisError> {
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.write(lookups, orders, at, &self.keys()).await,
+        };
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.hset_multiple(
@@ -269,7 +307,6 @@ impl RedisProjection {
         )
         .ignore();
         self.add_key_writes(&mut pipe, lookups, orders);
-        let mut conn = self.conn.clone();
         let reply: redis::Value = pipe.query_async(&mut conn).await?;
         Ok(reply != redis::Value::Nil)
     }
@@ -280,7 +317,10 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn reset(&self) -> Result<(), RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.reset().await,
+        };
         redis::cmd("DEL")
             .arg(self.keys().projection())
             .query_async(&mut conn)
@@ -293,7 +333,10 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn scan(&self, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.scan(cursor, pattern).await,
+        };
         redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
@@ -314,7 +357,10 @@ impl RedisProjection {
         }
         let keys = self.keys();
         let names: Vec<String> = ids.iter().map(|id| keys.lookup(id)).collect();
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.mget(names).await,
+        };
         redis::cmd("MGET").arg(names).query_async(&mut conn).await
     }
 
@@ -328,11 +374,18 @@ impl RedisProjection {
         orders: &[&OrderId],
     ) -> Result<Vec<std::collections::BTreeMap<String, String>>, RedisError> {
         let keys = self.keys();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => {
+                return c
+                    .active_hashes(orders.iter().map(|o| keys.active(o)).collect())
+                    .await
+            }
+        };
         let mut pipe = redis::pipe();
         for order in orders {
             pipe.hgetall(keys.active(order));
         }
-        let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await
     }
 
@@ -347,10 +400,13 @@ impl RedisProjection {
         lookups: &[(LifecycleId, OrderId)],
         orders: &[(OrderId, ActiveIds)],
     ) -> Result<(), RedisError> {
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.put(lookups, orders, &self.keys()).await,
+        };
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.add_key_writes(&mut pipe, lookups, orders);
-        let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await
     }
 
@@ -360,20 +416,8 @@ impl RedisProjection {
         lookups: &[(LifecycleId, OrderId)],
         orders: &[(OrderId, ActiveIds)],
     ) {
-        let keys = self.keys();
-        for (id, order) in lookups {
-            pipe.set(keys.lookup(id), order.as_str()).ignore();
-        }
-        for (order, active) in orders {
-            let key = keys.active(order);
-            pipe.del(&key).ignore();
-            if !active.is_empty() {
-                let fields: Vec<(&str, &str)> = active
-                    .iter()
-                    .map(|(t, id)| (t.as_str(), id.as_str()))
-                    .collect();
-                pipe.hset_multiple(&key, &fields).ignore();
-            }
+        for (key, write) in key_writes(&self.keys(), lookups, orders) {
+            write.add_to(&key, pipe);
         }
     }
 
@@ -384,7 +428,10 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn watch_keys(&self, keys: &[&String]) -> Result<(), RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.watch_keys(keys).await,
+        };
         redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
         if keys.is_empty() {
             return Ok(());
@@ -399,7 +446,10 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn delete_watched(&self, keys: &[&String]) -> Result<Option<u64>, RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.delete_watched(keys).await.map(Some),
+        };
         if keys.is_empty() {
             redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
             return Ok(Some(0));
@@ -415,10 +465,92 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn delete(&self, keys: &[&String]) -> Result<u64, RedisError> {
+        let mut conn = match &self.backend {
+            Backend::Single(c) => c.clone(),
+            Backend::Cluster(c) => return c.delete(keys).await,
+        };
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn.clone();
         redis::cmd("DEL").arg(keys).query_async(&mut conn).await
     }
+}
+
+/// The certificates `tls` names (`None`: no TLS files, the system's CAs).
+///
+/// # Errors
+/// [`RedisError`] when a file cannot be read.
+pub(super) fn tls_certificates(
+    tls: &RedisTls,
+) -> Result<Option<redis::TlsCertificates>, RedisError> {
+    if tls.ca_file.is_none() && tls.cert_file.is_none() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read a Redis TLS file",
+                format!("{}: {e}", path.display()),
+            ))
+        })
+    };
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => None,
+    };
+    let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// One key's new content.
+pub(super) enum KeyWrite<'a> {
+    /// A lookup key naming this order.
+    Lookup(&'a str),
+    /// An active-id hash replaced by these `(id type, id)` fields (none:
+    /// deleted).
+    Active(Vec<(&'a str, &'a str)>),
+}
+
+impl KeyWrite<'_> {
+    /// Adds the write of `key` to `pipe`.
+    pub(super) fn add_to(&self, key: &str, pipe: &mut redis::Pipeline) {
+        match self {
+            KeyWrite::Lookup(order) => {
+                pipe.set(key, *order).ignore();
+            }
+            KeyWrite::Active(fields) => {
+                pipe.del(key).ignore();
+                if !fields.is_empty() {
+                    pipe.hset_multiple(key, fields).ignore();
+                }
+            }
+        }
+    }
+}
+
+/// The keys that `lookups` and the active ids of `orders` write, with
+/// their content.
+pub(super) fn key_writes<'a>(
+    keys: &'a RedisKeys,
+    lookups: &'a [(LifecycleId, OrderId)],
+    orders: &'a [(OrderId, ActiveIds)],
+) -> impl Iterator<Item = (String, KeyWrite<'a>)> + 'a {
+    let lookups = lookups
+        .iter()
+        .map(|(id, order)| (keys.lookup(id), KeyWrite::Lookup(order.as_str())));
+    let hashes = orders.iter().map(|(order, active)| {
+        let fields = active
+            .iter()
+            .map(|(t, id)| (t.as_str(), id.as_str()))
+            .collect();
+        (keys.active(order), KeyWrite::Active(fields))
+    });
+    lookups.chain(hashes)
 }

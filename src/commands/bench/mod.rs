@@ -93,6 +93,7 @@ impl Scratch {
     pub fn redis(&self) -> RedisConfig {
         RedisConfig {
             url: self.redis_url.clone(),
+            cluster_nodes: Vec::new(),
             key_prefix: self.prefix.clone(),
             tls: Default::default(),
         }

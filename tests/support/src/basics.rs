@@ -13,6 +13,13 @@ pub fn redis_url() -> String {
     std::env::var("OL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
 }
 
+/// The local Redis Cluster's seed nodes (`scripts/services.sh` starts it).
+pub fn redis_cluster_nodes() -> String {
+    std::env::var("OL_TEST_REDIS_CLUSTER_NODES").unwrap_or_else(|_| {
+        "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".to_owned()
+    })
+}
+
 /// A suffix no other test (or run) has: seconds and randomness.
 pub(crate) fn unique_suffix() -> String {
     let secs = SystemTime::now()

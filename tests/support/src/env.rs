@@ -79,10 +79,6 @@ impl Env {
             self.db.url.expose(),
             "--database-max-connections",
             "4",
-            "--redis-url",
-            &self.redis.url,
-            "--redis-key-prefix",
-            &self.redis.prefix,
             "--http-listen",
             "off",
             "--batch-size",
@@ -102,6 +98,7 @@ impl Env {
         ]
         .iter()
         .map(|a| a.to_string())
+        .chain(self.redis.args())
         .collect()
     }
 

@@ -17,12 +17,12 @@ pub mod redis;
 pub mod servers;
 pub mod tls;
 
-pub use basics::{brokers, redis_url, wait_until, MYSQL_ROOT};
+pub use basics::{brokers, redis_cluster_nodes, redis_url, wait_until, MYSQL_ROOT};
 pub use database::TestDb;
 pub use env::{assert_projections_match_log, stream, Env, RunningConsumer};
 pub use http::{free_addr, http_request, HttpResponse};
 pub use kafka::{inbound_messages, kafka_config, TestTopics};
 pub use process::BinaryConsumer;
 pub use redis::TestRedis;
-pub use servers::{free_port, port_answers, OwnMariaDb, OwnRedis};
+pub use servers::{free_port, port_answers, OwnMariaDb, OwnRedis, OwnRedisCluster};
 pub use tls::TestCerts;

@@ -109,6 +109,150 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A Redis Cluster of the test's own: 3 masters and 3 replicas on free
+/// ports, in memory, with a 2 s node timeout (a dead master's replica
+/// takes over within seconds). Fault tests kill its masters.
+pub struct OwnRedisCluster {
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl OwnRedisCluster {
+    pub async fn start() -> OwnRedisCluster {
+        let dir = std::env::temp_dir().join(format!("olt-redis-cluster-{}", unique_suffix()));
+        let mut cluster = OwnRedisCluster {
+            ports: (0..6).map(|_| free_port()).collect(),
+            dir,
+            children: Vec::new(),
+        };
+        for port in cluster.ports.clone() {
+            let node_dir = cluster.dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node folder");
+            let mut child = std::process::Command::new("redis-server");
+            child
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--repl-diskless-sync-delay", "0"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stderr(std::process::Stdio::null());
+            let started = start_server(child, "a node of the test's Redis Cluster", port, 10).await;
+            cluster.children.push(Some(started));
+        }
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let first = cluster.ports[0];
+        wait_until(
+            "the test's Redis Cluster",
+            Duration::from_secs(60),
+            || async move { cluster_state_ok(first) },
+        )
+        .await;
+        // A replica that never synced cannot take over from its master.
+        let ports = cluster.ports.clone();
+        wait_until("every replica in sync", Duration::from_secs(60), || {
+            let ports = ports.clone();
+            async move {
+                let synced = ports.iter().filter(|&&p| replica_in_sync(p)).count();
+                synced == 3
+            }
+        })
+        .await;
+        cluster
+    }
+
+    /// The seed nodes, comma-separated, as `--redis-cluster-nodes` takes
+    /// them.
+    pub fn nodes(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The ports of the nodes serving as masters now.
+    pub fn masters(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .filter(|&p| {
+                std::process::Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "role"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("master"))
+            })
+            .collect()
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node");
+        kill(&mut self.children[i]);
+    }
+
+    /// Waits until the cluster serves every slot again (after a failover),
+    /// asking a node still running.
+    pub async fn wait_until_ok(&self) {
+        let alive: Vec<u16> = self
+            .ports
+            .iter()
+            .zip(&self.children)
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .collect();
+        wait_until(
+            "the cluster to serve every slot",
+            Duration::from_secs(60),
+            || {
+                let alive = alive.clone();
+                async move { alive.iter().all(|&p| cluster_state_ok(p)) }
+            },
+        )
+        .await;
+    }
+}
+
+fn replica_in_sync(port: u16) -> bool {
+    std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "replication"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("master_link_status:up"))
+}
+
+fn cluster_state_ok(port: u16) -> bool {
+    std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "info"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+}
+
+impl Drop for OwnRedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            kill(child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Starts a test-owned server and waits until its port answers.
 async fn start_server(
     mut command: std::process::Command,

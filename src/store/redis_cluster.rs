@@ -1,0 +1,581 @@
+//! The Redis read model on a Redis Cluster (`--redis-cluster-nodes`): the
+//! same key names as on one server, written without any transaction that
+//! spans hash slots (the legacy names cannot take hash tags).
+//!
+//! # Where the projection's position lives, and why no entry is skipped
+//!
+//! - **A fence per hash slot.** The keys of one slot are written by one
+//!   Lua script (atomic on its master, replicated as one unit) together with
+//!   that slot's fence, `order_lifecycle:fence:{tag}` (a key whose hash tag
+//!   puts it in the slot): the log position up to which the slot holds every
+//!   write, and the log's identity. A script for an older position than the
+//!   fence's writes nothing, so a slot's keys only ever move forward in the
+//!   log, even while two writers overlap (a leader handover; on one server
+//!   the WATCH on the record does this). A slot's keys and its fence can
+//!   only be lost together: a failover that loses a master's last writes
+//!   loses their fences' advance with them, and a flushed master loses its
+//!   fences.
+//! - **A copy of the record on every master.** The projection record (log
+//!   identity, position, event id; see [`super::redis_projection`]) is
+//!   written, after every slot of a round, to one key on each master
+//!   (`order_lifecycle:projection:{tag}`, tagged into a slot the master
+//!   serves). The follower resumes from the record only when every master
+//!   has it and all copies agree. A master that lost writes (a failover
+//!   with replication lag, a restart without persistence, a FLUSHALL) holds
+//!   an older copy or none, and resharding moves copies away from the
+//!   masters that now serve their slots: either way the copies disagree,
+//!   and the follower re-projects from the start of the log. The fences
+//!   make that cheap: every slot skips what it already holds, and only the
+//!   slots that lost writes are written again.
+//! - A re-projection because Redis followed another log or another history
+//!   of this one (see `projection::redis_follower`) first removes every
+//!   fence ([`Cluster::forget_fences`]), since positions of another history
+//!   say nothing about this one.
+//!
+//! MOVED and ASK redirections and failovers are handled by the client
+//! (it refreshes the slot map and retries). SCAN walks every master.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock};
+
+use futures_util::future::join_all;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::Value;
+
+use super::redis_projection::{
+    key_writes, ActiveIds, KeyWrite, Projected, RedisError, PROJECTION_FIELDS,
+};
+use crate::config::RedisConfig;
+use crate::domain::{LifecycleId, OrderId};
+
+/// Hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// Masters a SCAN cursor can name (the node's index goes in the cursor's
+/// top byte).
+const MAX_MASTERS: usize = 255;
+
+/// Bits of a SCAN cursor left to the node's own cursor.
+const NODE_CURSOR_BITS: u32 = 56;
+
+/// The hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the
+/// key's hash tag (the text between the first `{` and the next `}`, when
+/// not empty) or of the whole key, modulo 16384.
+pub fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16_xmodem(hashed) % SLOTS
+}
+
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in bytes {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// A short hash tag for every slot (`tags()[s]` hashes to slot `s`),
+/// found once by trying numbers in turn (about 160,000 tries, a few ms).
+fn tags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let tag = n.to_string();
+            let s = usize::from(crc16_xmodem(tag.as_bytes()) % SLOTS);
+            if tags[s].is_empty() {
+                tags[s] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
+/// A master of the cluster: its address and the first slot it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Master {
+    host: String,
+    port: u16,
+    first_slot: u16,
+}
+
+impl Master {
+    fn route(&self) -> RoutingInfo {
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: self.host.clone(),
+            port: self.port,
+        })
+    }
+}
+
+/// Writes one slot's keys unless its fence is ahead (see the module docs).
+/// KEYS: the fence, then the keys. ARGV: log id, position, then per key
+/// `S value` (a lookup) or `H n field value ...` (an active-id hash,
+/// replaced; `n` = 0 deletes it).
+const SLOT_WRITE: &str = r"
+local fence = redis.call('HMGET', KEYS[1], 'log_id', 'position')
+if fence[1] == ARGV[1] and tonumber(fence[2]) and tonumber(fence[2]) > tonumber(ARGV[2]) then
+  return 0
+end
+local a = 3
+for i = 2, #KEYS do
+  local kind = ARGV[a]
+  if kind == 'S' then
+    redis.call('SET', KEYS[i], ARGV[a + 1])
+    a = a + 2
+  else
+    redis.call('DEL', KEYS[i])
+    local n = tonumber(ARGV[a + 1])
+    a = a + 2
+    for j = 1, n do
+      redis.call('HSET', KEYS[i], ARGV[a], ARGV[a + 1])
+      a = a + 2
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'log_id', ARGV[1], 'position', ARGV[2])
+return 1
+";
+
+/// Deletes KEYS[1] if it is still as ARGV[1] (its DUMP) says.
+const DELETE_UNCHANGED: &str = r"
+local now = redis.call('DUMP', KEYS[1])
+if now and now == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// One slot's share of a write: its keys and the script's arguments.
+#[derive(Default)]
+struct SlotWrite {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+/// A connection to a Redis Cluster and the key names under a prefix.
+#[derive(Clone)]
+pub struct Cluster {
+    conn: ClusterConnection,
+    prefix: String,
+    /// Keys as [`Cluster::watch_keys`] saw them (their DUMP), for
+    /// [`Cluster::delete_watched`].
+    watched: std::sync::Arc<Mutex<HashMap<String, Vec<u8>>>>,
+}
+
+impl Cluster {
+    /// Connects to the cluster `config` names.
+    ///
+    /// # Errors
+    /// [`RedisError`]: a key prefix with a brace (it would put every key
+    /// in one slot), an unreadable TLS file, or no seed node answering.
+    pub async fn connect(config: &RedisConfig) -> Result<Cluster, RedisError> {
+        if config.key_prefix.contains(['{', '}']) {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a Redis Cluster key prefix cannot hold '{' or '}'",
+            )));
+        }
+        if config.tls.ca_file.is_some() || config.tls.cert_file.is_some() {
+            // The cluster client takes certificate files only when built
+            // with rustls; this build's TLS is OpenSSL's (native-tls).
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a Redis Cluster is reached with the system's CAs only: rediss:// seed nodes \
+                 work, --redis-ca-file and --redis-client-cert do not",
+            )));
+        }
+        let nodes: Vec<&str> = config.cluster_nodes.iter().map(|n| n.expose()).collect();
+        let conn = redis::cluster::ClusterClient::builder(nodes)
+            .connection_timeout(std::time::Duration::from_secs(2))
+            .response_timeout(std::time::Duration::from_secs(5))
+            .build()?
+            .get_async_connection()
+            .await?;
+        Ok(Cluster {
+            conn,
+            prefix: config.key_prefix.clone(),
+            watched: Default::default(),
+        })
+    }
+
+    fn conn(&self) -> ClusterConnection {
+        self.conn.clone()
+    }
+
+    /// Every master answers PING.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        for master in self.masters().await? {
+            self.conn()
+                .route_command(redis::cmd("PING"), master.route())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The masters and the first slot each serves, from CLUSTER SLOTS.
+    async fn masters(&self) -> Result<Vec<Master>, RedisError> {
+        let ranges: Vec<Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.conn())
+            .await?;
+        let mut masters: BTreeMap<(String, u16), u16> = BTreeMap::new();
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(Value::Int(start)), Some(Value::Array(node))) =
+                (fields.first(), fields.get(2))
+            else {
+                continue;
+            };
+            let host = match node.first() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(Value::SimpleString(s)) => s.clone(),
+                _ => continue,
+            };
+            let Some(Value::Int(port)) = node.get(1) else {
+                continue;
+            };
+            let (Ok(start), Ok(port)) = (u16::try_from(*start), u16::try_from(*port)) else {
+                continue;
+            };
+            let first = masters.entry((host, port)).or_insert(start);
+            *first = (*first).min(start);
+        }
+        if masters.is_empty() || masters.len() > MAX_MASTERS {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "CLUSTER SLOTS named no master, or more than 255",
+            )));
+        }
+        Ok(masters
+            .into_iter()
+            .map(|((host, port), first_slot)| Master {
+                host,
+                port,
+                first_slot,
+            })
+            .collect())
+    }
+
+    fn record_key(&self, slot: u16) -> String {
+        format!(
+            "{}order_lifecycle:projection:{{{}}}",
+            self.prefix,
+            tags()[usize::from(slot)]
+        )
+    }
+
+    fn fence_key(&self, slot: u16) -> String {
+        format!(
+            "{}order_lifecycle:fence:{{{}}}",
+            self.prefix,
+            tags()[usize::from(slot)]
+        )
+    }
+
+    /// The record's copy on each master (`None`: missing or partial).
+    pub async fn record_copies(&self) -> Result<Vec<Option<Projected>>, RedisError> {
+        let masters = self.masters().await?;
+        let reads = masters.iter().map(|m| {
+            let mut conn = self.conn();
+            let key = self.record_key(m.first_slot);
+            async move {
+                let fields: Vec<Option<String>> = redis::cmd("HMGET")
+                    .arg(key)
+                    .arg(&PROJECTION_FIELDS[..])
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, RedisError>(super::redis_projection::projected(fields))
+            }
+        });
+        join_all(reads).await.into_iter().collect()
+    }
+
+    /// The record, when every master holds the same copy.
+    pub async fn projected(&self) -> Result<Option<Projected>, RedisError> {
+        let copies = self.record_copies().await?;
+        let first = copies.first().cloned().flatten();
+        Ok(first.filter(|f| copies.iter().all(|c| c.as_ref() == Some(f))))
+    }
+
+    /// Writes the keys slot by slot behind the slots' fences, then the
+    /// record's copy on every master. Always `true`: a slot whose fence is
+    /// ahead keeps its newer keys, which is what a rewrite would give.
+    pub async fn write(
+        &self,
+        lookups: &[(LifecycleId, OrderId)],
+        orders: &[(OrderId, ActiveIds)],
+        at: &Projected,
+        keys: &super::redis_projection::RedisKeys,
+    ) -> Result<bool, RedisError> {
+        let mut slots: BTreeMap<u16, SlotWrite> = BTreeMap::new();
+        for (key, write) in key_writes(keys, lookups, orders) {
+            let w = slots.entry(slot(key.as_bytes())).or_default();
+            w.keys.push(key);
+            match write {
+                KeyWrite::Lookup(order) => w.args.extend(["S".to_owned(), order.to_owned()]),
+                KeyWrite::Active(fields) => {
+                    w.args.extend(["H".to_owned(), fields.len().to_string()]);
+                    for (t, id) in fields {
+                        w.args.extend([t.to_owned(), id.to_owned()]);
+                    }
+                }
+            }
+        }
+        let script = redis::Script::new(SLOT_WRITE);
+        let position = at.position.to_string();
+        let writes = slots.into_iter().map(|(s, w)| {
+            let mut conn = self.conn();
+            let mut call = script.key(self.fence_key(s));
+            call.key(w.keys).arg(&at.log_id).arg(&position).arg(w.args);
+            async move { call.invoke_async::<i64>(&mut conn).await }
+        });
+        for result in join_all(writes).await {
+            result?;
+        }
+        let masters = self.masters().await?;
+        let records = masters.iter().map(|m| {
+            let mut conn = self.conn();
+            let key = self.record_key(m.first_slot);
+            async move {
+                redis::cmd("HSET")
+                    .arg(key)
+                    .arg(PROJECTION_FIELDS[0])
+                    .arg(&at.log_id)
+                    .arg(PROJECTION_FIELDS[1])
+                    .arg(at.position)
+                    .arg(PROJECTION_FIELDS[2])
+                    .arg(&at.event_id)
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        });
+        for result in join_all(records).await {
+            result?;
+        }
+        Ok(true)
+    }
+
+    /// Writes keys without fences or record (a repair of some orders), one
+    /// MULTI/EXEC per slot.
+    pub async fn put(
+        &self,
+        lookups: &[(LifecycleId, OrderId)],
+        orders: &[(OrderId, ActiveIds)],
+        keys: &super::redis_projection::RedisKeys,
+    ) -> Result<(), RedisError> {
+        fn pipe_for<'p>(
+            slots: &'p mut BTreeMap<u16, redis::Pipeline>,
+            key: &str,
+        ) -> &'p mut redis::Pipeline {
+            slots.entry(slot(key.as_bytes())).or_insert_with(|| {
+                let mut p = redis::pipe();
+                p.atomic();
+                p
+            })
+        }
+        let mut slots: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
+        for (key, write) in key_writes(keys, lookups, orders) {
+            write.add_to(&key, pipe_for(&mut slots, &key));
+        }
+        let writes = slots.into_values().map(|pipe| {
+            let mut conn = self.conn();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
+        join_all(writes).await.into_iter().collect()
+    }
+
+    /// Removes the record's copies and every fence: the next round
+    /// re-projects the whole log and rewrites every key.
+    pub async fn reset(&self) -> Result<(), RedisError> {
+        self.delete_matching(&format!("{}order_lifecycle:projection:*", self.prefix))
+            .await?;
+        self.forget_fences().await
+    }
+
+    /// Removes every fence (see the module docs).
+    pub async fn forget_fences(&self) -> Result<(), RedisError> {
+        self.delete_matching(&format!("{}order_lifecycle:fence:*", self.prefix))
+            .await
+    }
+
+    async fn delete_matching(&self, pattern: &str) -> Result<(), RedisError> {
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self.scan(cursor, pattern).await?;
+            let refs: Vec<&String> = keys.iter().collect();
+            self.delete(&refs).await?;
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// One SCAN step over every master in turn: the cursor carries the
+    /// master's index in its top byte. A scan spanning a change of the
+    /// cluster's masters may miss keys (as SCAN may on one server for keys
+    /// moved meanwhile); `rebuild` and `verify` look again next time.
+    pub async fn scan(&self, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisError> {
+        let masters = self.masters().await?;
+        let index = usize::try_from(cursor >> NODE_CURSOR_BITS).unwrap_or(usize::MAX);
+        let Some(master) = masters.get(index) else {
+            return Ok((0, Vec::new()));
+        };
+        let mut command = redis::cmd("SCAN");
+        command
+            .arg(cursor & ((1 << NODE_CURSOR_BITS) - 1))
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500);
+        let reply = self.conn().route_command(command, master.route()).await?;
+        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+        if next >> NODE_CURSOR_BITS != 0 {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "a SCAN cursor too large to carry the master's index",
+            )));
+        }
+        let next = match next {
+            0 if index + 1 < masters.len() => ((index as u64) + 1) << NODE_CURSOR_BITS,
+            0 => 0,
+            n => ((index as u64) << NODE_CURSOR_BITS) | n,
+        };
+        Ok((next, keys))
+    }
+
+    /// Each order's active-id hash, one HGETALL each (they span slots).
+    pub async fn active_hashes(
+        &self,
+        names: Vec<String>,
+    ) -> Result<Vec<BTreeMap<String, String>>, RedisError> {
+        let reads = names.into_iter().map(|key| {
+            let mut conn = self.conn();
+            async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
+        });
+        join_all(reads).await.into_iter().collect()
+    }
+
+    /// Keys' values by name (MGET, split by slot by the client).
+    pub async fn mget(&self, names: Vec<String>) -> Result<Vec<Option<String>>, RedisError> {
+        redis::cmd("MGET")
+            .arg(names)
+            .query_async(&mut self.conn())
+            .await
+    }
+
+    /// Deletes keys (split by slot by the client); how many existed.
+    pub async fn delete(&self, keys: &[&String]) -> Result<u64, RedisError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut self.conn())
+            .await
+    }
+
+    /// Notes how `keys` are now (their DUMP), for
+    /// [`Cluster::delete_watched`]; a WATCH cannot span slots.
+    pub async fn watch_keys(&self, keys: &[&String]) -> Result<(), RedisError> {
+        let reads = keys.iter().map(|key| {
+            let mut conn = self.conn();
+            let key = (*key).clone();
+            async move {
+                let dump: Option<Vec<u8>> =
+                    redis::cmd("DUMP").arg(&key).query_async(&mut conn).await?;
+                Ok::<_, RedisError>((key, dump))
+            }
+        });
+        let mut seen = HashMap::new();
+        for result in join_all(reads).await {
+            let (key, dump) = result?;
+            if let Some(dump) = dump {
+                seen.insert(key, dump);
+            }
+        }
+        if let Ok(mut watched) = self.watched.lock() {
+            *watched = seen;
+        }
+        Ok(())
+    }
+
+    /// Deletes each of `keys` that is still as [`Cluster::watch_keys`] saw
+    /// it (one script per key: slots differ); a key changed meanwhile is
+    /// kept. How many were deleted.
+    pub async fn delete_watched(&self, keys: &[&String]) -> Result<u64, RedisError> {
+        let seen = self
+            .watched
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        let script = redis::Script::new(DELETE_UNCHANGED);
+        let deletes = keys.iter().filter_map(|key| {
+            let dump = seen.get(*key)?.clone();
+            let mut conn = self.conn();
+            let mut call = script.key(*key);
+            call.arg(dump);
+            Some(async move { call.invoke_async::<u64>(&mut conn).await })
+        });
+        let mut deleted = 0;
+        for result in join_all(deletes).await {
+            deleted += result?;
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_slots() {
+        // Values from Redis's CLUSTER KEYSLOT.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"bar"), 5061);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"), "an empty tag is no tag");
+        for key in [&b"global_order_lookup:SL-1"[..], b"x{a}y", b"{}"] {
+            assert_eq!(
+                redis::cluster_routing::Slot::new(slot(key)),
+                Some(redis::cluster_routing::Slot::for_key(key)),
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+
+    #[test]
+    fn every_slot_has_a_tag_that_hashes_to_it() {
+        let tags = tags();
+        assert_eq!(tags.len(), usize::from(SLOTS));
+        for (s, tag) in tags.iter().enumerate() {
+            assert_eq!(usize::from(slot(format!("p:x:{{{tag}}}").as_bytes())), s);
+        }
+    }
+}
