@@ -6,6 +6,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY migrations migrations
 COPY src src
+# A workspace member: cargo loads its manifest even to build the binary.
+COPY tests/support tests/support
 RUN cargo build --release --locked --bin order-lifecycle
 
 FROM debian:bookworm-slim

@@ -42,6 +42,10 @@ pub struct IngestBenchConfig {
     /// The consumer's batch size (`run --batch-size`).
     #[arg(long, default_value_t = 500, value_parser = crate::config::parse_batch_size)]
     pub batch_size: usize,
+    /// `run` instances draining the backlog together (one consumer group;
+    /// one of them leads: the Redis projection).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub instances: u16,
     /// Skip the ceiling (e.g. a second drain of a size already measured).
     #[arg(long)]
     pub no_ceiling: bool,
@@ -103,9 +107,10 @@ async fn measure(config: &IngestBenchConfig, scratch: &Scratch) -> anyhow::Resul
 
     let drain = drain(config, scratch, &kafka, &topics, &store, produced).await?;
     println!(
-        "bench-ingest: drained {} events in {:.1} s = {:.0} events/s (timed from the first \
-         committed batch; {:.1} s with the group join); CPU {}; peak RSS {} MiB ({} MiB at \
-         the first committed batch)",
+        "bench-ingest: {} instance(s) drained {} events in {:.1} s = {:.0} events/s (timed \
+         from the first committed batch; {:.1} s with the group join); CPU {}; peak RSS {} \
+         MiB ({} MiB at the first committed batch; the largest instance)",
+        config.instances,
         drain.events,
         drain.seconds,
         drain.events as f64 / drain.seconds,
@@ -241,8 +246,16 @@ async fn drain(
     run.input.batch_size = config.batch_size;
     let redis = scratch.projection().await?;
     let joined_at = Instant::now();
-    let mut consumer = ServiceProcess::start(&run)?;
-    let pid = consumer.pid();
+    let mut consumers = (0..config.instances)
+        .map(|_| ServiceProcess::start(&run))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pids: Vec<String> = consumers.iter().map(ServiceProcess::pid).collect();
+    // Resident memory of the largest instance.
+    let rss = |field: &str| {
+        pids.iter()
+            .filter_map(|p| process_memory_mib(p, field))
+            .max()
+    };
     let mut start_rss_mib = None;
     // From the first committed batch on: events committed, log projected.
     let mut first: Option<(Instant, usize, CpuReading)> = None;
@@ -250,11 +263,13 @@ async fn drain(
     // whether it holds as the tables grow.
     let mut last_progress: Option<(Instant, usize)> = None;
     let finished = loop {
-        consumer.check_running()?;
+        for consumer in &mut consumers {
+            consumer.check_running()?;
+        }
         let committed = committed(store, &scratch.name).await?;
         if committed > 0 && first.is_none() {
-            start_rss_mib = process_memory_mib(&pid, "VmRSS:");
-            first = Some((Instant::now(), committed, CpuReading::with_service(&pid)));
+            start_rss_mib = rss("VmRSS:");
+            first = Some((Instant::now(), committed, CpuReading::with_services(&pids)));
             last_progress = Some((Instant::now(), committed));
         }
         if let Some((at, then)) = last_progress {
@@ -264,8 +279,7 @@ async fn drain(
                      last {} s; RSS {} MiB",
                     (committed - then) as f64 / at.elapsed().as_secs_f64(),
                     at.elapsed().as_secs(),
-                    process_memory_mib(&pid, "VmRSS:")
-                        .map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
+                    rss("VmRSS:").map_or_else(|| "n/a".to_owned(), |m| m.to_string()),
                 );
                 last_progress = Some((Instant::now(), committed));
             }
@@ -273,7 +287,7 @@ async fn drain(
         if committed >= produced {
             let head = event_log::head(store.pool()).await?;
             if redis.position().await? >= head {
-                break (Instant::now(), CpuReading::with_service(&pid));
+                break (Instant::now(), CpuReading::with_services(&pids));
             }
         }
         anyhow::ensure!(
@@ -282,8 +296,10 @@ async fn drain(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let peak_rss_mib = process_memory_mib(&pid, "VmHWM:");
-    consumer.stop().await?;
+    let peak_rss_mib = rss("VmHWM:");
+    for consumer in consumers {
+        consumer.stop().await?;
+    }
     let (t0, before, cpu0) = first.context("nothing was committed")?;
     let (t1, cpu1) = finished;
     Ok(Drain {

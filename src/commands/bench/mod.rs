@@ -377,18 +377,38 @@ impl CpuReading {
     /// Reads process `service` (a pid, or `self`) as the service, MariaDB,
     /// the broker and Redis.
     pub fn with_service(service: &str) -> CpuReading {
-        let servers: [(&'static str, Option<String>); 4] = [
-            ("service", Some(service.to_owned())),
-            ("mariadb", find_process(&["mariadbd", "mysqld"])),
-            ("broker", find_process(&["tansu", "kafka"])),
-            ("redis", find_process(&["redis-server"])),
+        CpuReading::with_services(&[service.to_owned()])
+    }
+
+    /// [`CpuReading::with_service`] with the service's instances summed.
+    pub fn with_services(services: &[String]) -> CpuReading {
+        let servers: [(&'static str, Vec<String>); 4] = [
+            ("service", services.to_vec()),
+            (
+                "mariadb",
+                find_process(&["mariadbd", "mysqld"]).into_iter().collect(),
+            ),
+            (
+                "broker",
+                find_process(&["tansu", "kafka"]).into_iter().collect(),
+            ),
+            (
+                "redis",
+                find_process(&["redis-server"]).into_iter().collect(),
+            ),
         ];
         CpuReading {
             readings: servers
                 .into_iter()
-                .map(|(what, pid)| {
-                    let seconds = pid.as_deref().and_then(cpu_seconds).unwrap_or(f64::NAN);
-                    (what, pid, seconds)
+                .map(|(what, pids)| {
+                    let seconds = if pids.is_empty() {
+                        f64::NAN
+                    } else {
+                        pids.iter()
+                            .map(|pid| cpu_seconds(pid).unwrap_or(f64::NAN))
+                            .sum()
+                    };
+                    (what, pids.first().cloned(), seconds)
                 })
                 .collect(),
         }

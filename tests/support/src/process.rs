@@ -9,14 +9,15 @@ pub struct BinaryConsumer {
 }
 
 /// A test that fails half-way must not leave consumers running; a test
-/// leaves no files behind, but the log of a failing one is kept to read.
+/// leaves no files behind, but the log of a failing one is kept to read
+/// (every log, with `OL_TEST_KEEP_LOGS` set).
 impl Drop for BinaryConsumer {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("OL_TEST_KEEP_LOGS").is_some() {
             eprintln!("order-lifecycle's log: {}", self.log.display());
         } else {
             let _ = std::fs::remove_file(&self.log);
