@@ -91,15 +91,22 @@ ensure_redis_cluster() {
   if cluster_ok; then say "Redis Cluster answers on $CLUSTER_BASE-$((CLUSTER_BASE + 5))"; return; fi
   local dir=$LOG_DIR/redis-cluster nodes=() port
   say "starting a Redis Cluster (3 masters, 3 replicas) on $CLUSTER_BASE-$((CLUSTER_BASE + 5))"
+  # Nodes left from a cluster that is not whole (a node died, a create that
+  # failed) are stopped: the cluster is made anew, empty.
+  for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do
+    if redis-cli -h 127.0.0.1 -p "$port" info cluster 2>/dev/null | grep -q 'cluster_enabled:1'; then
+      redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    fi
+  done
+  for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do
+    wait_for "Redis node $port to stop" 10 bash -c "! redis-cli -h 127.0.0.1 -p $port ping"
+  done
+  rm -rf "$dir"
   for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do
     mkdir -p "$dir/$port"
-    if ! redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then
-      # A node left from an earlier cluster that did not form: start clean.
-      rm -f "$dir/$port/nodes.conf"
-      redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
-        --cluster-config-file nodes.conf --cluster-node-timeout 2000 --save "" --appendonly no --repl-diskless-sync-delay 0 \
-        --dir "$dir/$port" --logfile "$dir/$port/redis.log"
-    fi
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-node-timeout 2000 --save "" --appendonly no \
+      --repl-diskless-sync-delay 0 --dir "$dir/$port" --logfile "$dir/$port/redis.log"
     nodes+=("127.0.0.1:$port")
   done
   for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do

@@ -714,3 +714,86 @@ async fn four_instances_restarted_in_turn_apply_every_event_once() {
         "every restart of a dynamic member rebalances the others: {dynamic:?}"
     );
 }
+
+/// Waits until every master of the cluster holds the projection record at
+/// the log's head (the follower re-projected what a master lost).
+async fn wait_for_cluster_record(env: &Env) {
+    let projection = env.redis.projection().await;
+    wait_until(
+        "every master's record at the log's head",
+        Duration::from_secs(90),
+        || async {
+            let head = env
+                .db
+                .count("SELECT COALESCE(MAX(position), 0) FROM lifecycle_events")
+                .await;
+            projection.record_copies().await.is_ok_and(|copies| {
+                copies
+                    .iter()
+                    .all(|c| c.as_ref().is_some_and(|c| c.position == head))
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_killed_or_flushed_mid_stream_loses_no_key() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = common::OwnRedisCluster::start().await;
+    let redis = common::TestRedis::on_cluster(&cluster.nodes());
+    let env = Env::with_services(4, common::TestDb::new().await, redis).await;
+    let consumer = env.spawn_binary(&[], "cluster");
+    let events = stream(600, 41);
+    let (first, rest) = events.split_at(events.len() / 2);
+    env.send_many(first).await;
+    env.wait_until_logged(first.len(), Duration::from_secs(120))
+        .await;
+
+    // A master dies mid-stream; its replica takes over.
+    let master = cluster.masters()[0];
+    cluster.kill(master);
+    env.send_many(rest).await;
+    env.wait_until_logged(events.len(), Duration::from_secs(180))
+        .await;
+    cluster.wait_until_ok().await;
+    wait_for_cluster_record(&env).await;
+    assert_exactly_once(&env, &events).await;
+
+    // A master flushed in place: its copy of the record goes with its
+    // keys, and the follower re-projects what it lost.
+    let flushed = cluster.masters()[0];
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &flushed.to_string(), "FLUSHALL"])
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success());
+    wait_for_cluster_record(&env).await;
+    assert_projections_match_log(&env.db, &env.redis).await;
+    let (code, log) = consumer.terminate(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{log}");
+
+    // rebuild and verify reach every master.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::process::binary())
+            .args(args)
+            .args(env.redis.args())
+            .args(["--database-url", env.db.url.expose()])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run order-lifecycle");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = cli(&["rebuild", "--target", "redis"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_projections_match_log(&env.db, &env.redis).await;
+    let (code, text) = cli(&["verify"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("healthy"), "{text}");
+    env.cleanup().await;
+}

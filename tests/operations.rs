@@ -77,7 +77,79 @@ fn command(db: &TestDb, redis: &TestRedis, args: &[&str]) -> Command {
         .env("OL_REDIS_URL", &redis.url)
         .env("OL_REDIS_KEY_PREFIX", &redis.prefix)
         .env("RUST_LOG", "warn");
+    if let Some(nodes) = &redis.cluster_nodes {
+        command.env("OL_REDIS_CLUSTER_NODES", nodes);
+    }
     command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_legacy_and_verify_work_on_a_redis_cluster() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::cluster();
+    create_legacy_tables(&db).await;
+    let orders: Vec<String> = (0..60).map(|i| format!("{}", 300_000 + i)).collect();
+    let sl: Vec<String> = orders.iter().map(|o| format!("SL-{o}")).collect();
+    let tp: Vec<String> = orders.iter().map(|o| format!("TP-{o}")).collect();
+    let rows: Vec<(&str, [Option<&str>; 7])> = orders
+        .iter()
+        .zip(sl.iter().zip(&tp))
+        .map(|(o, (sl, tp))| {
+            (
+                o.as_str(),
+                [
+                    None,
+                    None,
+                    None,
+                    Some(sl.as_str()),
+                    Some(tp.as_str()),
+                    None,
+                    None,
+                ],
+            )
+        })
+        .collect();
+    insert_legacy(&db, "live_user_orders", &rows).await;
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["import-legacy"]);
+    assert!(ok, "{out}{err}");
+    for (order, ids) in orders.iter().zip(sl.iter().zip(&tp)) {
+        for id in [order, ids.0, ids.1] {
+            assert_eq!(
+                redis
+                    .get(&format!("global_order_lookup:{id}"))
+                    .await
+                    .as_deref(),
+                Some(order.as_str()),
+                "{id} resolves through the cluster"
+            );
+        }
+    }
+    // The keys are spread over the masters, and verify reaches them all.
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("healthy"), "{out}");
+    redis_cmd_cluster_del(&redis, &format!("global_order_lookup:{}", sl[7])).await;
+    let (ok, out, _) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(!ok, "a missing lookup key is found: {out}");
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify", "--repair"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        redis
+            .get(&format!("global_order_lookup:{}", sl[7]))
+            .await
+            .as_deref(),
+        Some(orders[7].as_str()),
+        "repaired"
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+/// Deletes a key of the test's prefix on the cluster.
+async fn redis_cmd_cluster_del(redis: &TestRedis, key: &str) {
+    let projection = redis.projection().await;
+    let key = format!("{}{key}", redis.prefix);
+    assert_eq!(projection.delete(&[&key]).await.expect("DEL"), 1);
 }
 
 /// A reader that stops early (`verify --json | head -1`) closes the pipe:

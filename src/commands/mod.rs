@@ -291,7 +291,8 @@ pub fn refusal(error: &anyhow::Error) -> Option<String> {
             if crate::store::redis_projection::RedisProjection::is_refusal(redis) {
                 return Some(format!(
                     "Redis refused the connection: {redis}; check --redis-url (OL_REDIS_URL: \
-                     password, rediss://) and --redis-ca-file, --redis-client-cert, \
+                     password, rediss://) or --redis-cluster-nodes (OL_REDIS_CLUSTER_NODES), \
+                     --redis-key-prefix, and --redis-ca-file, --redis-client-cert, \
                      --redis-client-key"
                 ));
             }

@@ -32,7 +32,7 @@ pub async fn run(config: ServeConfig, mut shutdown: Shutdown) -> anyhow::Result<
         .listen
         .0
         .context("serve needs --http-listen (it is off)")?;
-    tracing::info!(database = %config.database.url, redis = %config.redis.url, "starting order-lifecycle read API");
+    tracing::info!(database = %config.database.url, redis = %config.redis.describe(), "starting order-lifecycle read API");
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the HTTP server to {listen}"))?;

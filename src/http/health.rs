@@ -80,11 +80,22 @@ async fn database(state: &ApiState) -> String {
 
 async fn redis(state: &ApiState) -> String {
     let probe = async {
-        let redis = state
-            .redis_probe
-            .get_or_try_init(|| RedisProjection::connect_to(&state.redis))
-            .await?;
-        redis.ping().await
+        let mut slot = state.redis_probe.lock().await;
+        let redis = match slot.as_ref() {
+            Some(redis) => redis.clone(),
+            None => {
+                let redis = RedisProjection::connect_to(&state.redis).await?;
+                *slot = Some(redis.clone());
+                redis
+            }
+        };
+        let answer = redis.ping().await;
+        if answer.is_err() && redis.is_cluster() {
+            // Connect anew next time: a cluster client learns of a failover
+            // from a MOVED reply, which a dead master never sends.
+            *slot = None;
+        }
+        answer
     };
     match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(Ok(_)) => "ok".to_owned(),

@@ -65,9 +65,10 @@ pub struct ApiState {
     pub api_token: Option<Secret>,
     pub max_batch_ids: usize,
     /// The readiness probe's Redis connection, made by the first probe that
-    /// reaches Redis and kept (it reconnects by itself): a probe every few
-    /// seconds must not open a connection each time.
-    pub redis_probe: Arc<tokio::sync::OnceCell<RedisProjection>>,
+    /// reaches Redis and kept (it reconnects by itself; a cluster's is made
+    /// anew after a failed probe): a probe every few seconds must not open a
+    /// connection each time.
+    pub redis_probe: Arc<tokio::sync::Mutex<Option<RedisProjection>>>,
     /// `/v1` requests being served take one (`--http-max-concurrent`).
     pub permits: Arc<tokio::sync::Semaphore>,
     /// `--http-request-timeout`.
@@ -88,7 +89,7 @@ impl ApiState {
             metrics: METRICS.get().cloned(),
             api_token: config.token(),
             max_batch_ids: config.max_batch_ids,
-            redis_probe: Arc::new(tokio::sync::OnceCell::new()),
+            redis_probe: Arc::new(tokio::sync::Mutex::new(None)),
             permits: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent as usize)),
             request_timeout: config.request_timeout,
         }

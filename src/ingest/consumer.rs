@@ -303,6 +303,15 @@ impl Ingest<'_> {
                 // Nothing came until the deadline: the client holds nothing.
                 None => merger.set_more_waiting(false),
                 Some(Err(e)) => {
+                    // A fatal error (another instance with this
+                    // --group-instance-id fenced this one out) ends the
+                    // client: retrying would only repeat it.
+                    if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                        anyhow::bail!(
+                            "the Kafka client stopped for good ({code:?}: {reason}); is \
+                             --group-instance-id used by another running instance?"
+                        );
+                    }
                     tracing::warn!(error = %e, "kafka receive failed; retrying");
                     backoff.wait(&mut shutdown).await;
                 }

@@ -234,11 +234,12 @@ pub async fn catch_up(store: &Store, redis: &RedisProjection) -> Result<usize, F
     Ok(catch_up_round(store, redis).await?.0)
 }
 
-/// [`catch_up`], also returning the identity of the log it read.
+/// [`catch_up`], also returning the identity of the log it read and the
+/// position Redis stands at after the round.
 async fn catch_up_round(
     store: &Store,
     redis: &RedisProjection,
-) -> Result<(usize, String), FollowError> {
+) -> Result<(usize, String, i64), FollowError> {
     let at = redis.watch_projected().await?;
     let log = event_log::log_head(store.pool()).await?;
     let log_id = log.log_id.clone();
@@ -271,7 +272,7 @@ async fn catch_up_round(
             };
             redis.write(&[], &[], &start).await?;
         }
-        return Ok((0, log_id));
+        return Ok((0, log_id, from));
     };
     let projected = Projected {
         log_id: log.log_id,
@@ -305,12 +306,30 @@ async fn catch_up_round(
     if !redis.write(&lookups, &hashes, &projected).await? {
         // Redis changed under us (flushed, say): the next round starts over
         // from whatever position it now has.
-        return Ok((0, log_id));
+        return Ok((0, log_id, from));
     }
     if let Err(e) = checkpoints::set(store.pool(), CHECKPOINT, projected.position).await {
         tracing::warn!(error = %e, "could not mirror the redis checkpoint to MySQL");
     }
-    Ok((entries.len(), log_id))
+    Ok((entries.len(), log_id, projected.position))
+}
+
+/// How often a caught-up follower looks at the log's head for entries of
+/// other instances (one primary-key read).
+const HEAD_POLL: Duration = Duration::from_millis(50);
+
+/// Completes once the log's head is past `at` (entries no batch of this
+/// instance handed over: another instance's).
+async fn log_moves_past(store: &Store, at: i64) {
+    loop {
+        tokio::time::sleep(HEAD_POLL).await;
+        if event_log::head(store.pool())
+            .await
+            .is_ok_and(|head| head > at)
+        {
+            return;
+        }
+    }
 }
 
 /// On a Redis Cluster, before a re-projection: keeps the slots' fences when
@@ -445,20 +464,23 @@ pub async fn run(
         }
         log_read = tokio::time::Instant::now();
         match catch_up_round(&store, &projection).await {
-            Ok((0, id)) => {
+            Ok((0, id, at)) => {
                 backoff.reset();
                 log_id = Some(id);
                 record_lag(&store, &projection).await;
                 mirror_checkpoint(&store, &projection, &mut mirrored).await;
                 // What was handed before this round is in Redis now or
                 // newer than the log this round read: keep only the latter.
+                // Other instances' batches are not handed: the log's head
+                // moving past Redis says they came.
                 tokio::select! {
                     _ = handoff.wake.notified() => {}
+                    _ = log_moves_past(&store, at) => log_id = None,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => log_id = None,
                     _ = stop.requested() => {}
                 }
             }
-            Ok((n, _)) => {
+            Ok((n, _, _)) => {
                 backoff.reset();
                 record_lag(&store, &projection).await;
                 metrics::counter!("order_lifecycle_redis_projected_entries_total")

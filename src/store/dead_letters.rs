@@ -118,10 +118,11 @@ pub struct OutboxKey {
 }
 
 /// Up to `limit` letters not yet on the dead-letter topic, oldest first,
-/// with their outbox keys, locked until `conn`'s transaction ends: a second
-/// publisher (another instance) waits, then finds them published, so each
-/// letter is published once and in the outbox's order. (READ COMMITTED:
-/// only these rows are locked, so batches adding letters do not wait.)
+/// with their outbox keys, locked until `conn`'s transaction ends. Rows
+/// locked by someone else are skipped (`SKIP LOCKED`): letters another
+/// publisher (a leader handing over) is publishing, and letters a batch has
+/// written but not committed yet; each is published once, and nothing here
+/// waits for another transaction.
 ///
 /// # Errors
 /// [`StoreError`] from the database.
@@ -132,7 +133,7 @@ pub async fn unpublished(
     let rows = sqlx::query(
         "SELECT id, source_topic, source_partition, source_offset, message_key, payload, \
          content_type, reason, error, event_id, order_id, CAST(created_at AS CHAR) \
-         FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ? FOR UPDATE",
+         FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut *conn)

@@ -46,6 +46,11 @@ pub const CAMPAIGN_INTERVAL: Duration = Duration::from_secs(1);
 /// of a leader it no longer hears from (see the module docs).
 pub const IDLE_LIMIT: Duration = Duration::from_secs(10);
 
+/// Longest a check or an attempt may take. A leader whose check does not
+/// answer (a network cut leaves the query waiting for TCP to give up,
+/// minutes) stops leading well before the server gives its lease away.
+const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+
 /// Whether this instance leads, as the campaign last found; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Leadership(watch::Receiver<bool>);
@@ -90,7 +95,8 @@ async fn campaign(store: Store, leading: watch::Sender<bool>, mut stop: Shutdown
     while !stop.is_requested() {
         match held.as_mut() {
             Some(lease) => {
-                if !lease.is_held().await {
+                let held_still = tokio::time::timeout(ANSWER_WITHIN, lease.is_held()).await;
+                if !matches!(held_still, Ok(true)) {
                     held = None;
                     leading.send_replace(false);
                     metrics::gauge!("order_lifecycle_leader").set(0.0);
@@ -100,7 +106,10 @@ async fn campaign(store: Store, leading: watch::Sender<bool>, mut stop: Shutdown
                     );
                 }
             }
-            None => match try_lead(&store, candidate.take()).await {
+            None => match tokio::time::timeout(ANSWER_WITHIN, try_lead(&store, candidate.take()))
+                .await
+                .unwrap_or_else(|_| Err(unanswered()))
+            {
                 Ok(Ok(lease)) => {
                     held = Some(lease);
                     leading.send_replace(true);
@@ -127,6 +136,14 @@ async fn campaign(store: Store, leading: watch::Sender<bool>, mut stop: Shutdown
             tracing::warn!(error = %e, "could not give the leader lease back; it ends with its session");
         }
     }
+}
+
+/// An attempt the database did not answer within [`ANSWER_WITHIN`].
+fn unanswered() -> StoreError {
+    StoreError::Transient(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the database did not answer the attempt to take the leader lease",
+    )))
 }
 
 /// One attempt: the lease, or the session back for the next attempt.

@@ -19,14 +19,18 @@
 //!   identity, position, event id; see [`super::redis_projection`]) is
 //!   written, after every slot of a round, to one key on each master
 //!   (`order_lifecycle:projection:{tag}`, tagged into a slot the master
-//!   serves). The follower resumes from the record only when every master
-//!   has it and all copies agree. A master that lost writes (a failover
-//!   with replication lag, a restart without persistence, a FLUSHALL) holds
-//!   an older copy or none, and resharding moves copies away from the
-//!   masters that now serve their slots: either way the copies disagree,
-//!   and the follower re-projects from the start of the log. The fences
-//!   make that cheap: every slot skips what it already holds, and only the
-//!   slots that lost writes are written again.
+//!   serves), with the node ids of the masters the round started under.
+//!   The follower resumes from the record only when every master has it,
+//!   all copies agree, and they name the masters there are now. A master
+//!   that lost writes holds an older copy or none (a restart without
+//!   persistence, a FLUSHALL), or is a replica promoted since the copies
+//!   were written (a failover, which may have lost the last writes of its
+//!   slots: the client may even have retried a copy's write on the new
+//!   master); resharding moves copies away from the masters that now serve
+//!   their slots. Each of these makes the follower re-project from the
+//!   start of the log. The fences keep that to reading the log: every slot
+//!   skips what it already holds, and only slots that lost writes are
+//!   written again.
 //! - A re-projection because Redis followed another log or another history
 //!   of this one (see `projection::redis_follower`) first removes every
 //!   fence ([`Cluster::forget_fences`]), since positions of another history
@@ -116,8 +120,21 @@ fn tags() -> &'static [String] {
 struct Master {
     host: String,
     port: u16,
+    /// The node's id (a promoted replica has another).
+    id: String,
     first_slot: u16,
 }
+
+/// The masters, by node id, as one text: a record copy names the masters
+/// it was written under (see the module docs).
+fn masters_signature(masters: &[Master]) -> String {
+    let mut ids: Vec<&str> = masters.iter().map(|m| m.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.join(",")
+}
+
+/// Field of a record copy naming the masters it was written under.
+const MASTERS_FIELD: &str = "masters";
 
 impl Master {
     fn route(&self) -> RoutingInfo {
@@ -165,6 +182,10 @@ if now and now == ARGV[1] then
 end
 return 0
 ";
+
+/// Each master's record copy (`None`: missing or partial) with the
+/// masters it names.
+type SignedCopies = Vec<Option<(Projected, String)>>;
 
 /// One slot's share of a write: its keys and the script's arguments.
 #[derive(Default)]
@@ -239,7 +260,7 @@ impl Cluster {
             .arg("SLOTS")
             .query_async(&mut self.conn())
             .await?;
-        let mut masters: BTreeMap<(String, u16), u16> = BTreeMap::new();
+        let mut masters: BTreeMap<(String, u16), (String, u16)> = BTreeMap::new();
         for range in ranges {
             let Value::Array(fields) = range else {
                 continue;
@@ -260,7 +281,12 @@ impl Cluster {
             let (Ok(start), Ok(port)) = (u16::try_from(*start), u16::try_from(*port)) else {
                 continue;
             };
-            let first = masters.entry((host, port)).or_insert(start);
+            let id = match node.get(2) {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(Value::SimpleString(s)) => s.clone(),
+                _ => format!("{host}:{port}"),
+            };
+            let (_, first) = masters.entry((host, port)).or_insert((id, start));
             *first = (*first).min(start);
         }
         if masters.is_empty() || masters.len() > MAX_MASTERS {
@@ -271,9 +297,10 @@ impl Cluster {
         }
         Ok(masters
             .into_iter()
-            .map(|((host, port), first_slot)| Master {
+            .map(|((host, port), (id, first_slot))| Master {
                 host,
                 port,
+                id,
                 first_slot,
             })
             .collect())
@@ -297,27 +324,45 @@ impl Cluster {
 
     /// The record's copy on each master (`None`: missing or partial).
     pub async fn record_copies(&self) -> Result<Vec<Option<Projected>>, RedisError> {
+        let (copies, _) = self.signed_copies().await?;
+        Ok(copies.into_iter().map(|c| c.map(|(p, _)| p)).collect())
+    }
+
+    /// Each master's copy with the masters it was written under, and the
+    /// masters now.
+    async fn signed_copies(&self) -> Result<(SignedCopies, String), RedisError> {
         let masters = self.masters().await?;
         let reads = masters.iter().map(|m| {
             let mut conn = self.conn();
             let key = self.record_key(m.first_slot);
             async move {
-                let fields: Vec<Option<String>> = redis::cmd("HMGET")
+                let mut fields: Vec<Option<String>> = redis::cmd("HMGET")
                     .arg(key)
                     .arg(&PROJECTION_FIELDS[..])
+                    .arg(MASTERS_FIELD)
                     .query_async(&mut conn)
                     .await?;
-                Ok::<_, RedisError>(super::redis_projection::projected(fields))
+                let signature = fields.pop().flatten();
+                let copy = super::redis_projection::projected(fields);
+                Ok::<_, RedisError>(copy.zip(signature))
             }
         });
-        join_all(reads).await.into_iter().collect()
+        let copies = join_all(reads)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        Ok((copies, masters_signature(&masters)))
     }
 
-    /// The record, when every master holds the same copy.
+    /// The record, when every master holds the same copy, written under the
+    /// masters there are now. A failover since (a master that may have lost
+    /// writes its copy does not show) makes the follower re-project.
     pub async fn projected(&self) -> Result<Option<Projected>, RedisError> {
-        let copies = self.record_copies().await?;
+        let (copies, now) = self.signed_copies().await?;
         let first = copies.first().cloned().flatten();
-        Ok(first.filter(|f| copies.iter().all(|c| c.as_ref() == Some(f))))
+        Ok(first
+            .filter(|f| f.1 == now && copies.iter().all(|c| c.as_ref() == Some(f)))
+            .map(|(p, _)| p))
     }
 
     /// Writes the keys slot by slot behind the slots' fences, then the
@@ -330,6 +375,10 @@ impl Cluster {
         at: &Projected,
         keys: &super::redis_projection::RedisKeys,
     ) -> Result<bool, RedisError> {
+        // The masters before any key is written: a failover during the
+        // round leaves copies naming masters that are no more.
+        let masters = self.masters().await?;
+        let signature = masters_signature(&masters);
         let mut slots: BTreeMap<u16, SlotWrite> = BTreeMap::new();
         for (key, write) in key_writes(keys, lookups, orders) {
             let w = slots.entry(slot(key.as_bytes())).or_default();
@@ -355,7 +404,7 @@ impl Cluster {
         for result in join_all(writes).await {
             result?;
         }
-        let masters = self.masters().await?;
+        let signature = &signature;
         let records = masters.iter().map(|m| {
             let mut conn = self.conn();
             let key = self.record_key(m.first_slot);
@@ -368,6 +417,8 @@ impl Cluster {
                     .arg(at.position)
                     .arg(PROJECTION_FIELDS[2])
                     .arg(&at.event_id)
+                    .arg(MASTERS_FIELD)
+                    .arg(signature)
                     .query_async::<()>(&mut conn)
                     .await
             }
@@ -407,18 +458,24 @@ impl Cluster {
         join_all(writes).await.into_iter().collect()
     }
 
-    /// Removes the record's copies and every fence: the next round
-    /// re-projects the whole log and rewrites every key.
+    /// Removes every fence, then the record's copies: the next round
+    /// re-projects the whole log and rewrites every key. (In this order: a
+    /// reset that fails half-way leaves copies that still agree, never a
+    /// fence without its record.)
     pub async fn reset(&self) -> Result<(), RedisError> {
+        self.forget_fences().await?;
         self.delete_matching(&format!("{}order_lifecycle:projection:*", self.prefix))
-            .await?;
-        self.forget_fences().await
+            .await
     }
 
-    /// Removes every fence (see the module docs).
+    /// Removes every fence (see the module docs), by name, slot by slot:
+    /// a SCAN could miss a master that fails over meanwhile.
     pub async fn forget_fences(&self) -> Result<(), RedisError> {
-        self.delete_matching(&format!("{}order_lifecycle:fence:*", self.prefix))
-            .await
+        let names: Vec<String> = (0..SLOTS).map(|s| self.fence_key(s)).collect();
+        for chunk in names.chunks(1024) {
+            self.delete(&chunk.iter().collect::<Vec<_>>()).await?;
+        }
+        Ok(())
     }
 
     async fn delete_matching(&self, pattern: &str) -> Result<(), RedisError> {
