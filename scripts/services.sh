@@ -85,7 +85,14 @@ ensure_broker() {
 # like the broker; its files live under $LOG_DIR/redis-cluster.
 CLUSTER_BASE=${OL_REDIS_CLUSTER_PORT:-7000}
 
-cluster_ok() { redis-cli -h 127.0.0.1 -p "$CLUSTER_BASE" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; }
+# Whole: every node answers and the cluster serves every slot.
+cluster_ok() {
+  local port
+  for port in $(seq "$CLUSTER_BASE" $((CLUSTER_BASE + 5))); do
+    redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 || return 1
+  done
+  redis-cli -h 127.0.0.1 -p "$CLUSTER_BASE" cluster info 2>/dev/null | grep -q 'cluster_state:ok'
+}
 
 ensure_redis_cluster() {
   if cluster_ok; then say "Redis Cluster answers on $CLUSTER_BASE-$((CLUSTER_BASE + 5))"; return; fi
