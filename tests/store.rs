@@ -1521,3 +1521,45 @@ async fn a_stray_key_bound_after_the_scan_is_kept() {
     redis.cleanup().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_rebuild_rewrites_the_slots_a_round_in_flight_wrote() {
+    use order_lifecycle::domain::{LifecycleId, OrderId};
+    use order_lifecycle::projection::rebuild;
+    let db = TestDb::new().await;
+    let redis = TestRedis::cluster();
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("GEN1");
+    let batch = messages("o", 0, &[s.place(), s.sl("GEN-SL1"), s.tp("GEN-TP1")]);
+    process_batch(&db.store, &cfg, &batch).await.unwrap();
+    let follower = redis.projection().await;
+    redis_follower::catch_up(&db.store, &follower)
+        .await
+        .unwrap();
+    let at = follower
+        .projected()
+        .await
+        .unwrap()
+        .expect("the record on every master");
+    // Redis goes wrong: a lookup names another order.
+    let wrong = vec![(
+        LifecycleId::parse("GEN-SL1").unwrap(),
+        OrderId::parse("OTHER").unwrap(),
+    )];
+    follower.put(&wrong, &[]).await.unwrap();
+    // A rebuild resets Redis; a round of the follower in flight since
+    // before the reset then completes, with what it had read.
+    let rebuilding = redis.projection().await;
+    redis_follower::reset(&db.store, &rebuilding).await.unwrap();
+    follower.write(&wrong, &[], &at).await.unwrap();
+    rebuild::catch_up_to_head(&db.store, &rebuilding, "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        redis.get("global_order_lookup:GEN-SL1").await.as_deref(),
+        Some("GEN1"),
+        "the rebuild rewrote the slot the round in flight had written"
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}

@@ -208,7 +208,7 @@ pub async fn rebuild_redis(
 ) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
     let mut summary = RebuildSummary::default();
-    redis.reset().await?;
+    redis_follower::reset(store, redis).await?;
     summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
     let stale = remove_stale_keys(store, redis, unexplained).await?;
     (summary.keys_removed, summary.keys_kept) = (stale.removed, stale.kept);

@@ -57,6 +57,26 @@ use crate::store::{checkpoints, event_log, id_projection, Store, StoreError};
 /// Checkpoint name of this projection.
 pub const CHECKPOINT: &str = "redis";
 
+/// Counter of the Redis Cluster projection's generation (see
+/// [`crate::store::redis_cluster`]), beside the checkpoints.
+pub const GENERATION: &str = "redis_generation";
+
+/// Forgets where the projection stands, so that the next round re-projects
+/// the whole log and rewrites every key (`rebuild`, `verify --repair`). On
+/// a cluster it first raises the generation, so that a round of a follower
+/// in flight cannot keep slots from being rewritten.
+///
+/// # Errors
+/// [`FollowError`] from MySQL or Redis.
+pub async fn reset(store: &Store, redis: &RedisProjection) -> Result<(), FollowError> {
+    if redis.is_cluster() {
+        let generation = checkpoints::raise(store.pool(), GENERATION).await?;
+        redis.set_generation(generation);
+    }
+    redis.reset().await?;
+    Ok(())
+}
+
 /// Log entries projected per round.
 const ROUND: u32 = 1000;
 
@@ -240,6 +260,9 @@ async fn catch_up_round(
     store: &Store,
     redis: &RedisProjection,
 ) -> Result<(usize, String, i64), FollowError> {
+    if redis.is_cluster() {
+        redis.set_generation(checkpoints::get(store.pool(), GENERATION).await?);
+    }
     let at = redis.watch_projected().await?;
     let log = event_log::log_head(store.pool()).await?;
     let log_id = log.log_id.clone();

@@ -35,11 +35,21 @@
 //!   of this one (see `projection::redis_follower`) first removes every
 //!   fence ([`Cluster::forget_fences`]), since positions of another history
 //!   say nothing about this one.
+//! - **A generation.** `rebuild --target redis` and `verify --repair` must
+//!   rewrite every key, yet a follower round already in flight when they
+//!   reset Redis would complete (on one server its WATCH makes it fail) and
+//!   leave fences that make the rewrite skip its slots. So a reset first
+//!   raises a generation kept in MySQL (`projection_checkpoints`, name
+//!   `redis_generation`); the follower reads it before each round of the
+//!   log; fences and record copies carry it. A fence of a later generation
+//!   turns an older writer away, one of an earlier generation is
+//!   overwritten, and copies of another generation do not count.
 //!
 //! MOVED and ASK redirections and failovers are handled by the client
 //! (it refreshes the slot map and retries). SCAN walks every master.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use futures_util::future::join_all;
@@ -125,12 +135,12 @@ struct Master {
     first_slot: u16,
 }
 
-/// The masters, by node id, as one text: a record copy names the masters
-/// it was written under (see the module docs).
-fn masters_signature(masters: &[Master]) -> String {
+/// The projection's generation and the masters, by node id, as one text:
+/// a record copy names those it was written under (see the module docs).
+fn signature(generation: i64, masters: &[Master]) -> String {
     let mut ids: Vec<&str> = masters.iter().map(|m| m.id.as_str()).collect();
     ids.sort_unstable();
-    ids.join(",")
+    format!("{generation}/{}", ids.join(","))
 }
 
 /// Field of a record copy naming the masters it was written under.
@@ -145,16 +155,24 @@ impl Master {
     }
 }
 
-/// Writes one slot's keys unless its fence is ahead (see the module docs).
-/// KEYS: the fence, then the keys. ARGV: log id, position, then per key
-/// `S value` (a lookup) or `H n field value ...` (an active-id hash,
-/// replaced; `n` = 0 deletes it).
+/// Writes one slot's keys unless its fence is ahead (see the module docs):
+/// of the same log, a later generation, or the same generation and a later
+/// position. KEYS: the fence, then the keys. ARGV: log id, position,
+/// generation, then per key `S value` (a lookup) or `H n field value ...`
+/// (an active-id hash, replaced; `n` = 0 deletes it).
 const SLOT_WRITE: &str = r"
-local fence = redis.call('HMGET', KEYS[1], 'log_id', 'position')
-if fence[1] == ARGV[1] and tonumber(fence[2]) and tonumber(fence[2]) > tonumber(ARGV[2]) then
-  return 0
+local fence = redis.call('HMGET', KEYS[1], 'log_id', 'position', 'generation')
+if fence[1] == ARGV[1] then
+  local fgen = tonumber(fence[3]) or 0
+  local gen = tonumber(ARGV[3])
+  if fgen > gen then
+    return 0
+  end
+  if fgen == gen and tonumber(fence[2]) and tonumber(fence[2]) > tonumber(ARGV[2]) then
+    return 0
+  end
 end
-local a = 3
+local a = 4
 for i = 2, #KEYS do
   local kind = ARGV[a]
   if kind == 'S' then
@@ -170,7 +188,7 @@ for i = 2, #KEYS do
     end
   end
 end
-redis.call('HSET', KEYS[1], 'log_id', ARGV[1], 'position', ARGV[2])
+redis.call('HSET', KEYS[1], 'log_id', ARGV[1], 'position', ARGV[2], 'generation', ARGV[3])
 return 1
 ";
 
@@ -200,8 +218,12 @@ pub struct Cluster {
     conn: ClusterConnection,
     prefix: String,
     /// Keys as [`Cluster::watch_keys`] saw them (their DUMP), for
-    /// [`Cluster::delete_watched`].
+    /// [`Cluster::delete_watched`]. A std mutex: held for a swap, never
+    /// across an await.
     watched: std::sync::Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    /// The generation this handle writes under (see the module docs), as
+    /// the follower last read it from MySQL.
+    generation: std::sync::Arc<AtomicI64>,
 }
 
 impl Cluster {
@@ -237,7 +259,17 @@ impl Cluster {
             conn,
             prefix: config.key_prefix.clone(),
             watched: Default::default(),
+            generation: Default::default(),
         })
+    }
+
+    /// Writes from now on under `generation`.
+    pub fn set_generation(&self, generation: i64) {
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    fn generation(&self) -> i64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     fn conn(&self) -> ClusterConnection {
@@ -351,7 +383,7 @@ impl Cluster {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
-        Ok((copies, masters_signature(&masters)))
+        Ok((copies, signature(self.generation(), &masters)))
     }
 
     /// The record, when every master holds the same copy, written under the
@@ -378,7 +410,8 @@ impl Cluster {
         // The masters before any key is written: a failover during the
         // round leaves copies naming masters that are no more.
         let masters = self.masters().await?;
-        let signature = masters_signature(&masters);
+        let generation = self.generation();
+        let signature = signature(generation, &masters);
         let mut slots: BTreeMap<u16, SlotWrite> = BTreeMap::new();
         for (key, write) in key_writes(keys, lookups, orders) {
             let w = slots.entry(slot(key.as_bytes())).or_default();
@@ -398,7 +431,11 @@ impl Cluster {
         let writes = slots.into_iter().map(|(s, w)| {
             let mut conn = self.conn();
             let mut call = script.key(self.fence_key(s));
-            call.key(w.keys).arg(&at.log_id).arg(&position).arg(w.args);
+            call.key(w.keys)
+                .arg(&at.log_id)
+                .arg(&position)
+                .arg(generation)
+                .arg(w.args);
             async move { call.invoke_async::<i64>(&mut conn).await }
         });
         for result in join_all(writes).await {

@@ -161,6 +161,14 @@ impl RedisProjection {
         }
     }
 
+    /// On a cluster, the generation to write under from now on (see
+    /// [`super::redis_cluster`]); nothing on one server.
+    pub fn set_generation(&self, generation: i64) {
+        if let Backend::Cluster(c) = &self.backend {
+            c.set_generation(generation);
+        }
+    }
+
     /// On a cluster, removes the slots' fences before a re-projection of
     /// another log or history (see [`super::redis_cluster`]); nothing on
     /// one server.

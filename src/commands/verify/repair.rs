@@ -3,7 +3,7 @@
 use super::checks::Findings;
 use super::{Repaired, VerifyError};
 use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
-use crate::projection::rebuild;
+use crate::projection::{rebuild, redis_follower};
 use crate::store::fold;
 use crate::store::redis_projection::RedisProjection;
 use crate::store::stray_keys::{remove_stray, UnexplainedKeys};
@@ -26,7 +26,9 @@ pub(super) async fn repair(
         repaired.parking_lot_recounted = true;
     }
     if findings.redis_diverged {
-        redis.reset().await?;
+        redis_follower::reset(store, redis)
+            .await
+            .map_err(rebuild::RebuildError::from)?;
         repaired.redis_entries =
             rebuild::catch_up_to_head(store, redis, "re-project redis").await?;
     }
