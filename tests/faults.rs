@@ -581,18 +581,14 @@ fn as_strs(args: &[String]) -> Vec<&str> {
 
 /// "partitions assigned" lines in an instance's log: its rebalances.
 fn assignments(consumer: &common::process::BinaryConsumer) -> usize {
-    std::fs::read_to_string(&consumer.log)
-        .unwrap_or_default()
-        .matches("partitions assigned")
-        .count()
+    consumer.logged_lines("partitions assigned").len()
 }
 
 /// The partitions an instance was last assigned, as its log says.
 fn assignment(consumer: &common::process::BinaryConsumer) -> String {
-    std::fs::read_to_string(&consumer.log)
-        .unwrap_or_default()
-        .lines()
-        .rfind(|l| l.contains("partitions assigned"))
+    consumer
+        .logged_lines("partitions assigned")
+        .last()
         .and_then(|l| l.split_once("partitions="))
         .map(|(_, parts)| parts.to_owned())
         .unwrap_or_default()

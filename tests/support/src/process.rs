@@ -37,6 +37,16 @@ impl BinaryConsumer {
         std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(text))
     }
 
+    /// The lines of the log containing `text`, in order.
+    pub fn logged_lines(&self, text: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(text))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// SIGTERM, then waits; returns the exit code and the log.
     pub async fn terminate(mut self, within: Duration) -> (Option<i32>, String) {
         let status = std::process::Command::new("kill")
