@@ -676,7 +676,19 @@ pub struct RunConfig {
         default_value_t = 4
     )]
     pub topic_partitions: i32,
+    /// Orders kept in memory between batches, as last committed, so that a
+    /// batch reads from `order_lifecycle_ids` only the orders not kept
+    /// (about a kilobyte each); 0 reads every order every time.
+    #[arg(
+        long = "order-cache",
+        env = "OL_ORDER_CACHE",
+        default_value_t = DEFAULT_ORDER_CACHE
+    )]
+    pub order_cache: usize,
 }
+
+/// `--order-cache`'s default: the orders of the last forty or so batches.
+pub const DEFAULT_ORDER_CACHE: usize = 20_000;
 
 /// The legacy order tables: `import-legacy` reads them, `verify` checks
 /// orphans against them.

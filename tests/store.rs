@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{TestDb, TestRedis};
 use order_lifecycle::commands::redrive::{redrive_all, RedriveConfig, RedriveSummary};
 use order_lifecycle::domain::OrderEvent;
+use order_lifecycle::ingest::order_cache::OrderCache;
 use order_lifecycle::ingest::overlap;
 use order_lifecycle::ingest::{
     expire_parked, process_batch, process_batch_in_turn, BatchOutcome, PipelineConfig, Turn,
@@ -172,6 +173,7 @@ async fn behind_one_another(
         let turn = Turn {
             ahead: None,
             progress: Some(&progress),
+            cache: None,
         };
         let report = process_batch_in_turn(&db.store, cfg, first, turn).await;
         progress.done();
@@ -183,6 +185,7 @@ async fn behind_one_another(
         let turn = Turn {
             ahead: Some(&mut ahead),
             progress: None,
+            cache: None,
         };
         process_batch_in_turn(&db.store, cfg, second, turn)
             .await
@@ -217,6 +220,65 @@ async fn a_batch_behind_another_takes_its_orders_as_they_will_be_and_writes_afte
     serial.drop().await;
 }
 
+/// Runs `batch` alone, reading and keeping orders in `cache`.
+async fn through_cache(
+    db: &TestDb,
+    cfg: &PipelineConfig,
+    cache: &OrderCache,
+    batch: &[InboundMessage],
+) -> BatchOutcome {
+    let turn = Turn {
+        cache: Some(cache),
+        ..Turn::default()
+    };
+    process_batch_in_turn(&db.store, cfg, batch, turn)
+        .await
+        .unwrap()
+        .expect("alone: never gives way")
+}
+
+#[tokio::test]
+async fn orders_kept_between_batches_give_the_log_and_rows_of_orders_read_each_time() {
+    let (cached, serial) = (TestDb::new().await, TestDb::new().await);
+    let cfg = config(Duration::from_secs(60));
+    let cache = OrderCache::new(1_000);
+    let (mut k1, mut k2) = (EventScript::new("K1"), EventScript::new("K2"));
+    let first = messages("o", 0, &[k1.place(), k1.sl("K1-SL"), k2.place()]);
+    // Another writer (an instance reading the confirmations) changes K1
+    // behind this one's back: its kept state is then stale.
+    let elsewhere = messages("c", 0, &[k1.confirm("K1-SL", "NEW"), k1.tp("K1-TP")]);
+    let then = messages(
+        "o",
+        3,
+        &[
+            k1.sl("K1-SL2"),
+            k2.sl("K2-SL"),
+            k1.close("K1-C", Some("K1-SLC"), Some("K1-TPC")),
+        ],
+    );
+
+    through_cache(&cached, &cfg, &cache, &first).await;
+    assert_eq!(cache.len(), 2, "both orders kept once committed");
+    process_batch(&cached.store, &cfg, &elsewhere)
+        .await
+        .unwrap();
+    let report = through_cache(&cached, &cfg, &cache, &then).await;
+    assert_eq!(report.recorded_total(), 3);
+    // A stale K1 would have numbered its entries from seq 3 (refused by
+    // the log's unique key) and replaced K1-SL without knowing K1-TP.
+    let again = through_cache(&cached, &cfg, &cache, &then).await;
+    assert_eq!((again.recorded_total(), again.duplicates), (0, 3));
+
+    for batch in [&first, &elsewhere, &then] {
+        process_batch(&serial.store, &cfg, batch).await.unwrap();
+    }
+    assert_eq!(cached.log().await, serial.log().await);
+    assert_eq!(cached.full_rows().await, serial.full_rows().await);
+    cached.assert_sequences_gap_free().await;
+    cached.drop().await;
+    serial.drop().await;
+}
+
 #[tokio::test]
 async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() {
     let db = TestDb::new().await;
@@ -238,6 +300,7 @@ async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() 
         let turn = Turn {
             ahead: None,
             progress: Some(&progress),
+            cache: None,
         };
         let report = process_batch_in_turn(&db.store, &cfg, &first, turn).await;
         let _ = behind_over.await;
@@ -253,6 +316,7 @@ async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() 
         let turn = Turn {
             ahead: Some(&mut ahead),
             progress: None,
+            cache: None,
         };
         let report = process_batch_in_turn(&db.store, &cfg, &second, turn).await;
         let _ = behind_ended.send(());

@@ -636,7 +636,7 @@ async fn apply(
         })
         .collect();
     let ahead_book = ahead.as_ref().map(|a| a.book.as_ref());
-    let mut book = load_book(&mut tx, fresh.iter().map(|(e, _)| e), ahead_book).await?;
+    let mut book = load_book(&mut tx, fresh.iter().map(|(e, _)| e), ahead_book, None).await?;
     let stored = book.bound_ids();
     let mut applied = Applied::default();
     for (event, id_type) in fresh {

@@ -39,6 +39,7 @@ use rdkafka::consumer::BaseConsumer;
 
 use super::assignment::{AssignmentContext, Changes, ConsumerStatus, OffsetGate};
 use super::dead_letter::{publish_pending, DeadLetterPublisher};
+use super::order_cache::OrderCache;
 use super::ordering::{copartitioning_problem, Merger};
 use super::overlap::{self, BatchAhead, BatchProgress, Flights, Slot};
 use super::pipeline::{
@@ -112,6 +113,7 @@ pub async fn consume(
         handoff,
         leadership,
         paused: Default::default(),
+        order_cache: OrderCache::new(config.order_cache),
     };
     let result = ingest.consume(shutdown).await;
     // Leave the group now, so that the partitions move at once.
@@ -132,6 +134,8 @@ struct Ingest<'a> {
     leadership: &'a Leadership,
     /// Partitions whose fetching [`Ingest::flow_control`] paused.
     paused: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
+    /// Orders as the batches last committed them (`--order-cache`).
+    order_cache: OrderCache,
 }
 
 /// Messages the merger may hold while it reads through the client's queue
@@ -559,6 +563,7 @@ impl Ingest<'_> {
             let turn = Turn {
                 ahead: Some(&mut ahead),
                 progress: Some(progress),
+                cache: Some(&self.order_cache),
             };
             let cause = match process_batch_in_turn(self.store, &self.pipeline, batch, turn).await {
                 Ok(Some(report)) => return Ok(Some(report)),
@@ -582,6 +587,7 @@ impl Ingest<'_> {
                 let turn = Turn {
                     ahead: None,
                     progress: Some(progress),
+                    cache: Some(&self.order_cache),
                 };
                 let result = process_batch_in_turn(self.store, &self.pipeline, batch, turn).await;
                 if result.is_err() {

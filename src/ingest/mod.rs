@@ -5,6 +5,7 @@
 pub mod assignment;
 pub mod consumer;
 pub mod dead_letter;
+pub mod order_cache;
 pub mod ordering;
 pub mod overlap;
 pub mod pipeline;

@@ -34,11 +34,12 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlConnection};
 
+use super::order_cache::{Lookup, OrderCache};
 use super::overlap::{BatchAhead, BatchProgress, Decided, Standing};
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
-    EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, Transition,
-    IMPORT_EVENT_ID_PREFIX,
+    EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, OrderLifecycle,
+    Transition, IMPORT_EVENT_ID_PREFIX,
 };
 use crate::projection::redis_follower::HandedBatch;
 use crate::store::dead_letters::{self, DeadLetter, RedriveSelection};
@@ -148,6 +149,9 @@ pub struct Turn<'t> {
     pub ahead: Option<&'t mut BatchAhead>,
     /// Where this batch tells the batch behind it what it touches.
     pub progress: Option<&'t BatchProgress>,
+    /// Orders as this instance last committed them (see
+    /// [`super::order_cache`]): read from it, kept in it once committed.
+    pub cache: Option<&'t OrderCache>,
 }
 
 /// [`process_batch`] taking its [`Turn`]: behind a batch that is not done
@@ -418,6 +422,7 @@ async fn run_batch_in(
         &mut tx,
         works.iter().chain(&released).map(|w| &w.event),
         ahead.as_deref().map(|a| a.book.as_ref()),
+        turn.cache,
     )
     .await?;
     let stored = book.bound_ids();
@@ -461,6 +466,9 @@ async fn run_batch_in(
     report.rows_written = rows;
     parked::change_size(&mut tx, added as i64 - removed as i64).await?;
     tx.commit().await?;
+    if let Some(cache) = turn.cache {
+        cache.remember(book.orders(), positions);
+    }
     report
         .handed
         .extend(positions.map(|p| handed(p, &plan.applied.entries, &book)));
@@ -762,11 +770,14 @@ fn decode_parked(row: ParkedRow) -> Result<(ParkedRow, OrderEvent), StoreError> 
 /// Loads, locked, every order the events can touch: their own orders and
 /// the owners of every id they issue or name. Behind a batch not committed
 /// yet, the orders `ahead` holds are taken from it as they will be once it
-/// commits, and only the others loaded and locked (see `super::overlap`).
+/// commits, and only the others loaded and locked (see `super::overlap`);
+/// of those, the orders `cache` holds at their last log entry are taken
+/// from it (see `super::order_cache`).
 pub(crate) async fn load_book<'e>(
     conn: &mut MySqlConnection,
     events: impl Iterator<Item = &'e OrderEvent> + Clone,
     ahead: Option<&LifecycleBook>,
+    cache: Option<&OrderCache>,
 ) -> Result<LifecycleBook, StoreError> {
     let ids: Vec<LifecycleId> = unique(
         events
@@ -800,10 +811,51 @@ pub(crate) async fn load_book<'e>(
             None => loaded.push(order),
         }
     }
-    for order in id_projection::load_orders(conn, &loaded, true).await? {
+    let orders = match cache {
+        Some(cache) => load_through(conn, &loaded, cache).await?,
+        None => id_projection::load_orders(conn, &loaded, true).await?,
+    };
+    for order in orders {
         book.insert(order);
     }
     Ok(book)
+}
+
+/// [`id_projection::load_orders`] for the orders `cache` does not hold at
+/// their last log entry: every order's last sequence number first, then
+/// the rows (locked) of the others only.
+async fn load_through(
+    conn: &mut MySqlConnection,
+    orders: &[OrderId],
+    cache: &OrderCache,
+) -> Result<Vec<OrderLifecycle>, StoreError> {
+    let seqs = event_log::last_seqs(conn, orders).await?;
+    let mut found = Vec::with_capacity(orders.len());
+    let mut missed = Vec::new();
+    for order in orders {
+        let kept = seqs.get(order).map(|&seq| cache.take(order, seq));
+        let lookup = kept.as_ref().map_or(Lookup::Miss, |(l, _)| *l);
+        metrics::counter!("order_lifecycle_order_cache_lookups_total", "result" => lookup.as_str())
+            .increment(1);
+        match kept {
+            Some((_, Some(order))) => found.push(order),
+            _ => missed.push(order.clone()),
+        }
+    }
+    let mut records = id_projection::load_records(conn, &missed, true).await?;
+    for order in missed {
+        let ids = records.remove(&order);
+        let last_seq = seqs.get(&order).copied();
+        // As `load_orders`: an order with neither rows nor entries is new.
+        if ids.is_some() || last_seq.is_some() {
+            found.push(OrderLifecycle::restore(
+                order,
+                ids.unwrap_or_default(),
+                last_seq.unwrap_or(0),
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// Dead-letters parked events whose time is up in stream time (rule R7):

@@ -144,6 +144,7 @@ impl Scratch {
             max_partition_idle: Duration::from_millis(100),
             create_topics: false,
             topic_partitions: partitions,
+            order_cache: crate::config::DEFAULT_ORDER_CACHE,
         }
     }
 
