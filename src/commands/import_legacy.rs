@@ -39,7 +39,7 @@ use crate::domain::{
     EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
     Rejection, UserType, IMPORT_EVENT_ID_PREFIX,
 };
-use crate::ingest::pipeline::{append_events, load_book};
+use crate::ingest::pipeline::{append_events, load_book, write_rows, RowsOf};
 use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
@@ -655,12 +655,22 @@ async fn apply(
     // The page behind, if any, is read and decided from here on.
     let book = Arc::new(book);
     let _ = decided.send(book.clone());
+    // The rows of the orders the page ahead does not hold (nearly all: a
+    // page's orders are new) now; the rest once it is committed.
+    let held = ahead.as_ref().map(|a| a.book.clone());
+    let rest = match held.as_deref() {
+        Some(held) => {
+            write_rows(&mut tx, &book, &stored, &applied, RowsOf::NotHeldBy(held)).await?;
+            RowsOf::HeldBy(held)
+        }
+        None => RowsOf::All,
+    };
     if let Some(ahead) = ahead {
         if ahead.committed.await.is_err() {
             return Ok(None);
         }
     }
-    append_events(&mut tx, &book, &stored, &applied).await?;
+    append_events(&mut tx, &book, &stored, &applied, rest).await?;
     if dry_run {
         tx.rollback().await.map_err(StoreError::from)?;
     } else {

@@ -462,7 +462,8 @@ async fn run_batch_in(
     if let Some(group) = &config.offsets_group {
         offsets::save(&mut tx, group, &report.offsets).await?;
     }
-    let (rows, positions) = append_events(&mut tx, &book, &stored, &plan.applied).await?;
+    let (rows, positions) =
+        append_events(&mut tx, &book, &stored, &plan.applied, RowsOf::All).await?;
     report.rows_written = rows;
     parked::change_size(&mut tx, added as i64 - removed as i64).await?;
     tx.commit().await?;
@@ -594,30 +595,74 @@ async fn drop_seen<'m>(
     Ok(works)
 }
 
-/// The core every writer of the log shares (`run`, `replay`,
-/// `import-legacy`): the rows of the ids `applied` touched, as `book` has
-/// them now (those bound before the batch, in `stored`, updated; the others
-/// inserted, see [`id_projection::write_changes`]), then the log entries,
-/// last, because the append holds the log head's lock until the commit
-/// (rule R12). Returns the rows written and the positions taken.
+/// Which of a batch's id rows a write takes. `import-legacy` writes the
+/// rows of the orders the page ahead does not hold before that page
+/// commits (no row of theirs is one it writes or locks), the others after.
+#[derive(Debug, Clone, Copy)]
+pub enum RowsOf<'b> {
+    /// Every order's.
+    All,
+    /// The orders the batch ahead does not hold.
+    NotHeldBy(&'b LifecycleBook),
+    /// The orders it holds.
+    HeldBy(&'b LifecycleBook),
+}
+
+impl RowsOf<'_> {
+    /// Whether the rows of `order` are this write's.
+    fn takes(self, order: &OrderId) -> bool {
+        match self {
+            RowsOf::All => true,
+            RowsOf::NotHeldBy(ahead) => ahead.order(order).is_none(),
+            RowsOf::HeldBy(ahead) => ahead.order(order).is_some(),
+        }
+    }
+}
+
+/// The rows of the ids `applied` touched in the orders `which` takes, as
+/// `book` has them now: those bound before the batch (in `stored`)
+/// updated, the others inserted (see [`id_projection::write_changes`]).
+/// Returns the rows written.
 ///
 /// # Errors
 /// [`StoreError`]; a row another writer bound meanwhile is a
 /// [`StoreError::Conflict`].
-pub async fn append_events(
+pub async fn write_rows(
     conn: &mut MySqlConnection,
     book: &LifecycleBook,
     stored: &HashSet<LifecycleId>,
     applied: &Applied,
-) -> Result<(usize, Option<Positions>), StoreError> {
-    let touched = unique(applied.touched.clone());
+    which: RowsOf<'_>,
+) -> Result<usize, StoreError> {
+    let touched: Vec<_> = unique(applied.touched.clone())
+        .into_iter()
+        .filter(|(order, _)| which.takes(order))
+        .collect();
     let (changed, issued): (Vec<_>, Vec<_>) = book
         .records(&touched)
         .into_iter()
         .partition(|(_, r)| stored.contains(&r.lifecycle_id));
     id_projection::write_changes(conn, &issued, &changed).await?;
+    Ok(issued.len() + changed.len())
+}
+
+/// The core every writer of the log shares (`run`, `replay`,
+/// `import-legacy`): the rows ([`write_rows`]) that `rows` takes, then the
+/// log entries, last, because the append holds the log head's lock until
+/// the commit (rule R12). Returns the rows written and the positions taken.
+///
+/// # Errors
+/// As [`write_rows`].
+pub async fn append_events(
+    conn: &mut MySqlConnection,
+    book: &LifecycleBook,
+    stored: &HashSet<LifecycleId>,
+    applied: &Applied,
+    rows: RowsOf<'_>,
+) -> Result<(usize, Option<Positions>), StoreError> {
+    let written = write_rows(conn, book, stored, applied, rows).await?;
     let positions = event_log::append(conn, &applied.entries).await?;
-    Ok((issued.len() + changed.len(), positions))
+    Ok((written, positions))
 }
 
 /// The batch's keys for the Redis follower: the ids its entries issued, and
