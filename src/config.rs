@@ -687,7 +687,8 @@ pub struct RunConfig {
     pub order_cache: usize,
 }
 
-/// `--order-cache`'s default: the orders of the last forty or so batches.
+/// `--order-cache`'s default: the orders of the last twenty to forty
+/// batches of 500 (the cache holds between half and all of it).
 pub const DEFAULT_ORDER_CACHE: usize = 20_000;
 
 /// The legacy order tables: `import-legacy` reads them, `verify` checks

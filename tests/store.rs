@@ -167,13 +167,14 @@ async fn behind_one_another(
     cfg: &PipelineConfig,
     first: &[InboundMessage],
     second: &[InboundMessage],
+    cache: Option<&OrderCache>,
 ) -> (Option<BatchOutcome>, Option<BatchOutcome>) {
     let (progress, ahead) = overlap::progress();
     let run_ahead = async {
         let turn = Turn {
             ahead: None,
             progress: Some(&progress),
-            cache: None,
+            cache,
         };
         let report = process_batch_in_turn(&db.store, cfg, first, turn).await;
         progress.done();
@@ -185,7 +186,7 @@ async fn behind_one_another(
         let turn = Turn {
             ahead: Some(&mut ahead),
             progress: None,
-            cache: None,
+            cache,
         };
         process_batch_in_turn(&db.store, cfg, second, turn)
             .await
@@ -199,7 +200,7 @@ async fn a_batch_behind_another_takes_its_orders_as_they_will_be_and_writes_afte
     let (overlapped, serial) = (TestDb::new().await, TestDb::new().await);
     let cfg = config(Duration::from_secs(60));
     let (first, second) = two_batches();
-    let (ahead, behind) = behind_one_another(&overlapped, &cfg, &first, &second).await;
+    let (ahead, behind) = behind_one_another(&overlapped, &cfg, &first, &second, None).await;
     assert_eq!(ahead.unwrap().recorded_total(), 3);
     let behind = behind.expect("disjoint writes: the batch behind did not give way");
     assert_eq!(behind.recorded_total(), 5);
@@ -280,6 +281,35 @@ async fn orders_kept_between_batches_give_the_log_and_rows_of_orders_read_each_t
 }
 
 #[tokio::test]
+async fn kept_orders_behind_a_batch_in_flight_give_the_log_of_one_batch_after_the_other() {
+    let (cached, serial) = (TestDb::new().await, TestDb::new().await);
+    let cfg = config(Duration::from_secs(60));
+    let cache = OrderCache::new(1_000);
+    let (mut h1, mut h2) = (EventScript::new("H1"), EventScript::new("H2"));
+    let zero = messages("o", 0, &[h1.place(), h2.place()]);
+    // H1: the batch ahead takes it from the cache, the batch behind from
+    // the batch ahead; H2: the batch behind takes it from the cache.
+    let first = messages("o", 2, &[h1.sl("H1-SL")]);
+    let second = messages("o", 3, &[h1.confirm("H1-SL", "NEW"), h2.sl("H2-SL")]);
+
+    through_cache(&cached, &cfg, &cache, &zero).await;
+    let (ahead, behind) = behind_one_another(&cached, &cfg, &first, &second, Some(&cache)).await;
+    assert_eq!(ahead.unwrap().recorded_total(), 1);
+    let behind = behind.expect("disjoint writes: the batch behind did not give way");
+    assert_eq!(behind.recorded_total(), 2);
+    assert_eq!(cache.len(), 2, "both orders kept again once committed");
+
+    for batch in [&zero, &first, &second] {
+        process_batch(&serial.store, &cfg, batch).await.unwrap();
+    }
+    assert_eq!(cached.log().await, serial.log().await);
+    assert_eq!(cached.full_rows().await, serial.full_rows().await);
+    cached.assert_sequences_gap_free().await;
+    cached.drop().await;
+    serial.drop().await;
+}
+
+#[tokio::test]
 async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() {
     let db = TestDb::new().await;
     let cfg = config(Duration::from_secs(60));
@@ -341,7 +371,7 @@ async fn a_batch_issuing_an_id_the_batch_ahead_parks_for_gives_way() {
     let mut p1 = EventScript::new("P1");
     let first = messages("o", 0, &[p1.place(), p1.confirm("P1-SL", "NEW")]);
     let second = messages("o", 2, &[p1.sl("P1-SL")]);
-    let (ahead, behind) = behind_one_another(&db, &cfg, &first, &second).await;
+    let (ahead, behind) = behind_one_another(&db, &cfg, &first, &second, None).await;
     assert_eq!(ahead.unwrap().parked, 1);
     assert!(behind.is_none(), "gave way");
     // Run again after it, it releases the parked confirmation.

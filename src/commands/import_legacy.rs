@@ -332,10 +332,11 @@ pub async fn import(
 /// Reads both tables page by page and applies each page; the next page is
 /// read while the current one is applied (legacy reads and log writes are
 /// separate connections), and applied behind it: it reads and decides
-/// while the page ahead writes, and writes once that page is committed,
-/// taking the orders that page holds as they will be then (the same
-/// protocol as `run`'s batches, see `crate::ingest::overlap`). An id two
-/// pages claim therefore still goes to the earlier page.
+/// while the page ahead writes, taking the orders that page holds as they
+/// will be once it commits (the same protocol as `run`'s batches, see
+/// `crate::ingest::overlap`), writes the rows of the other orders at once
+/// and the rest once that page is committed. An id two pages claim
+/// therefore still goes to the earlier page.
 async fn import_pages(
     legacy: &MySqlPool,
     store: &Store,
@@ -610,7 +611,8 @@ pub fn import_event_id(
 
 /// Applies one page's events in one transaction (rolled back for a dry
 /// run), behind the page `ahead` if any: its orders are taken from it, and
-/// the writes wait until it is committed. Tells `decided` its book once
+/// the log rows and those orders' rows wait until it is committed (the
+/// rows of the other orders do not). Tells `decided` its book once
 /// decided and `committed` once committed; `Ok(None)` when the page ahead
 /// failed (nothing written).
 async fn apply(

@@ -17,6 +17,9 @@
 //!
 //! - the order's `order_lifecycle_ids` rows are read `FOR UPDATE`, so a second
 //!   batch on the same order waits for the first and then sees its result;
+//!   an order `run` kept from its last batch (see `super::order_cache`) is
+//!   not read, so not locked: a writer racing it is caught by the unique
+//!   keys below, and the losing batch runs again instead of waiting;
 //! - what locks cannot cover (an order's first entry, an id bound for the
 //!   first time, the same event read by two owners during a rebalance) is
 //!   caught by unique keys: `(order_id, seq)`, `event_id`, `lifecycle_id`.
@@ -34,7 +37,7 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlConnection};
 
-use super::order_cache::{Lookup, OrderCache};
+use super::order_cache::OrderCache;
 use super::overlap::{BatchAhead, BatchProgress, Decided, Standing};
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
@@ -817,7 +820,7 @@ fn decode_parked(row: ParkedRow) -> Result<(ParkedRow, OrderEvent), StoreError> 
 /// yet, the orders `ahead` holds are taken from it as they will be once it
 /// commits, and only the others loaded and locked (see `super::overlap`);
 /// of those, the orders `cache` holds at their last log entry are taken
-/// from it (see `super::order_cache`).
+/// from it, not read nor locked (see `super::order_cache`).
 pub(crate) async fn load_book<'e>(
     conn: &mut MySqlConnection,
     events: impl Iterator<Item = &'e OrderEvent> + Clone,
@@ -866,9 +869,10 @@ pub(crate) async fn load_book<'e>(
     Ok(book)
 }
 
-/// [`id_projection::load_orders`] for the orders `cache` does not hold at
-/// their last log entry: every order's last sequence number first, then
-/// the rows (locked) of the others only.
+/// The orders `cache` holds at their last log entry, taken from it; the
+/// others through [`id_projection::load_orders`] (rows locked first, then
+/// their last sequence number, so that a batch which waited for another
+/// writer's lock numbers its entries after that writer's).
 async fn load_through(
     conn: &mut MySqlConnection,
     orders: &[OrderId],
@@ -878,28 +882,20 @@ async fn load_through(
     let mut found = Vec::with_capacity(orders.len());
     let mut missed = Vec::new();
     for order in orders {
-        let kept = seqs.get(order).map(|&seq| cache.take(order, seq));
-        let lookup = kept.as_ref().map_or(Lookup::Miss, |(l, _)| *l);
+        // An order with no log entry is new: nothing to look up.
+        let Some(&seq) = seqs.get(order) else {
+            missed.push(order.clone());
+            continue;
+        };
+        let (lookup, kept) = cache.take(order, seq);
         metrics::counter!("order_lifecycle_order_cache_lookups_total", "result" => lookup.as_str())
             .increment(1);
         match kept {
-            Some((_, Some(order))) => found.push(order),
-            _ => missed.push(order.clone()),
+            Some(kept) => found.push(kept),
+            None => missed.push(order.clone()),
         }
     }
-    let mut records = id_projection::load_records(conn, &missed, true).await?;
-    for order in missed {
-        let ids = records.remove(&order);
-        let last_seq = seqs.get(&order).copied();
-        // As `load_orders`: an order with neither rows nor entries is new.
-        if ids.is_some() || last_seq.is_some() {
-            found.push(OrderLifecycle::restore(
-                order,
-                ids.unwrap_or_default(),
-                last_seq.unwrap_or(0),
-            ));
-        }
-    }
+    found.extend(id_projection::load_orders(conn, &missed, true).await?);
     Ok(found)
 }
 
