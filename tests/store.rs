@@ -221,6 +221,25 @@ async fn a_batch_behind_another_takes_its_orders_as_they_will_be_and_writes_afte
     serial.drop().await;
 }
 
+/// Runs `batches` one after the other, alone and without kept orders, on
+/// `serial`, and asserts that `db` holds the same log and rows, its
+/// sequences without a gap; drops both databases.
+async fn assert_as_one_after_the_other(
+    db: TestDb,
+    serial: TestDb,
+    cfg: &PipelineConfig,
+    batches: &[&Vec<InboundMessage>],
+) {
+    for batch in batches {
+        process_batch(&serial.store, cfg, batch).await.unwrap();
+    }
+    assert_eq!(db.log().await, serial.log().await);
+    assert_eq!(db.full_rows().await, serial.full_rows().await);
+    db.assert_sequences_gap_free().await;
+    db.drop().await;
+    serial.drop().await;
+}
+
 /// Runs `batch` alone, reading and keeping orders in `cache`.
 async fn through_cache(
     db: &TestDb,
@@ -270,14 +289,7 @@ async fn orders_kept_between_batches_give_the_log_and_rows_of_orders_read_each_t
     let again = through_cache(&cached, &cfg, &cache, &then).await;
     assert_eq!((again.recorded_total(), again.duplicates), (0, 3));
 
-    for batch in [&first, &elsewhere, &then] {
-        process_batch(&serial.store, &cfg, batch).await.unwrap();
-    }
-    assert_eq!(cached.log().await, serial.log().await);
-    assert_eq!(cached.full_rows().await, serial.full_rows().await);
-    cached.assert_sequences_gap_free().await;
-    cached.drop().await;
-    serial.drop().await;
+    assert_as_one_after_the_other(cached, serial, &cfg, &[&first, &elsewhere, &then]).await;
 }
 
 #[tokio::test]
@@ -299,14 +311,7 @@ async fn kept_orders_behind_a_batch_in_flight_give_the_log_of_one_batch_after_th
     assert_eq!(behind.recorded_total(), 2);
     assert_eq!(cache.len(), 2, "both orders kept again once committed");
 
-    for batch in [&zero, &first, &second] {
-        process_batch(&serial.store, &cfg, batch).await.unwrap();
-    }
-    assert_eq!(cached.log().await, serial.log().await);
-    assert_eq!(cached.full_rows().await, serial.full_rows().await);
-    cached.assert_sequences_gap_free().await;
-    cached.drop().await;
-    serial.drop().await;
+    assert_as_one_after_the_other(cached, serial, &cfg, &[&zero, &first, &second]).await;
 }
 
 #[tokio::test]
