@@ -46,6 +46,10 @@ pub struct BenchServices {
     /// Redis for the scratch key prefix.
     #[arg(long, default_value = "redis://127.0.0.1:6379/0", value_parser = crate::config::parse_redis_url)]
     pub redis_url: SecretUrl,
+    /// Extra librdkafka settings (`key=value`) for every client of the bench
+    /// and of the service it runs, as `run --kafka-option` takes them.
+    #[arg(long = "kafka-option", value_delimiter = ',')]
+    pub kafka_options: Vec<crate::config::KafkaOption>,
 }
 
 impl BenchServices {
@@ -53,7 +57,7 @@ impl BenchServices {
     pub fn kafka(&self) -> KafkaConfig {
         KafkaConfig {
             brokers: self.brokers.clone(),
-            options: Vec::new(),
+            options: self.kafka_options.clone(),
         }
     }
 }
