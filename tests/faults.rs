@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_projections_match_log, stream, wait_until, Env};
 use order_lifecycle::domain::OrderEvent;
+use order_lifecycle::store::redis_projection::RedisProjection;
 use order_lifecycle::testing::EventScript;
 use order_lifecycle::wire::Encoding;
 
@@ -792,4 +793,105 @@ async fn a_cluster_master_killed_or_flushed_mid_stream_loses_no_key() {
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("healthy"), "{text}");
     env.cleanup().await;
+}
+
+/// Every client connection of the Redis at `url` but the one asking is
+/// cut; then `projection` is used (a readiness probe's PING) until its
+/// reconnecting connection is back.
+async fn cut_redis_connections(url: &str, projection: &RedisProjection) {
+    let mut admin = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let cut: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(cut > 0, "no connection to cut");
+    wait_until(
+        "the projection's connection to come back",
+        Duration::from_secs(10),
+        || async { projection.ping().await.is_ok() },
+    )
+    .await;
+}
+
+/// A connection lost between a WATCH and its EXEC fails the EXEC: on a
+/// connection that reconnects by itself the WATCH would be gone and the
+/// EXEC would run unguarded (a stray key deleted although it was written
+/// meanwhile, a follower's write past a flush). The next try works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_connection_lost_between_watch_and_exec_writes_and_deletes_nothing() {
+    use order_lifecycle::domain::{LifecycleId, OrderId};
+    use order_lifecycle::store::redis_projection::Projected;
+    let own = common::OwnRedis::start().await;
+    let redis = common::TestRedis::at(&own.url());
+    let projection = redis.projection().await;
+    let keys = projection.keys();
+    let id = |s: &str| LifecycleId::parse(s).unwrap();
+    let order = |s: &str| OrderId::parse(s).unwrap();
+    projection
+        .put(&[(id("SL-1"), order("OLD1"))], &[])
+        .await
+        .unwrap();
+    let key = [keys.lookup(&id("SL-1"))];
+    let key: Vec<&String> = key.iter().collect();
+
+    // The key is rewritten after the watch, on another connection, while
+    // the watching one is cut.
+    projection.watch_keys(&key).await.unwrap();
+    cut_redis_connections(&own.url(), &projection).await;
+    let other = redis.projection().await;
+    other
+        .put(&[(id("SL-1"), order("NEW1"))], &[])
+        .await
+        .unwrap();
+    assert!(
+        projection.delete_watched(&key).await.is_err(),
+        "the deletion fails with its connection"
+    );
+    assert_eq!(
+        redis.get("global_order_lookup:SL-1").await.as_deref(),
+        Some("NEW1")
+    );
+    // Watched again, nothing changing: deleted.
+    projection.watch_keys(&key).await.unwrap();
+    assert_eq!(projection.delete_watched(&key).await.unwrap(), Some(1));
+    assert_eq!(redis.get("global_order_lookup:SL-1").await, None);
+
+    // The follower's write: its connection cut after reading the record.
+    let at = Projected {
+        log_id: "log-a".to_owned(),
+        position: 1,
+        event_id: "e-1".to_owned(),
+    };
+    assert_eq!(projection.watch_projected().await.unwrap(), None);
+    cut_redis_connections(&own.url(), &projection).await;
+    assert!(
+        projection
+            .write(&[(id("SL-2"), order("O2"))], &[], &at)
+            .await
+            .is_err(),
+        "the write fails with its connection"
+    );
+    assert_eq!(redis.get("global_order_lookup:SL-2").await, None);
+    let fresh = redis.projection().await;
+    assert_eq!(fresh.position().await.unwrap(), 0);
+    // The next round writes.
+    assert_eq!(projection.watch_projected().await.unwrap(), None);
+    assert!(projection
+        .write(&[(id("SL-2"), order("O2"))], &[], &at)
+        .await
+        .unwrap());
+    assert_eq!(
+        redis.get("global_order_lookup:SL-2").await.as_deref(),
+        Some("O2")
+    );
+    assert_eq!(fresh.position().await.unwrap(), 1);
 }

@@ -20,7 +20,7 @@
 //! On a Redis Cluster the keys are the same; the record and the atomicity
 //! are kept per hash slot instead (see [`super::redis_cluster`]).
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 
 use super::redis_cluster::Cluster;
 use crate::config::{RedisConfig, RedisTls};
@@ -37,11 +37,65 @@ pub struct RedisProjection {
     prefix: String,
 }
 
+/// The connection a WATCH lives on, from the WATCH to its EXEC: not the
+/// reconnecting one, on which a reconnect in between would drop the WATCH
+/// without a word and let the EXEC run unguarded (a follower's write past a
+/// rebuild's reset, a stray key's deletion after it became live). On this
+/// one the EXEC fails instead, and the connection is opened again for the
+/// next WATCH.
+#[derive(Clone)]
+struct WatchConnection {
+    client: redis::Client,
+    conn: std::sync::Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+}
+
+impl WatchConnection {
+    fn new(client: redis::Client) -> WatchConnection {
+        WatchConnection {
+            client,
+            conn: Default::default(),
+        }
+    }
+
+    /// The connection, opened if there is none.
+    async fn get(&self) -> Result<MultiplexedConnection, RedisError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `pipe` on the connection; after an error the connection is
+    /// dropped (whatever it watched is gone with it) and the next
+    /// [`WatchConnection::get`] opens another.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        let mut conn = self.get().await?;
+        let reply = pipe.query_async(&mut conn).await;
+        if reply.is_err() {
+            *self.conn.lock().await = None;
+        }
+        reply
+    }
+}
+
 /// One server, or a cluster.
 #[derive(Clone)]
 enum Backend {
-    /// One server (or one master), through a reconnecting connection.
-    Single(ConnectionManager),
+    /// One server (or one master), through a reconnecting connection, and
+    /// the one its WATCHes live on.
+    Single(ConnectionManager, WatchConnection),
     Cluster(Cluster),
 }
 
@@ -156,7 +210,7 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn record_copies(&self) -> Result<Vec<Option<Projected>>, RedisError> {
         match &self.backend {
-            Backend::Single(_) => Ok(Vec::new()),
+            Backend::Single(..) => Ok(Vec::new()),
             Backend::Cluster(c) => c.record_copies().await,
         }
     }
@@ -177,7 +231,7 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn forget_fences(&self) -> Result<(), RedisError> {
         match &self.backend {
-            Backend::Single(_) => Ok(()),
+            Backend::Single(..) => Ok(()),
             Backend::Cluster(c) => c.forget_fences().await,
         }
     }
@@ -205,9 +259,9 @@ impl RedisProjection {
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         Ok(RedisProjection {
-            backend: Backend::Single(conn),
+            backend: Backend::Single(conn, WatchConnection::new(client)),
             prefix: prefix.to_owned(),
         })
     }
@@ -218,7 +272,7 @@ impl RedisProjection {
     /// [`RedisError`] when it does not.
     pub async fn ping(&self) -> Result<(), RedisError> {
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.ping().await,
         };
         redis::cmd("PING").query_async::<String>(&mut conn).await?;
@@ -237,7 +291,7 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn projected(&self) -> Result<Option<Projected>, RedisError> {
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.projected().await,
         };
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
@@ -264,23 +318,25 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn watch_projected(&self) -> Result<Option<Projected>, RedisError> {
         // A cluster guards each slot with its fence instead.
-        let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+        let watch = match &self.backend {
+            Backend::Single(_, watch) => watch,
             Backend::Cluster(c) => return c.projected().await,
         };
         // UNWATCH first: a round that ended without writing left its WATCH
         // (and possibly its "changed" mark) on the connection.
         let key = self.keys().projection();
-        let (fields,): (Vec<Option<String>>,) = redis::pipe()
-            .cmd("UNWATCH")
-            .ignore()
-            .cmd("WATCH")
-            .arg(&key)
-            .ignore()
-            .cmd("HMGET")
-            .arg(&key)
-            .arg(&PROJECTION_FIELDS[..])
-            .query_async(&mut conn)
+        let (fields,): (Vec<Option<String>>,) = watch
+            .query(
+                redis::pipe()
+                    .cmd("UNWATCH")
+                    .ignore()
+                    .cmd("WATCH")
+                    .arg(&key)
+                    .ignore()
+                    .cmd("HMGET")
+                    .arg(&key)
+                    .arg(&PROJECTION_FIELDS[..]),
+            )
             .await?;
         Ok(projected(fields))
     }
@@ -299,8 +355,8 @@ impl RedisProjection {
         orders: &[(OrderId, ActiveIds)],
         at: &Projected,
     ) -> Result<bool, RedisError> {
-        let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+        let watch = match &self.backend {
+            Backend::Single(_, watch) => watch,
             Backend::Cluster(c) => return c.write(lookups, orders, at, &self.keys()).await,
         };
         let mut pipe = redis::pipe();
@@ -315,7 +371,7 @@ impl RedisProjection {
         )
         .ignore();
         self.add_key_writes(&mut pipe, lookups, orders);
-        let reply: redis::Value = pipe.query_async(&mut conn).await?;
+        let reply: redis::Value = watch.query(&pipe).await?;
         Ok(reply != redis::Value::Nil)
     }
 
@@ -326,7 +382,7 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn reset(&self) -> Result<(), RedisError> {
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.reset().await,
         };
         redis::cmd("DEL")
@@ -342,7 +398,7 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn scan(&self, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisError> {
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.scan(cursor, pattern).await,
         };
         redis::cmd("SCAN")
@@ -366,7 +422,7 @@ impl RedisProjection {
         let keys = self.keys();
         let names: Vec<String> = ids.iter().map(|id| keys.lookup(id)).collect();
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.mget(names).await,
         };
         redis::cmd("MGET").arg(names).query_async(&mut conn).await
@@ -383,7 +439,7 @@ impl RedisProjection {
     ) -> Result<Vec<std::collections::BTreeMap<String, String>>, RedisError> {
         let keys = self.keys();
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => {
                 return c
                     .active_hashes(orders.iter().map(|o| keys.active(o)).collect())
@@ -409,7 +465,7 @@ impl RedisProjection {
         orders: &[(OrderId, ActiveIds)],
     ) -> Result<(), RedisError> {
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.put(lookups, orders, &self.keys()).await,
         };
         let mut pipe = redis::pipe();
@@ -436,15 +492,16 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn watch_keys(&self, keys: &[&String]) -> Result<(), RedisError> {
-        let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+        let watch = match &self.backend {
+            Backend::Single(_, watch) => watch,
             Backend::Cluster(c) => return c.watch_keys(keys).await,
         };
-        redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
-        if keys.is_empty() {
-            return Ok(());
+        let mut pipe = redis::pipe();
+        pipe.cmd("UNWATCH").ignore();
+        if !keys.is_empty() {
+            pipe.cmd("WATCH").arg(keys).ignore();
         }
-        redis::cmd("WATCH").arg(keys).query_async(&mut conn).await
+        watch.query(&pipe).await
     }
 
     /// Deletes `keys` in one MULTI/EXEC, unless a key watched by
@@ -454,17 +511,19 @@ impl RedisProjection {
     /// # Errors
     /// [`RedisError`] when Redis is unreachable.
     pub async fn delete_watched(&self, keys: &[&String]) -> Result<Option<u64>, RedisError> {
-        let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+        let watch = match &self.backend {
+            Backend::Single(_, watch) => watch,
             Backend::Cluster(c) => return c.delete_watched(keys).await.map(Some),
         };
         if keys.is_empty() {
-            redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
+            watch
+                .query::<()>(redis::pipe().cmd("UNWATCH").ignore())
+                .await?;
             return Ok(Some(0));
         }
         let mut pipe = redis::pipe();
         pipe.atomic().del(keys);
-        let reply: Option<(u64,)> = pipe.query_async(&mut conn).await?;
+        let reply: Option<(u64,)> = watch.query(&pipe).await?;
         Ok(reply.map(|(n,)| n))
     }
 
@@ -474,7 +533,7 @@ impl RedisProjection {
     /// [`RedisError`] when Redis is unreachable.
     pub async fn delete(&self, keys: &[&String]) -> Result<u64, RedisError> {
         let mut conn = match &self.backend {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c, _) => c.clone(),
             Backend::Cluster(c) => return c.delete(keys).await,
         };
         if keys.is_empty() {
