@@ -1621,6 +1621,48 @@ async fn a_stray_key_bound_after_the_scan_is_kept() {
     db.drop().await;
 }
 
+/// On a cluster a stray key is deleted only while its value and its slot's
+/// fence are as they were when looked at: the follower writing the very
+/// value the key held (the same binding projected again, as after a
+/// database restore) moves the fence, and the key is kept.
+#[tokio::test]
+async fn on_a_cluster_a_stray_key_written_again_with_its_value_is_kept() {
+    use order_lifecycle::domain::{LifecycleId, OrderId};
+    use order_lifecycle::store::redis_projection::Projected;
+    let redis = TestRedis::cluster();
+    let projection = redis.projection().await;
+    let id = LifecycleId::parse("SL-ABA").unwrap();
+    let order = OrderId::parse("O-ABA").unwrap();
+    projection
+        .put(&[(id.clone(), order.clone())], &[])
+        .await
+        .unwrap();
+    let key = [projection.keys().lookup(&id)];
+    let key: Vec<&String> = key.iter().collect();
+
+    projection.watch_keys(&key).await.unwrap();
+    let at = Projected {
+        log_id: "log-aba".to_owned(),
+        position: 7,
+        event_id: "e-7".to_owned(),
+    };
+    assert!(projection
+        .write(&[(id.clone(), order.clone())], &[], &at)
+        .await
+        .unwrap());
+    assert_eq!(projection.delete_watched(&key).await.unwrap(), Some(0));
+    assert_eq!(
+        redis.get("global_order_lookup:SL-ABA").await.as_deref(),
+        Some("O-ABA")
+    );
+
+    // Unchanged since it was looked at: deleted.
+    projection.watch_keys(&key).await.unwrap();
+    assert_eq!(projection.delete_watched(&key).await.unwrap(), Some(1));
+    assert_eq!(redis.get("global_order_lookup:SL-ABA").await, None);
+    redis.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_a_rebuild_rewrites_the_slots_a_round_in_flight_wrote() {
     use order_lifecycle::domain::{LifecycleId, OrderId};

@@ -192,14 +192,34 @@ redis.call('HSET', KEYS[1], 'log_id', ARGV[1], 'position', ARGV[2], 'generation'
 return 1
 ";
 
-/// Deletes KEYS[1] if it is still as ARGV[1] (its DUMP) says.
+/// Deletes KEYS[1] if it is still as ARGV[1] (its DUMP) says and its
+/// slot's fence, KEYS[2], as ARGV[2] (its DUMP, empty: none). The fence
+/// catches what the key's value cannot: the follower writing the very value
+/// the key held (a stray key made live again by the same binding, after a
+/// restore) moves the fence.
 const DELETE_UNCHANGED: &str = r"
 local now = redis.call('DUMP', KEYS[1])
-if now and now == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if not now or now ~= ARGV[1] then
+  return 0
 end
-return 0
+if (redis.call('DUMP', KEYS[2]) or '') ~= ARGV[2] then
+  return 0
+end
+return redis.call('DEL', KEYS[1])
 ";
+
+/// KEYS[1]'s and KEYS[2]'s DUMP (nil: no such key).
+const DUMP_BOTH: &str = r"
+return {redis.call('DUMP', KEYS[1]), redis.call('DUMP', KEYS[2])}
+";
+
+/// A key as [`Cluster::watch_keys`] saw it: its DUMP and its slot's
+/// fence's (empty: no fence).
+struct WatchedKey {
+    dump: Vec<u8>,
+    fence: String,
+    fence_dump: Vec<u8>,
+}
 
 /// Each master's record copy (`None`: missing or partial) with the
 /// masters it names.
@@ -220,7 +240,7 @@ pub struct Cluster {
     /// Keys as [`Cluster::watch_keys`] saw them (their DUMP), for
     /// [`Cluster::delete_watched`]. A std mutex: held for a swap, never
     /// across an await.
-    watched: std::sync::Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    watched: std::sync::Arc<Mutex<HashMap<String, WatchedKey>>>,
     /// The generation this handle writes under (see the module docs), as
     /// the follower last read it from MySQL.
     generation: std::sync::Arc<AtomicI64>,
@@ -592,23 +612,36 @@ impl Cluster {
             .await
     }
 
-    /// Notes how `keys` are now (their DUMP), for
+    /// Notes how `keys` and their slots' fences are now (their DUMP), for
     /// [`Cluster::delete_watched`]; a WATCH cannot span slots.
     pub async fn watch_keys(&self, keys: &[&String]) -> Result<(), RedisError> {
+        // A key and its fence share a slot: one script reads both at once.
+        let script = redis::Script::new(DUMP_BOTH);
         let reads = keys.iter().map(|key| {
             let mut conn = self.conn();
             let key = (*key).clone();
+            let fence = self.fence_key(slot(key.as_bytes()));
+            let mut call = script.key(&key);
+            call.key(&fence);
             async move {
-                let dump: Option<Vec<u8>> =
-                    redis::cmd("DUMP").arg(&key).query_async(&mut conn).await?;
-                Ok::<_, RedisError>((key, dump))
+                let (dump, fence_dump): (Option<Vec<u8>>, Option<Vec<u8>>) =
+                    call.invoke_async(&mut conn).await?;
+                Ok::<_, RedisError>((key.clone(), dump, fence.clone(), fence_dump))
             }
         });
         let mut seen = HashMap::new();
         for result in join_all(reads).await {
-            let (key, dump) = result?;
+            let (key, dump, fence, fence_dump) = result?;
             if let Some(dump) = dump {
-                seen.insert(key, dump);
+                let fence_dump = fence_dump.unwrap_or_default();
+                seen.insert(
+                    key,
+                    WatchedKey {
+                        dump,
+                        fence,
+                        fence_dump,
+                    },
+                );
             }
         }
         if let Ok(mut watched) = self.watched.lock() {
@@ -628,10 +661,12 @@ impl Cluster {
             .unwrap_or_default();
         let script = redis::Script::new(DELETE_UNCHANGED);
         let deletes = keys.iter().filter_map(|key| {
-            let dump = seen.get(*key)?.clone();
+            let seen = seen.get(*key)?;
             let mut conn = self.conn();
             let mut call = script.key(*key);
-            call.arg(dump);
+            call.key(&seen.fence)
+                .arg(&seen.dump[..])
+                .arg(&seen.fence_dump[..]);
             Some(async move { call.invoke_async::<u64>(&mut conn).await })
         });
         let mut deleted = 0;
