@@ -208,9 +208,10 @@ end
 return redis.call('DEL', KEYS[1])
 ";
 
-/// KEYS[1]'s and KEYS[2]'s DUMP (nil: no such key).
+/// KEYS[1]'s and KEYS[2]'s DUMP (empty: no such key; a DUMP is never
+/// empty). Not Lua's `false`, which RESP3 would answer as a boolean.
 const DUMP_BOTH: &str = r"
-return {redis.call('DUMP', KEYS[1]), redis.call('DUMP', KEYS[2])}
+return {redis.call('DUMP', KEYS[1]) or '', redis.call('DUMP', KEYS[2]) or ''}
 ";
 
 /// A key as [`Cluster::watch_keys`] saw it: its DUMP and its slot's
@@ -624,16 +625,14 @@ impl Cluster {
             let mut call = script.key(&key);
             call.key(&fence);
             async move {
-                let (dump, fence_dump): (Option<Vec<u8>>, Option<Vec<u8>>) =
-                    call.invoke_async(&mut conn).await?;
-                Ok::<_, RedisError>((key.clone(), dump, fence.clone(), fence_dump))
+                let (dump, fence_dump): (Vec<u8>, Vec<u8>) = call.invoke_async(&mut conn).await?;
+                Ok::<_, RedisError>((key, dump, fence, fence_dump))
             }
         });
         let mut seen = HashMap::new();
         for result in join_all(reads).await {
             let (key, dump, fence, fence_dump) = result?;
-            if let Some(dump) = dump {
-                let fence_dump = fence_dump.unwrap_or_default();
+            if !dump.is_empty() {
                 seen.insert(
                     key,
                     WatchedKey {

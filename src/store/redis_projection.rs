@@ -41,12 +41,16 @@ pub struct RedisProjection {
 /// reconnecting one, on which a reconnect in between would drop the WATCH
 /// without a word and let the EXEC run unguarded (a follower's write past a
 /// rebuild's reset, a stray key's deletion after it became live). On this
-/// one the EXEC fails instead, and the connection is opened again for the
-/// next WATCH.
+/// one the EXEC fails instead; only a WATCH opens a connection. Shared by
+/// the projection's clones: one task at a time may go from a WATCH to its
+/// EXEC (the follower, `rebuild` and `verify --repair` each have their own
+/// projection).
 #[derive(Clone)]
 struct WatchConnection {
     client: redis::Client,
-    conn: std::sync::Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+    /// The connection and its number, so that a failure drops only the
+    /// connection it happened on.
+    conn: std::sync::Arc<tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>>,
 }
 
 impl WatchConnection {
@@ -57,34 +61,67 @@ impl WatchConnection {
         }
     }
 
-    /// The connection, opened if there is none.
-    async fn get(&self) -> Result<MultiplexedConnection, RedisError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok(conn.clone());
-        }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
-    }
-
-    /// Runs `pipe` on the connection; after an error the connection is
-    /// dropped (whatever it watched is gone with it) and the next
-    /// [`WatchConnection::get`] opens another.
-    async fn query<T: redis::FromRedisValue>(
+    /// Runs `pipe`, which starts with a WATCH (after an UNWATCH), opening
+    /// the connection if there is none. When it fails on a connection that
+    /// had dropped (a server `timeout`, a restart), it runs once more on a
+    /// new one: nothing was watched yet.
+    async fn watch<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisError> {
-        let mut conn = self.get().await?;
+        match self.run(pipe, true).await {
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => self.run(pipe, true).await,
+            reply => reply,
+        }
+    }
+
+    /// Runs `pipe`, the EXEC of a WATCH, on the connection the WATCH went
+    /// out on; fails if it is gone.
+    async fn exec<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        self.run(pipe, false).await
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        may_open: bool,
+    ) -> Result<T, RedisError> {
+        let (number, mut conn) = {
+            let mut slot = self.conn.lock().await;
+            match slot.as_ref() {
+                Some(open) => open.clone(),
+                None if may_open => {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+                        .set_response_timeout(Some(std::time::Duration::from_secs(5)));
+                    let conn = self
+                        .client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    static OPENED: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    let number = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    *slot = Some((number, conn.clone()));
+                    (number, conn)
+                }
+                None => {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the connection of the WATCH was lost before its EXEC",
+                    )))
+                }
+            }
+        };
         let reply = pipe.query_async(&mut conn).await;
         if reply.is_err() {
-            *self.conn.lock().await = None;
+            // Whatever it watched is gone with it.
+            let mut slot = self.conn.lock().await;
+            if slot.as_ref().is_some_and(|(n, _)| *n == number) {
+                *slot = None;
+            }
         }
         reply
     }
@@ -326,7 +363,7 @@ impl RedisProjection {
         // (and possibly its "changed" mark) on the connection.
         let key = self.keys().projection();
         let (fields,): (Vec<Option<String>>,) = watch
-            .query(
+            .watch(
                 redis::pipe()
                     .cmd("UNWATCH")
                     .ignore()
@@ -371,7 +408,7 @@ impl RedisProjection {
         )
         .ignore();
         self.add_key_writes(&mut pipe, lookups, orders);
-        let reply: redis::Value = watch.query(&pipe).await?;
+        let reply: redis::Value = watch.exec(&pipe).await?;
         Ok(reply != redis::Value::Nil)
     }
 
@@ -501,7 +538,7 @@ impl RedisProjection {
         if !keys.is_empty() {
             pipe.cmd("WATCH").arg(keys).ignore();
         }
-        watch.query(&pipe).await
+        watch.watch(&pipe).await
     }
 
     /// Deletes `keys` in one MULTI/EXEC, unless a key watched by
@@ -516,14 +553,15 @@ impl RedisProjection {
             Backend::Cluster(c) => return c.delete_watched(keys).await.map(Some),
         };
         if keys.is_empty() {
+            // Nothing to guard: the UNWATCH may go on a new connection.
             watch
-                .query::<()>(redis::pipe().cmd("UNWATCH").ignore())
+                .watch::<()>(redis::pipe().cmd("UNWATCH").ignore())
                 .await?;
             return Ok(Some(0));
         }
         let mut pipe = redis::pipe();
         pipe.atomic().del(keys);
-        let reply: Option<(u64,)> = watch.query(&pipe).await?;
+        let reply: Option<(u64,)> = watch.exec(&pipe).await?;
         Ok(reply.map(|(n,)| n))
     }
 

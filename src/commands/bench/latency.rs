@@ -45,12 +45,10 @@ pub struct LatencyConfig {
     /// fetch only then, even when messages arrive meanwhile.
     #[arg(long, default_value_t = 10)]
     pub fetch_wait_ms: u32,
-    /// The bench producer's `linger.ms`: how long it gathers a partition's
-    /// events into one batch. The figures include it. The local broker's
-    /// CPU per request grows with the batches a partition holds (measured:
-    /// 0.4 core at the start of a 20 s run at 5,000 events/s with 5 ms, 1.07
-    /// at its end), so with fewer than 20 ms it saturates within seconds and
-    /// its queueing, not the service, sets the tail.
+    /// The bench producer's `linger.ms`; the figures include it. The local
+    /// broker's cost per request grows with the batches a partition holds:
+    /// with much less than 20 ms it saturates during a run and its queueing
+    /// sets the tail (README, "What bounds latency").
     #[arg(long, default_value_t = 20)]
     pub producer_linger_ms: u32,
     /// The consumer's `--batch-linger`.
@@ -231,7 +229,7 @@ async fn broker_alone(
     };
 
     // Warm up until the consumer receives (its first fetches wait for
-    // metadata and connections), as the service's run does below.
+    // metadata and connections), as `measure` does for the service.
     let warm_up = plan(1, &format!("plainwarm{}", crate::clock::now_ms()), 11);
     let mut deliveries = Vec::with_capacity(warm_up.len());
     for (event, encoding) in &warm_up {

@@ -47,7 +47,8 @@ pub struct BenchServices {
     #[arg(long, default_value = "redis://127.0.0.1:6379/0", value_parser = crate::config::parse_redis_url)]
     pub redis_url: SecretUrl,
     /// Extra librdkafka settings (`key=value`) for every client of the bench
-    /// and of the service it runs, as `run --kafka-option` takes them.
+    /// and of the service it runs, as `run --kafka-option` takes them; the
+    /// bench's own settings (`--producer-linger-ms`, `--fetch-wait-ms`) win.
     #[arg(long = "kafka-option", value_delimiter = ',')]
     pub kafka_options: Vec<crate::config::KafkaOption>,
 }
