@@ -58,7 +58,8 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::Value;
 
 use super::redis_projection::{
-    key_writes, ActiveIds, KeyWrite, Projected, RedisError, PROJECTION_FIELDS,
+    key_writes, ActiveIds, KeyWrite, Projected, RedisError, CONNECT_TIMEOUT, PROJECTION_FIELDS,
+    RESPONSE_TIMEOUT,
 };
 use crate::config::RedisConfig;
 use crate::domain::{LifecycleId, OrderId};
@@ -218,7 +219,6 @@ return {redis.call('DUMP', KEYS[1]) or '', redis.call('DUMP', KEYS[2]) or ''}
 /// fence's (empty: no fence).
 struct WatchedKey {
     dump: Vec<u8>,
-    fence: String,
     fence_dump: Vec<u8>,
 }
 
@@ -238,7 +238,8 @@ struct SlotWrite {
 pub struct Cluster {
     conn: ClusterConnection,
     prefix: String,
-    /// Keys as [`Cluster::watch_keys`] saw them (their DUMP), for
+    /// Keys as [`Cluster::watch_keys`] saw them (their and their fences'
+    /// DUMP), for
     /// [`Cluster::delete_watched`]. A std mutex: held for a swap, never
     /// across an await.
     watched: std::sync::Arc<Mutex<HashMap<String, WatchedKey>>>,
@@ -271,8 +272,8 @@ impl Cluster {
         }
         let nodes: Vec<&str> = config.cluster_nodes.iter().map(|n| n.expose()).collect();
         let conn = redis::cluster::ClusterClient::builder(nodes)
-            .connection_timeout(std::time::Duration::from_secs(2))
-            .response_timeout(std::time::Duration::from_secs(5))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
             .build()?
             .get_async_connection()
             .await?;
@@ -626,21 +627,14 @@ impl Cluster {
             call.key(&fence);
             async move {
                 let (dump, fence_dump): (Vec<u8>, Vec<u8>) = call.invoke_async(&mut conn).await?;
-                Ok::<_, RedisError>((key, dump, fence, fence_dump))
+                Ok::<_, RedisError>((key, dump, fence_dump))
             }
         });
         let mut seen = HashMap::new();
         for result in join_all(reads).await {
-            let (key, dump, fence, fence_dump) = result?;
+            let (key, dump, fence_dump) = result?;
             if !dump.is_empty() {
-                seen.insert(
-                    key,
-                    WatchedKey {
-                        dump,
-                        fence,
-                        fence_dump,
-                    },
-                );
+                seen.insert(key, WatchedKey { dump, fence_dump });
             }
         }
         if let Ok(mut watched) = self.watched.lock() {
@@ -663,7 +657,7 @@ impl Cluster {
             let seen = seen.get(*key)?;
             let mut conn = self.conn();
             let mut call = script.key(*key);
-            call.key(&seen.fence)
+            call.key(self.fence_key(slot(key.as_bytes())))
                 .arg(&seen.dump[..])
                 .arg(&seen.fence_dump[..]);
             Some(async move { call.invoke_async::<u64>(&mut conn).await })

@@ -37,6 +37,11 @@ pub struct RedisProjection {
     prefix: String,
 }
 
+/// How long connecting to a server may take, on one server or a cluster.
+pub(super) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a reply may take.
+pub(super) const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The connection a WATCH lives on, from the WATCH to its EXEC: not the
 /// reconnecting one, on which a reconnect in between would drop the WATCH
 /// without a word and let the EXEC run unguarded (a follower's write past a
@@ -95,8 +100,8 @@ impl WatchConnection {
                 Some(open) => open.clone(),
                 None if may_open => {
                     let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-                        .set_response_timeout(Some(std::time::Duration::from_secs(5)));
+                        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                        .set_response_timeout(Some(RESPONSE_TIMEOUT));
                     let conn = self
                         .client
                         .get_multiplexed_async_connection_with_config(&config)
@@ -293,8 +298,8 @@ impl RedisProjection {
         prefix: &str,
     ) -> Result<RedisProjection, RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         Ok(RedisProjection {
