@@ -369,6 +369,57 @@ async fn a_batch_behind_one_whose_attempt_failed_gives_way_and_writes_nothing() 
     db.drop().await;
 }
 
+/// The batch ahead on one instance can wait for a row the batch behind
+/// on another read and locked, while each batch behind waits for its own
+/// batch ahead where the database cannot see it: a cycle no deadlock
+/// detector breaks. A batch behind therefore waits a bounded time, then
+/// gives way and releases its locks.
+#[tokio::test]
+async fn a_batch_behind_one_not_done_in_time_gives_way_and_releases_its_locks() {
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut w1 = EventScript::new("W1");
+    process_batch(&db.store, &cfg, &messages("o", 0, &[w1.place()]))
+        .await
+        .unwrap();
+    // A batch ahead that has decided and then never ends, as one waiting
+    // for a lock held on another instance.
+    let (progress, mut ahead) = overlap::progress();
+    progress.has_decided(overlap::Decided::default());
+    let turn = Turn {
+        ahead: Some(&mut ahead),
+        progress: None,
+        cache: None,
+    };
+    let behind = messages("o", 1, &[w1.sl("W1-SL")]);
+    let started = std::time::Instant::now();
+    let report = tokio::time::timeout(
+        Duration::from_secs(10),
+        process_batch_in_turn(&db.store, &cfg, &behind, turn),
+    )
+    .await
+    .expect("the batch behind waited for good instead of giving way")
+    .unwrap();
+    assert!(report.is_none(), "gave way");
+    assert!(started.elapsed() >= overlap::GIVE_WAY_AFTER);
+    // The rows of W1 it read locked are free again, and it wrote nothing.
+    let mut other = db.store.pool().begin().await.unwrap();
+    sqlx::query("SET SESSION innodb_lock_wait_timeout = 2")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let locked: Vec<(i64,)> =
+        sqlx::query_as("SELECT id FROM order_lifecycle_ids WHERE order_id = 'W1' FOR UPDATE")
+            .fetch_all(&mut *other)
+            .await
+            .expect("W1's rows are not locked any more");
+    assert_eq!(locked.len(), 1, "only the order id, no stop loss");
+    other.rollback().await.unwrap();
+    assert_eq!(db.count("SELECT COUNT(*) FROM lifecycle_events").await, 1);
+    drop(progress);
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn a_batch_issuing_an_id_the_batch_ahead_parks_for_gives_way() {
     let db = TestDb::new().await;

@@ -38,7 +38,7 @@ use std::time::Duration;
 use sqlx::{MySql, MySqlConnection};
 
 use super::order_cache::OrderCache;
-use super::overlap::{BatchAhead, BatchProgress, Decided, Standing};
+use super::overlap::{BatchAhead, BatchProgress, Decided, Standing, GIVE_WAY_AFTER};
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, OrderLifecycle,
@@ -443,9 +443,10 @@ async fn run_batch_in(
             event_ids,
         });
     }
-    // Writes keep batch order: they wait for the batch ahead.
+    // Writes keep batch order: they wait for the batch ahead, not longer
+    // than GIVE_WAY_AFTER while holding the locks read so far.
     if let (Some(_), Some(gate)) = (&ahead, turn.ahead) {
-        if !gate.cleared().await {
+        if !gate.cleared(GIVE_WAY_AFTER).await {
             return Ok(None);
         }
     }
