@@ -438,6 +438,35 @@ async fn a_batch_issuing_an_id_the_batch_ahead_parks_for_gives_way() {
     db.drop().await;
 }
 
+/// Instances (or operators) starting at once on a new database take turns
+/// migrating it: none stops with a duplicate key on `_sqlx_migrations`
+/// (sqlx's own lock is a no-op on MariaDB).
+#[tokio::test]
+async fn processes_starting_at_once_on_a_new_database_all_migrate_it() {
+    let (name, url) = TestDb::unmade();
+    let mut stores = Vec::new();
+    for _ in 0..6 {
+        stores.push(Store::connect(&url, 2).await.expect("MariaDB"));
+    }
+    let migrated = futures_util::future::join_all(stores.iter().map(Store::migrate)).await;
+    for (i, result) in migrated.iter().enumerate() {
+        assert!(result.is_ok(), "process {i}: {result:?}");
+    }
+    let (applied, succeeded): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), CAST(SUM(success) AS SIGNED) FROM _sqlx_migrations")
+            .fetch_one(stores[0].pool())
+            .await
+            .unwrap();
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count() as i64;
+    assert_eq!((applied, succeeded), (files, files));
+    for store in &stores {
+        store.pool().close().await;
+    }
+    common::database::drop_named(&name).await;
+}
+
 #[tokio::test]
 async fn the_event_log_refuses_updates_and_deletes() {
     let db = TestDb::new().await;

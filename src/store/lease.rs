@@ -1,10 +1,12 @@
 //! Named leases: one holder at a time per database, for work that must not
-//! run twice at once (a rebuild replacing the read model). A lease is a
+//! run twice at once (a rebuild replacing the read model, migrations). A lease is a
 //! MariaDB/MySQL named lock (`GET_LOCK`) on a connection of its own, so it
 //! ends with its holder, even a killed one: the server releases a session's
 //! locks when the session closes. Lock names are server-wide, so the name
 //! carries a digest of the database's name: two databases on one server
 //! (tests, tenants) never contend.
+
+use std::time::{Duration, Instant};
 
 use sqlx::MySqlConnection;
 
@@ -29,6 +31,31 @@ impl Lease {
     pub async fn try_acquire(store: &Store, name: &str) -> Result<Option<Lease>, StoreError> {
         let session = store.pool().acquire().await?.detach();
         Ok(Lease::try_acquire_on(session, name).await?.ok())
+    }
+
+    /// Takes the lease `name` on `store`'s database, waiting for whoever
+    /// holds it to give it back, however long that takes; logs `waiting`
+    /// when it has to wait, and every ten seconds of it. It asks again
+    /// every quarter of a second rather than waiting in the server: a
+    /// statement that waits is logged as slow, and MariaDB has no
+    /// `GET_LOCK` that waits forever.
+    ///
+    /// # Errors
+    /// [`StoreError`] from the database.
+    pub async fn acquire(store: &Store, name: &str, waiting: &str) -> Result<Lease, StoreError> {
+        let mut session = store.pool().acquire().await?.detach();
+        let mut logged: Option<Instant> = None;
+        loop {
+            session = match Lease::try_acquire_on(session, name).await? {
+                Ok(lease) => return Ok(lease),
+                Err(session) => session,
+            };
+            if logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                tracing::info!("{waiting}");
+                logged = Some(Instant::now());
+            }
+            tokio::time::sleep(ASK_EVERY).await;
+        }
     }
 
     /// [`Lease::try_acquire`] on a session of the caller's (one kept for
@@ -85,3 +112,8 @@ impl Lease {
         Ok(())
     }
 }
+
+/// How often [`Lease::acquire`] asks for a lease someone holds.
+const ASK_EVERY: Duration = Duration::from_millis(250);
+/// How often it says it is still waiting.
+const LOG_EVERY: Duration = Duration::from_secs(10);

@@ -290,6 +290,9 @@ pub struct Store {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
+/// The lease migrations are applied under (see [`Store::migrate`]).
+const MIGRATION_LEASE: &str = "order_lifecycle_migrations";
+
 impl Store {
     /// Connects, creating the database when it does not exist yet.
     ///
@@ -357,11 +360,28 @@ impl Store {
 
     /// Applies pending migrations; a no-op when the schema is current.
     ///
+    /// Instances (and operators) starting at once take turns: sqlx's own
+    /// migration lock asks for `GET_LOCK(name, -1)`, which MariaDB answers
+    /// at once with NULL (it has no infinite wait), so processes starting
+    /// together on a new database all applied the first migrations, and
+    /// all but one stopped (a duplicate key on `_sqlx_migrations`, or a
+    /// migration found "dirty" while another applied it). This lock, one
+    /// per database (a [`lease::Lease`]), is waited for.
+    ///
     /// # Errors
     /// [`StoreError::Migrate`] when a migration fails or was changed after
     /// being applied.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        let lease = lease::Lease::acquire(
+            self,
+            MIGRATION_LEASE,
+            "waiting for another process to finish migrating the database",
+        )
+        .await?;
+        let migrated = MIGRATOR.run(&self.pool).await;
+        let released = lease.release().await;
+        migrated?;
+        released?;
         Ok(())
     }
 

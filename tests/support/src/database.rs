@@ -19,13 +19,20 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         drop_stale_databases().await;
-        let name = format!("olt_{}", unique_suffix());
-        let url = SecretUrl::new(format!("{MYSQL_ROOT}/{name}"));
+        let (name, url) = TestDb::unmade();
         let store = Store::connect(&url, 4)
             .await
             .unwrap_or_else(|e| panic!("MariaDB at {MYSQL_ROOT} is required: {e}"));
         store.migrate().await.expect("migrations apply");
         TestDb { name, url, store }
+    }
+
+    /// The name and URL of a database of the test's own, not made yet;
+    /// [`drop_named`] drops it.
+    pub fn unmade() -> (String, SecretUrl) {
+        let name = format!("olt_{}", unique_suffix());
+        let url = SecretUrl::new(format!("{MYSQL_ROOT}/{name}"));
+        (name, url)
     }
 
     /// Drops the database and creates it again, empty and migrated, under
@@ -66,11 +73,7 @@ impl TestDb {
         tokio::time::timeout(std::time::Duration::from_secs(30), pool.close())
             .await
             .expect("the test still holds a connection of its database's pool");
-        let root = sqlx::MySqlPool::connect(MYSQL_ROOT).await.expect("MariaDB");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
-            .execute(&root)
-            .await
-            .expect("drop test database");
+        drop_named(&self.name).await;
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -198,4 +201,13 @@ impl TestDb {
         store.migrate().await.expect("migrations apply");
         TestDb { name, url, store }
     }
+}
+
+/// Drops the database `name` (one of [`TestDb::unmade`]'s), if it exists.
+pub async fn drop_named(name: &str) {
+    let root = sqlx::MySqlPool::connect(MYSQL_ROOT).await.expect("MariaDB");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+        .execute(&root)
+        .await
+        .expect("drop test database");
 }
