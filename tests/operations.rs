@@ -454,6 +454,44 @@ async fn import_legacy_of_100000_orders_runs_in_bounded_memory() {
     db.drop().await;
 }
 
+/// Two operators running `import-legacy` at once: both succeed, one after
+/// the other, and every id is imported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_imports_at_once_both_succeed_and_import_each_id_once() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    create_legacy_tables(&db).await;
+    sqlx::query(
+        "INSERT INTO live_user_orders (order_id, stoploss_id, takeprofit_id) \
+         SELECT CAST(20000000 + seq AS CHAR), CONCAT('SL-', 20000000 + seq), \
+         CONCAT('TP-', 20000000 + seq) FROM seq_1_to_20000",
+    )
+    .execute(db.store.pool())
+    .await
+    .expect("seed legacy rows (MariaDB's sequence engine)");
+    let runs = std::thread::scope(|s| {
+        let import = || s.spawn(|| order_lifecycle(&db, &redis, &["import-legacy"]));
+        let (a, b) = (import(), import());
+        [a.join().unwrap(), b.join().unwrap()]
+    });
+    for (ok, out, err) in &runs {
+        assert!(ok, "import-legacy failed:\n{out}\n{err}");
+    }
+    let said = |text: &str| runs.iter().filter(|(_, out, _)| out.contains(text)).count();
+    assert_eq!(said("ids imported: 60,000"), 1, "{runs:?}");
+    assert_eq!(said("already present: 60,000"), 1, "{runs:?}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM order_lifecycle_ids").await,
+        60_000
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM lifecycle_events").await,
+        60_000
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}
+
 /// A healthy store: a realistic stream through the pipeline, Redis caught up.
 async fn healthy_store(seed: u64) -> (TestDb, TestRedis) {
     store_of(20, seed).await

@@ -47,6 +47,7 @@ use crate::projection::redis_follower::{self, Handoff};
 use crate::shutdown::Shutdown;
 use crate::store::event_log;
 use crate::store::leadership::Leadership;
+use crate::store::lease::Lease;
 use crate::store::legacy::{self, LegacyRow};
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::{id_projection, Store, StoreError};
@@ -284,6 +285,16 @@ pub async fn import(
     config: &ImportConfig,
 ) -> Result<ImportSummary, ImportFailure> {
     let started = Instant::now();
+    // One import at a time: two (operators, or a retried job beside a slow
+    // one) would each bind the same ids, deadlock and conflict, and all
+    // but one stop with an error; after one another, the second finds
+    // every id already present.
+    let lease = Lease::acquire(
+        store,
+        IMPORT_LEASE,
+        "waiting for another import-legacy on this database to finish",
+    )
+    .await?;
     let [live, demo] = config
         .tables
         .names()
@@ -326,8 +337,12 @@ pub async fn import(
             u64::try_from(redis.position().await? - projected_from).unwrap_or(0);
     }
     summary.seconds = started.elapsed().as_secs_f64();
+    lease.release().await?;
     Ok(summary)
 }
+
+/// The lease an import runs under (see [`import`]).
+const IMPORT_LEASE: &str = "order_lifecycle_import";
 
 /// Reads both tables page by page and applies each page; the next page is
 /// read while the current one is applied (legacy reads and log writes are
