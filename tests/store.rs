@@ -443,7 +443,7 @@ async fn a_batch_issuing_an_id_the_batch_ahead_parks_for_gives_way() {
 /// (sqlx's own lock is a no-op on MariaDB).
 #[tokio::test]
 async fn processes_starting_at_once_on_a_new_database_all_migrate_it() {
-    let (name, url) = TestDb::unmade();
+    let (name, url) = TestDb::new_name();
     let mut stores = Vec::new();
     for _ in 0..6 {
         stores.push(Store::connect(&url, 2).await.expect("MariaDB"));
@@ -459,12 +459,16 @@ async fn processes_starting_at_once_on_a_new_database_all_migrate_it() {
             .unwrap();
     let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
         .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "sql"))
+        })
         .count() as i64;
     assert_eq!((applied, succeeded), (files, files));
     for store in &stores {
         store.pool().close().await;
     }
-    common::database::drop_named(&name).await;
+    TestDb::drop_by_name(&name).await;
 }
 
 #[tokio::test]

@@ -274,7 +274,8 @@ pub fn report(s: &ImportSummary, dry_run: bool) -> String {
     out
 }
 
-/// Imports both tables.
+/// Imports both tables, once no other import of this database runs (it
+/// waits for one that does, see [`IMPORT_LEASE`]).
 ///
 /// # Errors
 /// [`ImportFailure`].
@@ -284,7 +285,14 @@ pub async fn import(
     redis: &RedisProjection,
     config: &ImportConfig,
 ) -> Result<ImportSummary, ImportFailure> {
-    let started = Instant::now();
+    let [live, demo] = config
+        .tables
+        .names()
+        .map_err(|e| ImportFailure::Invalid(e.to_string()))?;
+    let tables = [(live, UserType::Live), (demo, UserType::Demo)];
+    for (table, _) in tables {
+        check_table(legacy, table).await?;
+    }
     // One import at a time: two (operators, or a retried job beside a slow
     // one) would each bind the same ids, deadlock and conflict, and all
     // but one stop with an error; after one another, the second finds
@@ -295,14 +303,9 @@ pub async fn import(
         "waiting for another import-legacy on this database to finish",
     )
     .await?;
-    let [live, demo] = config
-        .tables
-        .names()
-        .map_err(|e| ImportFailure::Invalid(e.to_string()))?;
-    let tables = [(live, UserType::Live), (demo, UserType::Demo)];
+    let started = Instant::now();
     let mut total = 0;
     for (table, _) in tables {
-        check_table(legacy, table).await?;
         total += legacy::count(legacy, table).await?;
     }
     let mut progress = Progress::new("import-legacy", "orders", Some(total.max(0) as u64));
@@ -337,7 +340,7 @@ pub async fn import(
             u64::try_from(redis.position().await? - projected_from).unwrap_or(0);
     }
     summary.seconds = started.elapsed().as_secs_f64();
-    lease.release().await?;
+    lease.end().await;
     Ok(summary)
 }
 

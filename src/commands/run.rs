@@ -155,7 +155,13 @@ async fn connect(config: &RunConfig, shutdown: &mut Shutdown) -> anyhow::Result<
             store.migrate().await?;
             Ok::<_, StoreError>(store)
         };
-        match attempt.await {
+        // Migrating may wait for another process's migration: a shutdown
+        // ends that wait.
+        let attempt = tokio::select! {
+            result = attempt => result,
+            _ = shutdown.requested() => return Ok(None),
+        };
+        match attempt {
             Ok(store) => return Ok(Some(store)),
             Err(e) if e.is_transient() => {
                 failures += 1;

@@ -36,7 +36,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -53,10 +52,16 @@ use crate::domain::{EventId, LifecycleBook, LifecycleId, OrderEvent};
 /// B read and locked, B's batch behind waits for B's batch ahead, which
 /// waits for a row A's batch behind locked, and A's batch behind waits for
 /// A's batch ahead. Only the lock wait timeout (10 s) ended them: measured
-/// with four instances draining 200,000 events, one run in two stood still
-/// for 10 or 20 s that way. A batch ahead is done within tens of
-/// milliseconds when nothing blocks it, so waiting longer than this means
-/// it probably waits for a lock; giving way then costs one batch's reads.
+/// with four instances draining 200,000 events, three runs of nine stood
+/// still for 10 or 20 s that way. A batch ahead is done within tens of
+/// milliseconds when nothing blocks it (a leader's batch with dead letters
+/// is done only once they are published: a slow broker makes the batch
+/// behind give way then), so waiting longer than this means it probably
+/// waits for a lock; giving way then costs one batch's reads.
+///
+/// `import-legacy`'s pages wait for the page ahead without this bound: a
+/// cycle through one of them and a batch of `run` ends at the lock wait
+/// timeout (and the import stops; running it again is safe).
 pub const GIVE_WAY_AFTER: Duration = Duration::from_millis(500);
 
 /// What a batch decided, as the batch behind it needs it.

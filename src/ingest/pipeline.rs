@@ -160,8 +160,9 @@ pub struct Turn<'t> {
 /// [`process_batch`] taking its [`Turn`]: behind a batch that is not done
 /// yet, it reads and decides at once but writes only once that batch is
 /// done; `Ok(None)` when it gave way instead (see
-/// [`Decided::blocks`], or an attempt of that batch failed): nothing was
-/// written, run it again once the batch ahead is over.
+/// [`Decided::blocks`], an attempt of that batch failed, or that batch was
+/// not done within [`GIVE_WAY_AFTER`]): nothing was written, its locks
+/// are released, run it again once the batch ahead is over.
 ///
 /// # Errors
 /// As [`process_batch`].
@@ -401,6 +402,9 @@ async fn run_batch_in(
         .as_deref()
         .is_some_and(|a| a.blocks(released_rows.iter().map(|(_, e)| e)))
     {
+        // Now, not when the dropped connection is next used: the parked
+        // rows read are locked.
+        tx.rollback().await?;
         return Ok(None);
     }
     let released: Vec<Work<'_>> = released_rows
@@ -447,6 +451,9 @@ async fn run_batch_in(
     // than GIVE_WAY_AFTER while holding the locks read so far.
     if let (Some(_), Some(gate)) = (&ahead, turn.ahead) {
         if !gate.cleared(GIVE_WAY_AFTER).await {
+            // Releases the locks read with now: the batch ahead may be
+            // waiting for one of them (see GIVE_WAY_AFTER).
+            tx.rollback().await?;
             return Ok(None);
         }
     }

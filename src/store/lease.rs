@@ -1,5 +1,6 @@
 //! Named leases: one holder at a time per database, for work that must not
-//! run twice at once (a rebuild replacing the read model, migrations). A lease is a
+//! run twice at once (a rebuild replacing the read model, migrations, an
+//! import). A lease is a
 //! MariaDB/MySQL named lock (`GET_LOCK`) on a connection of its own, so it
 //! ends with its holder, even a killed one: the server releases a session's
 //! locks when the session closes. Lock names are server-wide, so the name
@@ -51,7 +52,7 @@ impl Lease {
                 Err(session) => session,
             };
             if logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
-                tracing::info!("{waiting}");
+                tracing::info!(lease = name, "{waiting}");
                 logged = Some(Instant::now());
             }
             tokio::time::sleep(ASK_EVERY).await;
@@ -96,6 +97,16 @@ impl Lease {
         .fetch_one(&mut self.session)
         .await;
         matches!(holder, Ok(Some(1)))
+    }
+
+    /// Gives the lease back once the work it guarded is done: a failure is
+    /// logged, not returned (the lease ends with its connection anyway,
+    /// and that work must not be reported as failed for it).
+    pub async fn end(self) {
+        let name = self.name.clone();
+        if let Err(e) = self.release().await {
+            tracing::warn!(lease = %name, error = %e, "could not give the lease back; it ends with its connection");
+        }
     }
 
     /// Gives the lease back and closes its connection.

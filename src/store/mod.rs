@@ -370,7 +370,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Migrate`] when a migration fails or was changed after
-    /// being applied.
+    /// being applied; [`StoreError`] when the lease cannot be asked for.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let lease = lease::Lease::acquire(
             self,
@@ -379,9 +379,8 @@ impl Store {
         )
         .await?;
         let migrated = MIGRATOR.run(&self.pool).await;
-        let released = lease.release().await;
+        lease.end().await;
         migrated?;
-        released?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         drop_stale_databases().await;
-        let (name, url) = TestDb::unmade();
+        let (name, url) = TestDb::new_name();
         let store = Store::connect(&url, 4)
             .await
             .unwrap_or_else(|e| panic!("MariaDB at {MYSQL_ROOT} is required: {e}"));
@@ -28,8 +28,8 @@ impl TestDb {
     }
 
     /// The name and URL of a database of the test's own, not made yet;
-    /// [`drop_named`] drops it.
-    pub fn unmade() -> (String, SecretUrl) {
+    /// [`TestDb::drop_by_name`] drops it.
+    pub fn new_name() -> (String, SecretUrl) {
         let name = format!("olt_{}", unique_suffix());
         let url = SecretUrl::new(format!("{MYSQL_ROOT}/{name}"));
         (name, url)
@@ -73,7 +73,17 @@ impl TestDb {
         tokio::time::timeout(std::time::Duration::from_secs(30), pool.close())
             .await
             .expect("the test still holds a connection of its database's pool");
-        drop_named(&self.name).await;
+        TestDb::drop_by_name(&self.name).await;
+    }
+
+    /// Drops the database `name` (one of [`TestDb::new_name`]'s), if it
+    /// exists.
+    pub async fn drop_by_name(name: &str) {
+        let root = sqlx::MySqlPool::connect(MYSQL_ROOT).await.expect("MariaDB");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+            .execute(&root)
+            .await
+            .expect("drop test database");
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -201,13 +211,4 @@ impl TestDb {
         store.migrate().await.expect("migrations apply");
         TestDb { name, url, store }
     }
-}
-
-/// Drops the database `name` (one of [`TestDb::unmade`]'s), if it exists.
-pub async fn drop_named(name: &str) {
-    let root = sqlx::MySqlPool::connect(MYSQL_ROOT).await.expect("MariaDB");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
-        .execute(&root)
-        .await
-        .expect("drop test database");
 }
