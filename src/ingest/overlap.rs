@@ -184,11 +184,12 @@ impl BatchAhead {
     }
 
     /// Waits until the batch ahead is done, or failed an attempt, or was
-    /// dropped, or `limit` passed; `true` only if it is done without a
-    /// failed attempt within `limit`, i.e. the batch behind may write (see
-    /// [`GIVE_WAY_AFTER`]).
-    pub async fn cleared(&mut self, limit: Duration) -> bool {
-        match tokio::time::timeout(limit, self.0.wait_for(|s| s.failed || s.done)).await {
+    /// dropped, or [`GIVE_WAY_AFTER`] passed; `true` only if it is done
+    /// without a failed attempt within that time, i.e. the batch behind
+    /// may write.
+    pub async fn cleared(&mut self) -> bool {
+        let over = self.0.wait_for(|s| s.failed || s.done);
+        match tokio::time::timeout(GIVE_WAY_AFTER, over).await {
             Ok(Ok(s)) => !s.failed,
             Ok(Err(_)) | Err(_) => false,
         }
@@ -330,13 +331,13 @@ mod tests {
         assert!(ahead.decision().is_some());
         let waiting = tokio::spawn({
             let mut ahead = ahead.clone();
-            async move { ahead.cleared(GIVE_WAY_AFTER).await }
+            async move { ahead.cleared().await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         progress.done();
         assert!(waiting.await.unwrap());
-        assert!(ahead.cleared(GIVE_WAY_AFTER).await);
+        assert!(ahead.cleared().await);
         assert!(
             matches!(ahead.standing(), Standing::Done),
             "a batch finding it done runs alone"
@@ -352,10 +353,7 @@ mod tests {
         assert!(matches!(ahead.standing(), Standing::Failed));
         progress.has_decided(Decided::default());
         progress.done();
-        assert!(
-            !ahead.cleared(GIVE_WAY_AFTER).await,
-            "sticky, even once done"
-        );
+        assert!(!ahead.cleared().await, "sticky, even once done");
         assert!(ahead.finished().await);
     }
 
@@ -363,7 +361,7 @@ mod tests {
     async fn a_dropped_batch_ahead_clears_nothing() {
         let (progress, mut ahead) = progress();
         drop(progress);
-        assert!(!ahead.cleared(GIVE_WAY_AFTER).await);
+        assert!(!ahead.cleared().await);
         assert!(!ahead.finished().await, "dropped unfinished");
     }
 }

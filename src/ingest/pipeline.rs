@@ -38,7 +38,7 @@ use std::time::Duration;
 use sqlx::{MySql, MySqlConnection};
 
 use super::order_cache::OrderCache;
-use super::overlap::{BatchAhead, BatchProgress, Decided, Standing, GIVE_WAY_AFTER};
+use super::overlap::{BatchAhead, BatchProgress, Decided, Standing};
 use super::plan::{decide, Applied, Release, Work};
 use crate::domain::{
     EventId, EventKind, LifecycleBook, LifecycleId, OrderEvent, OrderId, OrderLifecycle,
@@ -161,7 +161,7 @@ pub struct Turn<'t> {
 /// yet, it reads and decides at once but writes only once that batch is
 /// done; `Ok(None)` when it gave way instead (see
 /// [`Decided::blocks`], an attempt of that batch failed, or that batch was
-/// not done within [`GIVE_WAY_AFTER`]): nothing was written, its locks
+/// not done within [`super::overlap::GIVE_WAY_AFTER`]): nothing was written, its locks
 /// are released, run it again once the batch ahead is over.
 ///
 /// # Errors
@@ -450,7 +450,7 @@ async fn run_batch_in(
     // Writes keep batch order: they wait for the batch ahead, not longer
     // than GIVE_WAY_AFTER while holding the locks read so far.
     if let (Some(_), Some(gate)) = (&ahead, turn.ahead) {
-        if !gate.cleared(GIVE_WAY_AFTER).await {
+        if !gate.cleared().await {
             // Releases the locks read with now: the batch ahead may be
             // waiting for one of them (see GIVE_WAY_AFTER).
             tx.rollback().await?;

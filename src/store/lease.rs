@@ -1,11 +1,10 @@
 //! Named leases: one holder at a time per database, for work that must not
 //! run twice at once (a rebuild replacing the read model, migrations, an
-//! import). A lease is a
-//! MariaDB/MySQL named lock (`GET_LOCK`) on a connection of its own, so it
-//! ends with its holder, even a killed one: the server releases a session's
-//! locks when the session closes. Lock names are server-wide, so the name
-//! carries a digest of the database's name: two databases on one server
-//! (tests, tenants) never contend.
+//! import). A lease is a MariaDB/MySQL named lock (`GET_LOCK`) on a
+//! connection of its own, so it ends with its holder, even a killed one:
+//! the server releases a session's locks when the session closes. Lock
+//! names are server-wide, so the name carries a digest of the database's
+//! name: two databases on one server (tests, tenants) never contend.
 
 use std::time::{Duration, Instant};
 
