@@ -3,7 +3,7 @@
 
 use order_lifecycle_testkit as common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{TestDb, TestRedis};
@@ -490,6 +490,151 @@ async fn two_imports_at_once_both_succeed_and_import_each_id_once() {
     );
     redis.cleanup().await;
     db.drop().await;
+}
+
+/// `import-legacy` beside another writer that deadlocks with one of its
+/// pages, as `run`'s batches can: the page is applied again once the other
+/// writer is done, and the pages after it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_page_that_deadlocks_is_applied_again() {
+    let (db, redis) = legacy_orders(&["30000001", "30000002", "30000003"]).await;
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["import-legacy"]);
+    assert!(ok, "first import failed:\n{out}\n{err}");
+    // The next import adds a stop-loss id to each order: the page of the
+    // second waits for the rows the other writer holds.
+    sqlx::query("UPDATE live_user_orders SET stoploss_id = CONCAT('SL-', order_id)")
+        .execute(db.store.pool())
+        .await
+        .expect("add stop-loss ids");
+    let hold = "SELECT id FROM order_lifecycle_ids WHERE order_id = '30000002' FOR UPDATE";
+    let (ok, out, err) =
+        import_through_a_deadlock(&db, &redis, hold, &["import-legacy", "--batch-size", "1"]).await;
+    assert!(ok, "import-legacy failed:\n{out}\n{err}");
+    assert!(
+        err.contains("applying a page of the import again") && err.contains("Deadlock"),
+        "no page was applied again after a deadlock:\n{err}"
+    );
+    assert!(out.contains("ids imported: 3"), "{out}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM order_lifecycle_ids WHERE lifecycle_id LIKE 'SL-%'")
+            .await,
+        3
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM lifecycle_events").await, 6);
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+/// The page that deadlocks has decided, and the page behind it is in
+/// flight, waiting for its commit: both are applied again, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_behind_one_that_deadlocks_is_applied_again_after_it() {
+    let (db, redis) = legacy_orders(&["30000001", "30000002"]).await;
+    // Touching the log's head: migrations ran.
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(ok, "verify failed:\n{out}\n{err}");
+    // The first page waits for the log's head at its append.
+    let hold = "SELECT position FROM log_head FOR UPDATE";
+    let (ok, out, err) =
+        import_through_a_deadlock(&db, &redis, hold, &["import-legacy", "--batch-size", "1"]).await;
+    assert!(ok, "import-legacy failed:\n{out}\n{err}");
+    assert!(
+        err.contains("Deadlock") && err.contains("the page ahead of it failed"),
+        "the page behind was not applied again after the page ahead:\n{err}"
+    );
+    assert!(out.contains("ids imported: 2"), "{out}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM lifecycle_events WHERE position IN (1, 2)")
+            .await,
+        2
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM order_lifecycle_ids").await,
+        2
+    );
+    redis.cleanup().await;
+    db.drop().await;
+}
+
+/// A test database whose legacy live orders table holds `orders`, with no
+/// ids but their own.
+async fn legacy_orders(orders: &[&str]) -> (TestDb, TestRedis) {
+    let db = TestDb::new().await;
+    create_legacy_tables(&db).await;
+    let rows: Vec<_> = orders.iter().map(|o| (*o, [None; 7])).collect();
+    insert_legacy(&db, "live_user_orders", &rows).await;
+    (db, TestRedis::new())
+}
+
+/// Runs the binary with `args` while another writer, heavier than any
+/// page (InnoDB rolls back the lighter transaction of a deadlock), holds
+/// what `hold` locks. Once a page waits for it, the writer asks for the
+/// lock every page holds shared: a deadlock, whose victim is the page;
+/// then the writer ends. Returns (exit success, stdout, stderr).
+async fn import_through_a_deadlock(
+    db: &TestDb,
+    redis: &TestRedis,
+    hold: &str,
+    args: &[&str],
+) -> (bool, String, String) {
+    let pool = db.store.pool();
+    sqlx::query("CREATE TABLE ballast (id INT PRIMARY KEY, v INT NOT NULL)")
+        .execute(pool)
+        .await
+        .expect("create ballast");
+    sqlx::query("INSERT INTO ballast SELECT seq, 0 FROM seq_1_to_2000")
+        .execute(pool)
+        .await
+        .expect("fill ballast");
+    let mut other = pool.begin().await.expect("begin");
+    sqlx::query("UPDATE ballast SET v = v + 1")
+        .execute(&mut *other)
+        .await
+        .expect("weigh the other writer");
+    sqlx::query(hold)
+        .fetch_all(&mut *other)
+        .await
+        .expect("take the other writer's lock");
+    let import = command(db, redis, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start import-legacy");
+    let waiting = "SELECT COUNT(*) FROM information_schema.INNODB_TRX AS t \
+                   JOIN information_schema.PROCESSLIST AS p ON p.ID = t.trx_mysql_thread_id \
+                   WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while db.count(waiting).await == 0 {
+        if std::time::Instant::now() >= deadline {
+            other.rollback().await.expect("rollback");
+            let out = import.wait_with_output().expect("wait");
+            panic!(
+                "no page of the import waited for the other writer:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // InnoDB refreshes what INNODB_TRX shows only when it was not read
+        // for 0.1 s.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The page behind, if any, reaches its wait for the page ahead.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("SELECT id FROM projection_lock WHERE id = 1 FOR UPDATE")
+        .fetch_all(&mut *other)
+        .await
+        .expect("the other writer wins the deadlock");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.rollback().await.expect("rollback");
+    let out = tokio::task::spawn_blocking(move || import.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait for import-legacy");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A healthy store: a realistic stream through the pipeline, Redis caught up.

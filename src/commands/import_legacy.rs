@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use sqlx::MySqlPool;
@@ -44,6 +44,7 @@ use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Handoff};
+use crate::retry::{RetryPolicy, Retryable};
 use crate::shutdown::Shutdown;
 use crate::store::event_log;
 use crate::store::leadership::Leadership;
@@ -347,6 +348,16 @@ pub async fn import(
 /// The lease an import runs under (see [`import`]).
 const IMPORT_LEASE: &str = "order_lifecycle_import";
 
+/// How long a page that failed for a reason a retry may cure (a deadlock or
+/// a lock wait with `run`'s batches or another writer, a lost connection,
+/// another writer's id bound meanwhile) is applied again before the import
+/// stops with the error, as `replay` does with its batches.
+const PAGE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A page's events: shared with the task applying them, and kept until the
+/// page is committed, so that a page can be applied again.
+type PageEvents = Arc<Vec<(OrderEvent, IdType)>>;
+
 /// Reads both tables page by page and applies each page; the next page is
 /// read while the current one is applied (legacy reads and log writes are
 /// separate connections), and applied behind it: it reads and decides
@@ -355,6 +366,12 @@ const IMPORT_LEASE: &str = "order_lifecycle_import";
 /// `crate::ingest::overlap`), writes the rows of the other orders at once
 /// and the rest once that page is committed. An id two pages claim
 /// therefore still goes to the earlier page.
+///
+/// A page that fails with a transient error wrote nothing, nor did the page
+/// behind it (which then stops at its wait): both are applied again, alone
+/// and in order ([`apply_again`]), and the pages after them go on as
+/// before. Importing beside a live `run` can deadlock with its batches;
+/// the import then goes on instead of stopping.
 async fn import_pages(
     legacy: &MySqlPool,
     store: &Store,
@@ -382,19 +399,104 @@ async fn import_pages(
             };
             next = read_page(Some(last));
             *summary.orders.entry(table.to_owned()).or_default() += rows.len() as u64;
-            let events = events_of(table, user_type, &rows, summary, config.show);
-            let (page, ahead_task) = PageInFlight::start(store, events, config, ahead.take());
-            if let Some(task) = ahead_task {
-                summary.absorb(ended(task).await?, config.show);
+            let events = Arc::new(events_of(table, user_type, &rows, summary, config.show));
+            let (page, before) = PageInFlight::start(store, events, config, ahead.take());
+            if let Some((task, events)) = before {
+                match ended(task).await {
+                    Ok(done) => summary.absorb(done, config.show),
+                    Err(failure) => {
+                        // This page, behind it, stops without writing: wait
+                        // for it, then both again, in order.
+                        let again = retried(failure)?;
+                        let behind = page.events.clone();
+                        let _ = ended(page.task).await;
+                        let done = apply_again(store, &events, config, again).await?;
+                        summary.absorb(done, config.show);
+                        let why = "the page ahead of it failed".to_owned();
+                        let done = apply_again(store, &behind, config, why).await?;
+                        summary.absorb(done, config.show);
+                        progress.add(rows.len() as u64);
+                        continue;
+                    }
+                }
             }
-            ahead = Some(page.decided().await?);
+            match page.decided().await {
+                Ok(decided) => ahead = Some(decided),
+                Err((failure, events)) => {
+                    let again = retried(failure)?;
+                    let done = apply_again(store, &events, config, again).await?;
+                    summary.absorb(done, config.show);
+                }
+            }
             progress.add(rows.len() as u64);
         }
     }
     if let Some(last) = ahead {
-        summary.absorb(ended(last.task).await?, config.show);
+        match ended(last.task).await {
+            Ok(done) => summary.absorb(done, config.show),
+            Err(failure) => {
+                let again = retried(failure)?;
+                let done = apply_again(store, &last.events, config, again).await?;
+                summary.absorb(done, config.show);
+            }
+        }
     }
     Ok(())
+}
+
+/// Why a failed page is applied again (its error, for the log), or the
+/// failure itself when no retry can cure it.
+fn retried(failure: ImportFailure) -> Result<String, ImportFailure> {
+    if failure.is_transient() {
+        Ok(failure.to_string())
+    } else {
+        Err(failure)
+    }
+}
+
+/// Applies a page's `events` again, alone (every page before it is
+/// committed), retrying transient failures for about [`PAGE_PATIENCE`].
+async fn apply_again(
+    store: &Store,
+    events: &PageEvents,
+    config: &ImportConfig,
+    why: String,
+) -> Result<ImportSummary, ImportFailure> {
+    tracing::warn!(error = %why, "applying a page of the import again");
+    let applied = RetryPolicy::for_about(PAGE_PATIENCE)
+        .run("import page", &mut Shutdown::never(), || {
+            let (decided, _) = tokio::sync::oneshot::channel();
+            let (committed, _) = tokio::sync::oneshot::channel();
+            let events = events.clone();
+            async move {
+                let store = store.clone();
+                apply(
+                    store,
+                    events,
+                    config.dry_run,
+                    config.show,
+                    None,
+                    decided,
+                    committed,
+                )
+                .await
+            }
+        })
+        .await?;
+    // Alone, a page neither stops for a page ahead nor meets a shutdown.
+    Ok(applied.flatten().unwrap_or_default())
+}
+
+/// A store error as the store judges it; anything else (Redis, the legacy
+/// tables, a setting) for good.
+impl Retryable for ImportFailure {
+    fn is_transient(&self) -> bool {
+        matches!(self, ImportFailure::Store(e) if e.is_transient())
+    }
+
+    fn is_conflict(&self) -> bool {
+        matches!(self, ImportFailure::Store(e) if e.is_conflict())
+    }
 }
 
 /// The result of a page's task: `None` when it stopped because the page
@@ -404,6 +506,7 @@ type PageTask = tokio::task::JoinHandle<Result<Option<ImportSummary>, ImportFail
 /// A page being applied ([`apply`] in a task of its own).
 struct PageInFlight {
     task: PageTask,
+    events: PageEvents,
     /// Its book once decided: the orders it holds, as they will be.
     decided: tokio::sync::oneshot::Receiver<Arc<LifecycleBook>>,
     /// Fires once it is committed (or rolled back, for a dry run).
@@ -413,6 +516,7 @@ struct PageInFlight {
 /// A page that has decided: the next page may start behind it.
 struct DecidedPage {
     task: PageTask,
+    events: PageEvents,
     ahead: PageAhead,
 }
 
@@ -424,23 +528,23 @@ struct PageAhead {
 
 impl PageInFlight {
     /// Starts applying `events` behind `ahead`; returns the page and the
-    /// end of the page ahead (what it did), to be awaited before this
-    /// page's decision.
+    /// end of the page ahead (what it did) with its events, to be awaited
+    /// before this page's decision.
     fn start(
         store: &Store,
-        events: Vec<(OrderEvent, IdType)>,
+        events: PageEvents,
         config: &ImportConfig,
         ahead: Option<DecidedPage>,
-    ) -> (PageInFlight, Option<PageTask>) {
+    ) -> (PageInFlight, Option<(PageTask, PageEvents)>) {
         let (decided_tx, decided) = tokio::sync::oneshot::channel();
         let (committed_tx, committed) = tokio::sync::oneshot::channel();
         let (page_ahead, before) = match ahead {
-            Some(a) => (Some(a.ahead), Some(a.task)),
+            Some(a) => (Some(a.ahead), Some((a.task, a.events))),
             None => (None, None),
         };
         let task = tokio::spawn(apply(
             store.clone(),
-            events,
+            events.clone(),
             config.dry_run,
             config.show,
             page_ahead,
@@ -449,17 +553,20 @@ impl PageInFlight {
         ));
         let page = PageInFlight {
             task,
+            events,
             decided,
             committed,
         };
         (page, before)
     }
 
-    /// Waits until the page has decided.
-    async fn decided(self) -> Result<DecidedPage, ImportFailure> {
+    /// Waits until the page has decided; its failure otherwise, with its
+    /// events.
+    async fn decided(self) -> Result<DecidedPage, (ImportFailure, PageEvents)> {
         match self.decided.await {
             Ok(book) => Ok(DecidedPage {
                 task: self.task,
+                events: self.events,
                 ahead: PageAhead {
                     book,
                     committed: self.committed,
@@ -467,7 +574,7 @@ impl PageInFlight {
             }),
             // It ended before deciding: only an error does.
             Err(_) => match ended(self.task).await {
-                Err(e) => Err(e),
+                Err(e) => Err((e, self.events)),
                 Ok(_) => unreachable!("a page decides before it ends well"),
             },
         }
@@ -635,7 +742,7 @@ pub fn import_event_id(
 /// failed (nothing written).
 async fn apply(
     store: Store,
-    events: Vec<(OrderEvent, IdType)>,
+    events: PageEvents,
     dry_run: bool,
     show: usize,
     ahead: Option<PageAhead>,
@@ -687,6 +794,9 @@ async fn apply(
     };
     if let Some(ahead) = ahead {
         if ahead.committed.await.is_err() {
+            // Now, not when the pool next uses the connection: the locks
+            // taken so far may be what the retry of the page ahead needs.
+            tx.rollback().await.map_err(StoreError::from)?;
             return Ok(None);
         }
     }

@@ -61,7 +61,8 @@ use crate::domain::{EventId, LifecycleBook, LifecycleId, OrderEvent};
 ///
 /// `import-legacy`'s pages wait for the page ahead without this bound: a
 /// cycle through one of them and a batch of `run` ends at the lock wait
-/// timeout (and the import stops; running it again is safe).
+/// timeout, and the page that failed is applied again (as is one InnoDB
+/// picks as a deadlock's victim).
 pub const GIVE_WAY_AFTER: Duration = Duration::from_millis(500);
 
 /// What a batch decided, as the batch behind it needs it.
