@@ -348,10 +348,12 @@ pub async fn import(
 /// The lease an import runs under (see [`import`]).
 const IMPORT_LEASE: &str = "order_lifecycle_import";
 
-/// How long a page that failed for a reason a retry may cure (a deadlock or
-/// a lock wait with `run`'s batches or another writer, a lost connection,
-/// another writer's id bound meanwhile) is applied again before the import
-/// stops with the error, as `replay` does with its batches.
+/// How long a page that failed for a reason a retry may cure is applied
+/// again before the import stops with the error, as `replay` does with its
+/// batches: what `run`'s batches retry (a deadlock or a lock wait with
+/// another writer, a lost connection, a full disk, a revoked grant) and
+/// another writer's id bound meanwhile. Counted from the first retry; an
+/// attempt itself may wait out a lock (10 s).
 const PAGE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A page's events: shared with the task applying them, and kept until the
@@ -367,11 +369,12 @@ type PageEvents = Arc<Vec<(OrderEvent, IdType)>>;
 /// and the rest once that page is committed. An id two pages claim
 /// therefore still goes to the earlier page.
 ///
-/// A page that fails with a transient error wrote nothing, nor did the page
-/// behind it (which then stops at its wait): both are applied again, alone
-/// and in order ([`apply_again`]), and the pages after them go on as
-/// before. Importing beside a live `run` can deadlock with its batches;
-/// the import then goes on instead of stopping.
+/// A page that fails with a transient error wrote nothing (or, when the
+/// connection was lost at its commit, perhaps all: applied again, its ids
+/// are then found present), nor did the page behind it, which stops at its
+/// wait: both are applied again, alone and in order ([`apply_again`]), and
+/// the pages after them go on as before. Importing beside a live `run` can
+/// deadlock with its batches; the import then goes on instead of stopping.
 async fn import_pages(
     legacy: &MySqlPool,
     store: &Store,
@@ -405,15 +408,16 @@ async fn import_pages(
                 match ended(task).await {
                     Ok(done) => summary.absorb(done, config.show),
                     Err(failure) => {
-                        // This page, behind it, stops without writing: wait
-                        // for it, then both again, in order.
-                        let again = retried(failure)?;
-                        let behind = page.events.clone();
-                        let _ = ended(page.task).await;
-                        let done = apply_again(store, &events, config, again).await?;
+                        // This page, behind it, stops at its wait without
+                        // writing: both again, in order.
+                        let why = retried(failure, config)?;
+                        let why_behind = match ended(page.task).await {
+                            Err(own) => retried(own, config)?,
+                            Ok(_) => "the page ahead of it failed".to_owned(),
+                        };
+                        let done = apply_again(store, &events, config, why).await?;
                         summary.absorb(done, config.show);
-                        let why = "the page ahead of it failed".to_owned();
-                        let done = apply_again(store, &behind, config, why).await?;
+                        let done = apply_again(store, &page.events, config, why_behind).await?;
                         summary.absorb(done, config.show);
                         progress.add(rows.len() as u64);
                         continue;
@@ -423,31 +427,32 @@ async fn import_pages(
             match page.decided().await {
                 Ok(decided) => ahead = Some(decided),
                 Err((failure, events)) => {
-                    let again = retried(failure)?;
-                    let done = apply_again(store, &events, config, again).await?;
-                    summary.absorb(done, config.show);
+                    let why = retried(failure, config)?;
+                    summary.absorb(apply_again(store, &events, config, why).await?, config.show);
                 }
             }
             progress.add(rows.len() as u64);
         }
     }
     if let Some(last) = ahead {
-        match ended(last.task).await {
-            Ok(done) => summary.absorb(done, config.show),
+        let done = match ended(last.task).await {
+            Ok(done) => done,
             Err(failure) => {
-                let again = retried(failure)?;
-                let done = apply_again(store, &last.events, config, again).await?;
-                summary.absorb(done, config.show);
+                let why = retried(failure, config)?;
+                apply_again(store, &last.events, config, why).await?
             }
-        }
+        };
+        summary.absorb(done, config.show);
     }
     Ok(())
 }
 
 /// Why a failed page is applied again (its error, for the log), or the
-/// failure itself when no retry can cure it.
-fn retried(failure: ImportFailure) -> Result<String, ImportFailure> {
-    if failure.is_transient() {
+/// failure itself when no retry can cure it. A dry run stops at the
+/// failure, as its pages commit nothing: a page applied again alone would
+/// not see what the pages before it decided.
+fn retried(failure: ImportFailure, config: &ImportConfig) -> Result<String, ImportFailure> {
+    if failure.is_transient() && !config.dry_run {
         Ok(failure.to_string())
     } else {
         Err(failure)
@@ -794,8 +799,9 @@ async fn apply(
     };
     if let Some(ahead) = ahead {
         if ahead.committed.await.is_err() {
-            // Now, not when the pool next uses the connection: the locks
-            // taken so far may be what the retry of the page ahead needs.
+            // At once, before the page ahead is applied again: this page's
+            // locks (the read model's shared lock, the rows written early)
+            // go with it.
             tx.rollback().await.map_err(StoreError::from)?;
             return Ok(None);
         }
