@@ -560,6 +560,26 @@ async fn a_page_behind_one_that_deadlocks_is_applied_again_after_it() {
     db.drop().await;
 }
 
+/// The last page deadlocks after it decided, with no page behind it: it is
+/// applied again too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_page_that_deadlocks_after_deciding_is_applied_again() {
+    let (db, redis) = legacy_orders(&["30000001"]).await;
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(ok, "verify failed:\n{out}\n{err}");
+    let hold = "SELECT position FROM log_head FOR UPDATE";
+    let (ok, out, err) = import_through_a_deadlock(&db, &redis, hold, &["import-legacy"]).await;
+    assert!(ok, "import-legacy failed:\n{out}\n{err}");
+    assert!(
+        err.contains("applying a page of the import again") && err.contains("Deadlock"),
+        "the page was not applied again after a deadlock:\n{err}"
+    );
+    assert!(out.contains("ids imported: 1"), "{out}");
+    assert_eq!(db.count("SELECT COUNT(*) FROM lifecycle_events").await, 1);
+    redis.cleanup().await;
+    db.drop().await;
+}
+
 /// A test database whose legacy live orders table holds `orders`, with no
 /// ids but their own.
 async fn legacy_orders(orders: &[&str]) -> (TestDb, TestRedis) {
