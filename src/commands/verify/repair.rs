@@ -13,6 +13,14 @@ use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 /// transaction per chunk, holding the orders' rows so that no batch moves
 /// them meanwhile), rewrites their Redis keys, and removes stray keys
 /// (lookup keys only under [`UnexplainedKeys::Remove`]).
+///
+/// A chunk deletes the orders' rows before it folds their log: a batch
+/// that only adds ids to one of them (an order a batch keeps in memory is
+/// not read locked) takes none of the locks held here. Committed before
+/// the delete, its row is deleted and its entry is in the fold; inserted
+/// but not committed, the delete waits for it; inserted after the delete,
+/// its row stays. Folding first, a batch committing between the fold and
+/// the delete lost its row.
 pub(super) async fn repair(
     store: &Store,
     redis: &RedisProjection,
@@ -41,8 +49,8 @@ pub(super) async fn repair(
         let mut tx = pool.begin().await.map_err(StoreError::from)?;
         id_projection::share_projection_lock(&mut tx).await?;
         id_projection::load_records(&mut tx, chunk, true).await?;
-        let folded = fold::orders_of(pool, chunk).await?;
         id_projection::delete_orders(&mut tx, chunk).await?;
+        let folded = fold::orders_of(pool, chunk).await?;
         let rows: Vec<(&OrderId, &IdRecord)> =
             folded.iter().flat_map(OrderLifecycle::rows).collect();
         id_projection::upsert(&mut tx, &rows).await?;
