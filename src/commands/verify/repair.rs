@@ -18,9 +18,10 @@ use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
 /// that only adds ids to one of them (an order a batch keeps in memory is
 /// not read locked) takes none of the locks held here. Committed before
 /// the delete, its row is deleted and its entry is in the fold; inserted
-/// but not committed, the delete waits for it; inserted after the delete,
-/// its row stays. Folding first, a batch committing between the fold and
-/// the delete lost its row.
+/// but not committed, the delete waits for it (then as above) or passes it
+/// by (READ COMMITTED reads what is committed) and it stays; inserted after
+/// the delete, its row stays. Folding first, a batch committing between
+/// the fold and the delete lost its row.
 pub(super) async fn repair(
     store: &Store,
     redis: &RedisProjection,
