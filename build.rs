@@ -3,6 +3,9 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds migrations/ at compile time; without this, a
+    // new migration is not seen by an incremental build.
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile(["proto/order_event.proto"], ["proto"])?;
     let mut config = prost_build::Config::new();
     config.btree_map(["."]);
