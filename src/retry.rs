@@ -169,6 +169,28 @@ impl RetryPolicy {
     }
 }
 
+/// Runs `attempt` until it succeeds, retrying transient failures for about
+/// `patience`: a one-off command's step, which no shutdown cuts short and
+/// whose operator is told the error after that.
+///
+/// # Errors
+/// The last error, when retrying cannot help or `patience` is spent.
+pub async fn for_a_command<T, E, F, Fut>(what: &str, patience: Duration, attempt: F) -> Result<T, E>
+where
+    E: Retryable,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let done = RetryPolicy::for_about(patience)
+        .run(what, &mut Shutdown::never(), attempt)
+        .await?;
+    match done {
+        Some(value) => Ok(value),
+        // `run` stops unfinished only once a shutdown is asked for.
+        None => unreachable!("{what}: stopped for a shutdown that is never asked for"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

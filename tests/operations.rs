@@ -508,7 +508,7 @@ async fn an_import_page_that_deadlocks_is_applied_again() {
         .expect("add stop-loss ids");
     let hold = "SELECT id FROM order_lifecycle_ids WHERE order_id = '30000002' FOR UPDATE";
     let (ok, out, err) =
-        import_through_a_deadlock(&db, &redis, hold, &["import-legacy", "--batch-size", "1"]).await;
+        through_a_deadlock(&db, &redis, hold, &["import-legacy", "--batch-size", "1"]).await;
     assert!(ok, "import-legacy failed:\n{out}\n{err}");
     assert!(
         err.contains("applying a page of the import again") && err.contains("Deadlock"),
@@ -536,7 +536,7 @@ async fn a_page_behind_one_that_deadlocks_is_applied_again_after_it() {
     // The first page waits for the log's head at its append.
     let hold = "SELECT position FROM log_head FOR UPDATE";
     let (ok, out, err) =
-        import_through_a_deadlock(&db, &redis, hold, &["import-legacy", "--batch-size", "1"]).await;
+        through_a_deadlock(&db, &redis, hold, &["import-legacy", "--batch-size", "1"]).await;
     assert!(ok, "import-legacy failed:\n{out}\n{err}");
     assert!(
         err.contains("Deadlock") && err.contains("the page ahead of it failed"),
@@ -568,7 +568,7 @@ async fn a_last_page_that_deadlocks_after_deciding_is_applied_again() {
     let (ok, out, err) = order_lifecycle(&db, &redis, &["verify"]);
     assert!(ok, "verify failed:\n{out}\n{err}");
     let hold = "SELECT position FROM log_head FOR UPDATE";
-    let (ok, out, err) = import_through_a_deadlock(&db, &redis, hold, &["import-legacy"]).await;
+    let (ok, out, err) = through_a_deadlock(&db, &redis, hold, &["import-legacy"]).await;
     assert!(ok, "import-legacy failed:\n{out}\n{err}");
     assert!(
         err.contains("applying a page of the import again") && err.contains("Deadlock"),
@@ -591,11 +591,13 @@ async fn legacy_orders(orders: &[&str]) -> (TestDb, TestRedis) {
 }
 
 /// Runs the binary with `args` while another writer, heavier than any
-/// page (InnoDB rolls back the lighter transaction of a deadlock), holds
-/// what `hold` locks. Once a page waits for it, the writer asks for the
-/// lock every page holds shared: a deadlock, whose victim is the page;
-/// then the writer ends. Returns (exit success, stdout, stderr).
-async fn import_through_a_deadlock(
+/// transaction of the command (InnoDB rolls back the lighter transaction of
+/// a deadlock), holds what `hold` locks. Once the command waits for it, the
+/// writer asks for the lock that import pages and repair chunks hold shared
+/// (the projection lock, as a rebuild's swap does): a deadlock, whose
+/// victim is the command's transaction; then the writer ends. Returns
+/// (exit success, stdout, stderr).
+async fn through_a_deadlock(
     db: &TestDb,
     redis: &TestRedis,
     hold: &str,
@@ -623,7 +625,7 @@ async fn import_through_a_deadlock(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start import-legacy");
+        .expect("start the command");
     let waiting = "SELECT COUNT(*) FROM information_schema.INNODB_TRX AS t \
                    JOIN information_schema.PROCESSLIST AS p ON p.ID = t.trx_mysql_thread_id \
                    WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()";
@@ -633,7 +635,7 @@ async fn import_through_a_deadlock(
             other.rollback().await.expect("rollback");
             let out = import.wait_with_output().expect("wait");
             panic!(
-                "no page of the import waited for the other writer:\n{}\n{}",
+                "the command never waited for the other writer:\n{}\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -652,12 +654,45 @@ async fn import_through_a_deadlock(
     let out = tokio::task::spawn_blocking(move || import.wait_with_output())
         .await
         .expect("join")
-        .expect("wait for import-legacy");
+        .expect("wait for the command");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `verify --repair` beside another writer that deadlocks with one of its
+/// chunks, as a live `run`'s batch can: the chunk is repaired again once
+/// the other writer is done, and the store ends healthy (it used to stop
+/// with exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_chunk_that_deadlocks_is_repaired_again() {
+    let (db, redis) = healthy_store(620).await;
+    let (deleted, order) = some_row(&db, "id_type = 'takeprofit_id'").await;
+    exec(
+        &db,
+        &format!("DELETE FROM order_lifecycle_ids WHERE lifecycle_id = '{deleted}'"),
+    )
+    .await;
+    // The repair's chunk waits for the order's other rows.
+    let hold = format!("SELECT id FROM order_lifecycle_ids WHERE order_id = '{order}' FOR UPDATE");
+    let (ok, out, err) = through_a_deadlock(&db, &redis, &hold, &["verify", "--repair"]).await;
+    assert!(ok, "verify --repair did not end healthy:\n{out}\n{err}");
+    assert!(
+        err.contains("verify --repair: orders") && err.contains("Deadlock"),
+        "the chunk was not repaired again after a deadlock:\n{err}"
+    );
+    assert!(out.contains("repaired: 1 orders re-projected"), "{out}");
+    assert!(out.contains("ok   mysql_matches_log"), "{out}");
+    assert_eq!(
+        db.rows().await[&deleted].0,
+        order,
+        "the deleted row is back"
+    );
+    common::assert_projections_match_log(&db, &redis).await;
+    redis.cleanup().await;
+    db.drop().await;
 }
 
 /// A healthy store: a realistic stream through the pipeline, Redis caught up.

@@ -1,13 +1,38 @@
 //! `verify --repair`: re-projects what the checks found wrong.
 
+use std::time::Duration;
+
 use super::checks::Findings;
 use super::{Repaired, VerifyError};
 use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
 use crate::projection::{rebuild, redis_follower};
+use crate::retry::for_a_command;
 use crate::store::fold;
 use crate::store::redis_projection::RedisProjection;
 use crate::store::stray_keys::{remove_stray, UnexplainedKeys};
 use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
+
+/// How long a step of the repair (one transaction) is tried again after a
+/// transient failure before `verify` gives up (exit 2): beside a live
+/// `run`, a chunk can deadlock with a batch (InnoDB rolls one back) or wait
+/// out a lock. Each retry is logged with its cause.
+const STEP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Replaces the id rows of `orders` with the fold of their log, in one
+/// transaction that holds their rows (see [`repair`] for the order of its
+/// steps); returns the folded orders.
+async fn reproject(store: &Store, orders: &[OrderId]) -> Result<Vec<OrderLifecycle>, StoreError> {
+    let pool = store.pool();
+    let mut tx = pool.begin().await?;
+    id_projection::share_projection_lock(&mut tx).await?;
+    id_projection::load_records(&mut tx, orders, true).await?;
+    id_projection::delete_orders(&mut tx, orders).await?;
+    let folded = fold::orders_of(pool, orders).await?;
+    let rows: Vec<(&OrderId, &IdRecord)> = folded.iter().flat_map(OrderLifecycle::rows).collect();
+    id_projection::upsert(&mut tx, &rows).await?;
+    tx.commit().await?;
+    Ok(folded)
+}
 
 /// Re-projects the orders found wrong from the log (rows replaced in one
 /// transaction per chunk, holding the orders' rows so that no batch moves
@@ -31,7 +56,12 @@ pub(super) async fn repair(
     let pool = store.pool();
     let mut repaired = Repaired::default();
     if findings.parking_lot_drifted {
-        crate::store::parked::recount(pool).await?;
+        for_a_command(
+            "verify --repair: parking lot recount",
+            STEP_PATIENCE,
+            || crate::store::parked::recount(pool),
+        )
+        .await?;
         repaired.parking_lot_recounted = true;
     }
     if findings.redis_diverged {
@@ -47,15 +77,12 @@ pub(super) async fn repair(
     let mut written = std::collections::HashSet::new();
     let keys = redis.keys();
     for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut tx = pool.begin().await.map_err(StoreError::from)?;
-        id_projection::share_projection_lock(&mut tx).await?;
-        id_projection::load_records(&mut tx, chunk, true).await?;
-        id_projection::delete_orders(&mut tx, chunk).await?;
-        let folded = fold::orders_of(pool, chunk).await?;
+        let folded = for_a_command("verify --repair: orders", STEP_PATIENCE, || {
+            reproject(store, chunk)
+        })
+        .await?;
         let rows: Vec<(&OrderId, &IdRecord)> =
             folded.iter().flat_map(OrderLifecycle::rows).collect();
-        id_projection::upsert(&mut tx, &rows).await?;
-        tx.commit().await.map_err(StoreError::from)?;
         repaired.orders += chunk.len() as u64;
         repaired.rows += rows.len() as u64;
 
