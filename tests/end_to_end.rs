@@ -913,6 +913,40 @@ async fn replay_into_an_empty_database_restores_the_log_and_projections() {
     env.cleanup().await;
 }
 
+/// A replay that records entries while another rebuild holds the rebuild
+/// lease (one of MySQL only, say) still projects them into Redis: they used
+/// to be left to that rebuild, which need not touch Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_beside_a_running_rebuild_projects_its_entries_into_redis() {
+    let env = Env::new().await;
+    let mut a = EventScript::new("RPR-A");
+    env.send(
+        &[a.place(), a.sl("RPR-SL"), a.tp("RPR-TP")],
+        Encoding::Protobuf,
+    )
+    .await;
+    let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
+        .await
+        .expect("the rebuild lease");
+
+    let summary = replay(&env, &replay_config(&env)).await;
+    assert_eq!(summary.recorded, 3);
+    assert_eq!(summary.redis_entries, 3, "the replayed entries projected");
+    for id in ["RPR-A", "RPR-SL", "RPR-TP"] {
+        assert_eq!(
+            env.redis
+                .get(&format!("global_order_lookup:{id}"))
+                .await
+                .as_deref(),
+            Some("RPR-A"),
+            "{id}"
+        );
+    }
+    common::assert_projections_match_log(&env.db, &env.redis).await;
+    lease.release().await.expect("release the lease");
+    env.cleanup().await;
+}
+
 /// Replaying over a healthy store changes nothing, and leaves the live
 /// consumer (its group, its stored offsets) alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

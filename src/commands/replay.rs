@@ -282,9 +282,15 @@ pub async fn replay(
                         .await?
                         .events;
             }
-            // The running rebuild re-projects Redis from this log anyway.
+            // Another rebuild is running, maybe of MySQL only, maybe past
+            // the log's end when it started: the entries replayed are
+            // projected as a live `run`'s follower projects them, beside it.
             Err(RebuildError::Busy) => {
-                tracing::warn!("a rebuild is running; Redis is left to it to re-project")
+                tracing::warn!(
+                    "a rebuild is running; the replayed entries are projected into Redis beside it"
+                );
+                summary.redis_entries =
+                    rebuild::catch_up_to_head(store, redis, "project the replayed entries").await?;
             }
             Err(e) => return Err(e.into()),
         }
