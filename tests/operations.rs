@@ -580,6 +580,57 @@ async fn a_last_page_that_deadlocks_after_deciding_is_applied_again() {
     db.drop().await;
 }
 
+/// A provider's confirmation for a legacy stop-loss reaches a live `run`
+/// before the import binds the id, and is parked: the page that binds the
+/// id releases it. It used to stay parked (`run` looks again only at what
+/// was parked in the last minute) and be dead-lettered at its park timeout
+/// as `unknown_lifecycle_id`, its id bound: a lost execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_parked_for_an_imported_id_is_released_by_the_import() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    create_legacy_tables(&db).await;
+    let stop_loss = [None, None, None, Some("SL-LEGACY-1"), None, None, None];
+    insert_legacy(
+        &db,
+        "live_user_orders",
+        &[("30000201", [None; 7]), ("30000202", stop_loss)],
+    )
+    .await;
+    let confirmation = EventScript::new("30000202").confirm("SL-LEGACY-1", "EXECUTED");
+    let pipeline = PipelineConfig {
+        offsets_group: None,
+        park_timeout: Duration::from_secs(300),
+        max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
+        schema_ids: Vec::new(),
+    };
+    let messages = common::inbound_messages("confirmations", 0, [(&confirmation, Encoding::Json)]);
+    let parked = process_batch(&db.store, &pipeline, &messages)
+        .await
+        .expect("the confirmation's batch");
+    assert_eq!(parked.parked, 1, "the confirmation waits for its id");
+
+    let (ok, out, err) = order_lifecycle(&db, &redis, &["import-legacy", "--batch-size", "1"]);
+    assert!(ok, "import-legacy failed:\n{out}\n{err}");
+    assert!(
+        out.contains("parked events released (they waited for an imported id): 1"),
+        "{out}"
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    let (order, id_type, status, _) = &db.rows().await["SL-LEGACY-1"];
+    assert_eq!(
+        (order.as_str(), id_type.as_str(), status.as_str()),
+        ("30000202", "stoploss_id", "executed"),
+        "the execution is applied"
+    );
+    common::assert_projections_match_log(&db, &redis).await;
+    let (ok, out, _) = order_lifecycle(&db, &redis, &["verify"]);
+    assert!(ok, "{out}");
+    redis.cleanup().await;
+    db.drop().await;
+}
+
 /// A test database whose legacy live orders table holds `orders`, with no
 /// ids but their own.
 async fn legacy_orders(orders: &[&str]) -> (TestDb, TestRedis) {

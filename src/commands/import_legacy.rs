@@ -26,6 +26,8 @@
 //!   of the same run are the exception: the first page's ids are not kept).
 //! - Redis follows the log during the import (`run`'s follower) and is at the
 //!   log's head when the import ends.
+//! - Events parked for an id the import binds are released by the page that
+//!   binds it (see [`release_parked_for`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,24 +36,28 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use sqlx::MySqlPool;
 
-use crate::config::{parse_batch_size, DatabaseConfig, LegacyTables, RedisConfig, SecretUrl};
+use crate::config::{
+    parse_batch_size, DatabaseConfig, LegacyTables, ParkingConfig, RedisConfig, SecretUrl,
+};
 use crate::domain::{
     EventId, EventKind, IdType, LegacyIdImported, LifecycleBook, LifecycleId, OrderEvent, OrderId,
     Rejection, UserType, IMPORT_EVENT_ID_PREFIX,
 };
-use crate::ingest::pipeline::{append_events, load_book, write_rows, RowsOf};
+use crate::ingest::pipeline::{
+    append_events, load_book, release_stranded, write_rows, PipelineConfig, RowsOf,
+};
 use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Handoff};
-use crate::retry::{RetryPolicy, Retryable};
+use crate::retry::{for_a_command, RetryPolicy, Retryable};
 use crate::shutdown::Shutdown;
 use crate::store::event_log;
 use crate::store::leadership::Leadership;
 use crate::store::lease::Lease;
 use crate::store::legacy::{self, LegacyRow};
 use crate::store::redis_projection::{RedisError, RedisProjection};
-use crate::store::{id_projection, Store, StoreError};
+use crate::store::{id_projection, parked, Store, StoreError};
 use crate::telemetry;
 use crate::wire;
 
@@ -98,6 +104,10 @@ pub struct ImportConfig {
     /// Conflicts and errors listed one by one (all are counted).
     #[arg(long, default_value_t = 20)]
     pub show: usize,
+    /// For the events parked for an imported id, which the import
+    /// releases (see [`release_parked_for`]): as `run` is set.
+    #[command(flatten)]
+    pub parking: ParkingConfig,
 }
 
 /// An id that could not be imported because it is bound elsewhere.
@@ -137,6 +147,9 @@ pub struct ImportSummary {
     /// The first `--show` conflicts and errors.
     pub conflict_examples: Vec<Conflict>,
     pub error_examples: Vec<RejectedValue>,
+    /// Events that waited in the parking lot for an id the import bound,
+    /// released (applied, or dead-lettered if refused).
+    pub parked_released: u64,
     /// Log entries projected into Redis at the end.
     pub redis_entries: u64,
     pub seconds: f64,
@@ -243,6 +256,13 @@ pub fn report(s: &ImportSummary, dry_run: bool) -> String {
         grouped(s.conflicts),
         grouped(s.errors)
     );
+    if s.parked_released > 0 {
+        let _ = writeln!(
+            out,
+            "  parked events released (they waited for an imported id): {}",
+            grouped(s.parked_released)
+        );
+    }
     for c in &s.conflict_examples {
         let _ = writeln!(
             out,
@@ -406,7 +426,7 @@ async fn import_pages(
             let (page, before) = PageInFlight::start(store, events, config, ahead.take());
             if let Some((task, events)) = before {
                 match ended(task).await {
-                    Ok(done) => summary.absorb(done, config.show),
+                    Ok(done) => landed(store, config, summary, done, &events).await?,
                     Err(failure) => {
                         // This page, behind it, stops at its wait without
                         // writing: both again, in order.
@@ -416,9 +436,9 @@ async fn import_pages(
                             Ok(_) => "the page ahead of it failed".to_owned(),
                         };
                         let done = apply_again(store, &events, config, why).await?;
-                        summary.absorb(done, config.show);
+                        landed(store, config, summary, done, &events).await?;
                         let done = apply_again(store, &page.events, config, why_behind).await?;
-                        summary.absorb(done, config.show);
+                        landed(store, config, summary, done, &page.events).await?;
                         progress.add(rows.len() as u64);
                         continue;
                     }
@@ -428,7 +448,8 @@ async fn import_pages(
                 Ok(decided) => ahead = Some(decided),
                 Err((failure, events)) => {
                     let why = retried(failure, config)?;
-                    summary.absorb(apply_again(store, &events, config, why).await?, config.show);
+                    let done = apply_again(store, &events, config, why).await?;
+                    landed(store, config, summary, done, &events).await?;
                 }
             }
             progress.add(rows.len() as u64);
@@ -442,9 +463,75 @@ async fn import_pages(
                 apply_again(store, &last.events, config, why).await?
             }
         };
-        summary.absorb(done, config.show);
+        landed(store, config, summary, done, &last.events).await?;
     }
     Ok(())
+}
+
+/// A page is committed (or, in a dry run, rolled back): its counts join the
+/// summary, and the events parked for the ids it bound are released.
+async fn landed(
+    store: &Store,
+    config: &ImportConfig,
+    summary: &mut ImportSummary,
+    done: ImportSummary,
+    events: &PageEvents,
+) -> Result<(), ImportFailure> {
+    summary.absorb(done, config.show);
+    if !config.dry_run {
+        summary.parked_released += release_parked_for(store, config, events).await?;
+    }
+    Ok(())
+}
+
+/// Releases the events parked for ids a committed page bound: say a
+/// provider's confirmation for a legacy stop-loss, which a live `run`
+/// parked because the import had not reached its order yet. Nothing else
+/// would: `run` releases what its own batches bind, and looks again only
+/// at what was parked in the last minute (`StrandedWindow`), so it would be
+/// dead-lettered at its park timeout as `unknown_lifecycle_id`, its id
+/// bound: the very loss this service exists to prevent. Released as `run`
+/// releases stranded events (applied in the order they were parked, or
+/// dead-lettered if refused), from the oldest row waiting for one of the
+/// page's ids; a lookup by the parking lot's index costs a page a few
+/// milliseconds when nothing waits. Returns how many were released.
+async fn release_parked_for(
+    store: &Store,
+    config: &ImportConfig,
+    events: &PageEvents,
+) -> Result<u64, ImportFailure> {
+    let ids: Vec<LifecycleId> = events
+        .iter()
+        .flat_map(|(e, _)| e.issued_ids())
+        .map(|(id, _)| id)
+        .collect();
+    let first = for_a_command("import-legacy: parked events", PAGE_PATIENCE, || {
+        parked::first_awaiting(store.pool(), &ids)
+    })
+    .await?;
+    let Some(first) = first else {
+        return Ok(0);
+    };
+    let pipeline = PipelineConfig {
+        offsets_group: None,
+        park_timeout: config.parking.park_timeout,
+        max_parked: config.parking.max_parked,
+        // Parked events are kept decoded: no message is decoded here.
+        schema_ids: Vec::new(),
+    };
+    let mut released = 0;
+    loop {
+        let round = for_a_command(
+            "import-legacy: releasing parked events",
+            PAGE_PATIENCE,
+            || release_stranded(store, &pipeline, first - 1),
+        )
+        .await?;
+        if round.unparked == 0 {
+            return Ok(released);
+        }
+        released += round.unparked as u64;
+    }
 }
 
 /// Why a failed page is applied again (its error, for the log), or the

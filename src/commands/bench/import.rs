@@ -66,6 +66,7 @@ async fn measure(config: &ImportBenchConfig, scratch: &Scratch) -> anyhow::Resul
         batch_size: config.batch_size,
         dry_run: false,
         show: 0,
+        parking: Default::default(),
     };
     let redis = scratch.projection().await?;
     super::reset_peak_memory();
