@@ -471,6 +471,42 @@ async fn processes_starting_at_once_on_a_new_database_all_migrate_it() {
     TestDb::drop_by_name(&name).await;
 }
 
+/// A migration a process was killed in the middle of (sqlx records it
+/// before its statements, as MySQL commits each DDL statement on its own):
+/// every command refuses the database with an error that names the file
+/// and the fix; once the operator marks it done, migrations go on.
+#[tokio::test]
+async fn a_migration_interrupted_part_way_is_named_with_its_fix() {
+    let db = TestDb::new().await;
+    let interrupted = "UPDATE _sqlx_migrations SET success = 0 WHERE version = 20261128000009";
+    sqlx::query(interrupted)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let refused = db
+        .store
+        .migrate()
+        .await
+        .expect_err("an interrupted migration");
+    let message = refused.to_string();
+    assert!(
+        message.contains("migrations/20261128000009_dense_log_positions.sql")
+            && message.contains("interrupted part-way")
+            && message
+                .contains("UPDATE _sqlx_migrations SET success = 1 WHERE version = 20261128000009"),
+        "{message}"
+    );
+    sqlx::query("UPDATE _sqlx_migrations SET success = 1 WHERE version = 20261128000009")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    db.store
+        .migrate()
+        .await
+        .expect("migrations go on once it is marked done");
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn the_event_log_refuses_updates_and_deletes() {
     let db = TestDb::new().await;

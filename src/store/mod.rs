@@ -123,6 +123,18 @@ pub enum StoreError {
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A migration started and never finished: a process applying it
+    /// stopped part-way (killed, or the server restarted). MySQL commits
+    /// each DDL statement on its own, so sqlx records a migration before its
+    /// statements and marks it done after them; some of them may have run.
+    /// Every command refuses the database until an operator finishes it.
+    #[error(
+        "migration {version} (migrations/{version}_{description}.sql) was interrupted part-way: \
+         some of its statements may have run. Compare the file with the schema (SHOW CREATE \
+         TABLE), run the statements that did not, then mark it done: UPDATE _sqlx_migrations \
+         SET success = 1 WHERE version = {version} (README: \"A migration interrupted part-way\")"
+    )]
+    MigrationInterrupted { version: i64, description: String },
     /// The server refused this service's connection: TLS (a CA that does
     /// not match, a server without TLS under `ssl-mode=required`) or the
     /// login (1045, 1044, 1698). A configuration mistake: no retry helps.
@@ -380,8 +392,19 @@ impl Store {
         .await?;
         let migrated = MIGRATOR.run(&self.pool).await;
         lease.end().await;
-        migrated?;
-        Ok(())
+        match migrated {
+            Err(sqlx::migrate::MigrateError::Dirty(version)) => {
+                Err(StoreError::MigrationInterrupted {
+                    version,
+                    description: MIGRATOR
+                        .iter()
+                        .find(|m| m.version == version)
+                        .map(|m| m.description.replace(' ', "_"))
+                        .unwrap_or_default(),
+                })
+            }
+            migrated => Ok(migrated?),
+        }
     }
 
     /// Whether the database answers a trivial query (readiness).
