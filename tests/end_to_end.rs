@@ -692,17 +692,17 @@ async fn rebuild_while_consuming_never_loses_a_resolution() {
     let second = stream(42, 150);
     let sending = env.send_many(&second);
     let rebuilding = async {
-        let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
+        let mut lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&env.db.store)
             .await
             .expect("the rebuild lease");
-        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&env.db.store, &lease)
+        let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&env.db.store, &mut lease)
             .await
             .unwrap();
         let projection = env.redis.projection().await;
         let redis = order_lifecycle::projection::rebuild::rebuild_redis(
             &env.db.store,
             &projection,
-            &lease,
+            &mut lease,
             UnexplainedKeys::Keep,
         )
         .await

@@ -844,10 +844,10 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
     let keys = redis.snapshot().await;
     assert!(rows.len() > 500, "{} rows", rows.len());
 
-    let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+    let mut lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
         .await
         .expect("the rebuild lease");
-    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &lease)
+    let mysql = order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &mut lease)
         .await
         .unwrap();
     assert_eq!(mysql.rows as usize, rows.len());
@@ -855,7 +855,7 @@ async fn rebuild_reproduces_the_incremental_projection_exactly() {
     let redis_summary = order_lifecycle::projection::rebuild::rebuild_redis(
         &db.store,
         &projection,
-        &lease,
+        &mut lease,
         UnexplainedKeys::Keep,
     )
     .await
@@ -925,10 +925,10 @@ async fn rebuild_repairs_a_corrupted_projection() {
     assert_ne!(db.full_rows().await, rows);
     assert_ne!(redis.snapshot().await, keys);
 
-    let lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
+    let mut lease = order_lifecycle::projection::rebuild::RebuildLease::acquire(&db.store)
         .await
         .expect("the rebuild lease");
-    order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &lease)
+    order_lifecycle::projection::rebuild::rebuild_mysql(&db.store, &mut lease)
         .await
         .unwrap();
     // By default the lookup key no id accounts for is kept (it may be the
@@ -936,7 +936,7 @@ async fn rebuild_repairs_a_corrupted_projection() {
     let summary = order_lifecycle::projection::rebuild::rebuild_redis(
         &db.store,
         &projection,
-        &lease,
+        &mut lease,
         UnexplainedKeys::Keep,
     )
     .await
@@ -954,7 +954,7 @@ async fn rebuild_repairs_a_corrupted_projection() {
     let summary = order_lifecycle::projection::rebuild::rebuild_redis(
         &db.store,
         &projection,
-        &lease,
+        &mut lease,
         UnexplainedKeys::Remove,
     )
     .await
@@ -1139,6 +1139,56 @@ async fn topic_events_with_the_import_event_id_prefix_are_refused() {
     db.drop().await;
 }
 
+/// A rebuild whose lease's database session closed (a server restart, a
+/// network cut, an idle limit: another rebuild may hold the lease now and
+/// be filling the same shadow table from the start) replaces nothing; the
+/// next rebuild does.
+#[tokio::test]
+async fn a_rebuild_that_lost_its_lease_replaces_nothing() {
+    use order_lifecycle::projection::rebuild::{rebuild_mysql, RebuildError, RebuildLease};
+
+    let db = TestDb::new().await;
+    let cfg = config(Duration::from_secs(60));
+    let mut s = EventScript::new("LL1");
+    process_batch(
+        &db.store,
+        &cfg,
+        &messages("o", 0, &[s.place(), s.sl("LL1-SL")]),
+    )
+    .await
+    .unwrap();
+    // A mark the rebuild does not write: gone once the table is replaced.
+    let marked = "SELECT COUNT(*) FROM order_lifecycle_ids WHERE notes = 'live table'";
+    sqlx::query("UPDATE order_lifecycle_ids SET notes = 'live table'")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+
+    let mut lease = RebuildLease::acquire(&db.store).await.unwrap();
+    let holder: i64 = sqlx::query_scalar(
+        "SELECT IS_USED_LOCK(CONCAT('order_lifecycle_rebuild', ':', MD5(DATABASE())))",
+    )
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    sqlx::query(&format!("KILL {holder}"))
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let lost = rebuild_mysql(&db.store, &mut lease).await;
+    assert!(matches!(lost, Err(RebuildError::LeaseLost)), "{lost:?}");
+    assert_eq!(db.count(marked).await, 2, "the live table is untouched");
+
+    let mut next = RebuildLease::acquire(&db.store)
+        .await
+        .expect("the lease is free again");
+    rebuild_mysql(&db.store, &mut next)
+        .await
+        .expect("the next rebuild");
+    assert_eq!(db.count(marked).await, 0, "the table is replaced");
+    db.drop().await;
+}
+
 /// A long transaction reading `order_lifecycle_ids` during a rebuild's swap
 /// holds the table's metadata lock: the swap gives up after a bounded wait
 /// (the live table untouched), so ingestion, which waits for the swap,
@@ -1172,9 +1222,9 @@ async fn a_long_reader_during_the_swap_delays_ingestion_by_seconds_only() {
         .await
         .unwrap();
 
-    let lease = RebuildLease::acquire(&db.store).await.unwrap();
+    let mut lease = RebuildLease::acquire(&db.store).await.unwrap();
     let started = std::time::Instant::now();
-    let blocked = rebuild_mysql(&db.store, &lease).await;
+    let blocked = rebuild_mysql(&db.store, &mut lease).await;
     let waited = started.elapsed();
     assert!(
         matches!(blocked, Err(RebuildError::SwapBlocked { .. })),
@@ -1191,7 +1241,7 @@ async fn a_long_reader_during_the_swap_delays_ingestion_by_seconds_only() {
         .expect("a batch after the swap gave up");
 
     sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
-    rebuild_mysql(&db.store, &lease)
+    rebuild_mysql(&db.store, &mut lease)
         .await
         .expect("the rebuild, reader gone");
     assert_eq!(db.rows().await.len(), before.len() + 1);

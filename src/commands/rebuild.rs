@@ -65,9 +65,9 @@ pub async fn run_command(config: RebuildConfig) -> Result<std::process::ExitCode
 pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
     let store = Store::connect(&config.database.url, 4).await?;
     store.migrate().await?;
-    let lease = RebuildLease::acquire(&store).await?;
+    let mut lease = RebuildLease::acquire(&store).await?;
     if matches!(config.target, Target::Mysql | Target::All) {
-        let s = rebuild_mysql(&store, &lease).await?;
+        let s = rebuild_mysql(&store, &mut lease).await?;
         println!(
             "rebuild mysql: {} events, {} orders, {} rows in {:.1} s ({:.0} events/s)",
             s.events,
@@ -80,7 +80,7 @@ pub async fn run(config: RebuildConfig) -> Result<(), RebuildError> {
     if matches!(config.target, Target::Redis | Target::All) {
         let redis = RedisProjection::connect_to(&config.redis).await?;
         let unexplained = UnexplainedKeys::removed_if(config.remove_unexplained_keys);
-        let s = rebuild_redis(&store, &redis, &lease, unexplained).await?;
+        let s = rebuild_redis(&store, &redis, &mut lease, unexplained).await?;
         println!(
             "rebuild redis: {} log entries re-projected, {} stale keys removed, {} unexplained \
              lookup keys kept, in {:.1} s ({:.0} events/s)",

@@ -276,9 +276,9 @@ pub async fn replay(
 
     if summary.recorded > 0 {
         match rebuild::RebuildLease::acquire(store).await {
-            Ok(lease) => {
+            Ok(mut lease) => {
                 summary.redis_entries =
-                    rebuild::rebuild_redis(store, redis, &lease, UnexplainedKeys::Keep)
+                    rebuild::rebuild_redis(store, redis, &mut lease, UnexplainedKeys::Keep)
                         .await?
                         .events;
             }

@@ -69,6 +69,13 @@ pub enum RebuildError {
          nothing was changed: run this one again once it has finished"
     )]
     Busy,
+    /// The lease's database session closed while the rebuild ran.
+    #[error(
+        "the rebuild lease was lost while the rebuild ran (its database session closed: a \
+         server restart, a network cut, or an idle limit); nothing was replaced, as another \
+         rebuild may hold it now: run the rebuild again"
+    )]
+    LeaseLost,
 }
 
 /// The rebuild lease: one rebuild at a time per database. Two at once would
@@ -79,7 +86,12 @@ pub enum RebuildError {
 #[derive(Debug)]
 pub struct RebuildLease {
     held: Lease,
+    /// When the lease's session was last asked (see `still_held`).
+    checked: Instant,
 }
+
+/// How often a rebuild asks the lease's session whether it still holds it.
+const LEASE_CHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// Longest wait of the swap for the live table's metadata lock: ingestion
 /// waits for the swap (it holds the projection lock), so a long reader of
@@ -102,8 +114,31 @@ impl RebuildLease {
     /// [`RebuildError::Busy`], or [`StoreError`] from the database.
     pub async fn acquire(store: &Store) -> Result<RebuildLease, RebuildError> {
         match Lease::try_acquire(store, REBUILD_LEASE).await? {
-            Some(lease) => Ok(RebuildLease { held: lease }),
+            Some(lease) => Ok(RebuildLease {
+                held: lease,
+                checked: Instant::now(),
+            }),
             None => Err(RebuildError::Busy),
+        }
+    }
+
+    /// Says whether the lease is still held, asking its session at most
+    /// every [`LEASE_CHECK_EVERY`] (unless `now`): a question also keeps the
+    /// session from idling past the server's `wait_timeout`, which would
+    /// end the lease in the middle of a long rebuild and let another one
+    /// fill the same shadow table.
+    ///
+    /// # Errors
+    /// [`RebuildError::LeaseLost`] once it is not.
+    async fn still_held(&mut self, now: bool) -> Result<(), RebuildError> {
+        if !now && self.checked.elapsed() < LEASE_CHECK_EVERY {
+            return Ok(());
+        }
+        self.checked = Instant::now();
+        if self.held.is_held().await {
+            Ok(())
+        } else {
+            Err(RebuildError::LeaseLost)
         }
     }
 
@@ -123,7 +158,7 @@ impl RebuildLease {
 /// [`StoreError`]; the live table is untouched unless the swap happened.
 pub async fn rebuild_mysql(
     store: &Store,
-    _lease: &RebuildLease,
+    lease: &mut RebuildLease,
 ) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
     let pool = store.pool();
@@ -136,6 +171,7 @@ pub async fn rebuild_mysql(
     let mut progress = Progress::new("rebuild mysql", "events", Some(head.max(0) as u64));
     let mut chunks = FoldedChunks::new(pool, head, MAX_ROWS_PER_STATEMENT);
     while let Some(chunk) = chunks.next_chunk().await? {
+        lease.still_held(false).await?;
         summary.rows += write(&mut conn, SHADOW, &chunk).await?;
         summary.orders += chunk.len() as u64;
         progress.add(chunks.entries_read - summary.events);
@@ -152,6 +188,11 @@ pub async fn rebuild_mysql(
     let mut lock = pool.begin().await?;
     id_projection::exclusive_projection_lock(&mut lock).await?;
     refold_recent(store, &mut conn, SHADOW, first_pass).await?;
+    // The shadow is this rebuild's alone only while the lease is held.
+    if let Err(lost) = lease.still_held(true).await {
+        lock.rollback().await?;
+        return Err(lost);
+    }
     match id_projection::swap_in_shadow(&mut conn, SWAP_LOCK_WAIT).await {
         Ok(()) => {}
         Err(e) if e.is_lock_wait_timeout() => {
@@ -203,11 +244,12 @@ async fn refold_recent(
 pub async fn rebuild_redis(
     store: &Store,
     redis: &RedisProjection,
-    _lease: &RebuildLease,
+    lease: &mut RebuildLease,
     unexplained: UnexplainedKeys,
 ) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
     let mut summary = RebuildSummary::default();
+    lease.still_held(true).await?;
     redis_follower::reset(store, redis).await?;
     summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
     let stale = remove_stale_keys(store, redis, unexplained).await?;

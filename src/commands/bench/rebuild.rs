@@ -83,8 +83,8 @@ async fn measure(
         "bench-rebuild: generated {written} log entries in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let lease = rebuild::RebuildLease::acquire(store).await?;
-    let mysql = rebuild::rebuild_mysql(store, &lease).await?;
+    let mut lease = rebuild::RebuildLease::acquire(store).await?;
+    let mysql = rebuild::rebuild_mysql(store, &mut lease).await?;
     println!(
         "bench-rebuild: mysql  {} events, {} orders, {} rows in {:.1} s = {:.0} events/s",
         mysql.events,
@@ -94,7 +94,7 @@ async fn measure(
         mysql.events as f64 / mysql.seconds
     );
     let redis = scratch.projection().await?;
-    let summary = rebuild::rebuild_redis(store, &redis, &lease, UnexplainedKeys::Keep).await?;
+    let summary = rebuild::rebuild_redis(store, &redis, &mut lease, UnexplainedKeys::Keep).await?;
     println!(
         "bench-rebuild: redis  {} events in {:.1} s = {:.0} events/s",
         summary.events,
