@@ -947,6 +947,32 @@ async fn a_replay_beside_a_running_rebuild_projects_its_entries_into_redis() {
     env.cleanup().await;
 }
 
+/// A replay that records nothing still projects a log that Redis does not
+/// follow: a replay killed before its Redis step, run again, finds every
+/// event logged (here: a Redis flushed with no `run` beside). It used to
+/// leave Redis as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_records_nothing_still_projects_a_log_redis_does_not_follow() {
+    let env = Env::new().await;
+    let mut a = EventScript::new("RPF-A");
+    env.send(&[a.place(), a.sl("RPF-SL")], Encoding::Protobuf)
+        .await;
+    let first = replay(&env, &replay_config(&env)).await;
+    assert_eq!((first.recorded, first.redis_entries), (2, 2));
+    env.redis.cleanup().await;
+    assert_eq!(env.redis.get("global_order_lookup:RPF-SL").await, None);
+
+    let again = replay(&env, &replay_config(&env)).await;
+    assert_eq!((again.recorded, again.duplicates), (0, 2));
+    assert_eq!(again.redis_entries, 2, "the log projected again");
+    assert_eq!(
+        env.redis.get("global_order_lookup:RPF-SL").await.as_deref(),
+        Some("RPF-A")
+    );
+    common::assert_projections_match_log(&env.db, &env.redis).await;
+    env.cleanup().await;
+}
+
 /// Replaying over a healthy store changes nothing, and leaves the live
 /// consumer (its group, its stored offsets) alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,11 +35,12 @@ use crate::ingest::pipeline::{process_batch, process_isolating, PipelineConfig};
 use crate::kafka;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
+use crate::projection::redis_follower::{self, Resume};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::stray_keys::UnexplainedKeys;
-use crate::store::{Store, StoreError};
+use crate::store::{event_log, Store, StoreError};
 use crate::wire::InboundMessage;
 
 /// Options of `replay`.
@@ -274,7 +275,15 @@ pub async fn replay(
         return Err(ReplayError::Stray(stray));
     }
 
-    if summary.recorded > 0 {
+    // Redis is re-projected whole when the replay changed the log, or when
+    // it does not follow this log: a replay killed before this point (or a
+    // flushed Redis with no `run` beside) and run again records nothing, and
+    // would leave Redis as it was. Following it, Redis is brought to the
+    // head (nothing to do when a `run` keeps it there).
+    if summary.recorded == 0 && follows_this_log(store, redis).await? {
+        summary.redis_entries =
+            rebuild::catch_up_to_head(store, redis, "project the log's last entries").await?;
+    } else {
         match rebuild::RebuildLease::acquire(store).await {
             Ok(mut lease) => {
                 summary.redis_entries =
@@ -297,6 +306,15 @@ pub async fn replay(
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Whether Redis's projection record names this log and, at its position,
+/// the entry it recorded (see `redis_follower::resume_point`).
+async fn follows_this_log(store: &Store, redis: &RedisProjection) -> Result<bool, ReplayError> {
+    let log = event_log::log_head(store.pool()).await?;
+    let at = redis.projected().await?;
+    let resume = redis_follower::resume_point(store, &log, at.as_ref()).await?;
+    Ok(matches!(resume, Resume::After(_)))
 }
 
 /// Every partition of the topics with the offset to start from:
