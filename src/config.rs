@@ -563,7 +563,8 @@ pub struct SchemaConfig {
 pub const DEFAULT_MAX_PARKED: u64 = 1_000_000;
 
 /// How events wait for an id not issued yet (rule R7): shared by `run`,
-/// `replay` and `redrive`, which park the same way.
+/// `replay`, `redrive` and `import-legacy` (for the events it releases),
+/// which park the same way.
 #[derive(Debug, Clone, Args)]
 pub struct ParkingConfig {
     /// How long an event waits for an id not issued yet (a confirmation that

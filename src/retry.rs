@@ -169,19 +169,26 @@ impl RetryPolicy {
     }
 }
 
+/// How long a one-off command (`import-legacy`, `replay`, `redrive`,
+/// `verify --repair`) retries a step that failed for a reason a retry may
+/// cure (a deadlock or lock wait with a live `run`, a lost connection),
+/// counted from the first retry, before it stops and tells its operator.
+/// An attempt itself may wait out a lock (10 s).
+pub const COMMAND_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Runs `attempt` until it succeeds, retrying transient failures for about
-/// `patience`: a one-off command's step, which no shutdown cuts short and
-/// whose operator is told the error after that.
+/// [`COMMAND_PATIENCE`]: a one-off command's step, which no shutdown cuts
+/// short and whose operator is told the error after that.
 ///
 /// # Errors
-/// The last error, when retrying cannot help or `patience` is spent.
-pub async fn for_a_command<T, E, F, Fut>(what: &str, patience: Duration, attempt: F) -> Result<T, E>
+/// The last error, when retrying cannot help or the patience is spent.
+pub async fn for_a_command<T, E, F, Fut>(what: &str, attempt: F) -> Result<T, E>
 where
     E: Retryable,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let done = RetryPolicy::for_about(patience)
+    let done = RetryPolicy::for_about(COMMAND_PATIENCE)
         .run(what, &mut Shutdown::never(), attempt)
         .await?;
     match done {

@@ -584,45 +584,72 @@ async fn a_last_page_that_deadlocks_after_deciding_is_applied_again() {
 /// before the import binds the id, and is parked: the page that binds the
 /// id releases it. It used to stay parked (`run` looks again only at what
 /// was parked in the last minute) and be dead-lettered at its park timeout
-/// as `unknown_lifecycle_id`, its id bound: a lost execution.
+/// as `unknown_lifecycle_id`, its id bound: a lost execution. So is a
+/// cancel of another legacy stop-loss, and, right after it, the
+/// confirmation that waited for the cancel's own id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_parked_for_an_imported_id_is_released_by_the_import() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     create_legacy_tables(&db).await;
-    let stop_loss = [None, None, None, Some("SL-LEGACY-1"), None, None, None];
+    let stop_loss = |id| [None, None, None, Some(id), None, None, None];
     insert_legacy(
         &db,
         "live_user_orders",
-        &[("30000201", [None; 7]), ("30000202", stop_loss)],
+        &[
+            ("30000201", [None; 7]),
+            ("30000202", stop_loss("SL-LEGACY-1")),
+            ("30000203", stop_loss("SL-LEGACY-2")),
+        ],
     )
     .await;
-    let confirmation = EventScript::new("30000202").confirm("SL-LEGACY-1", "EXECUTED");
+    let mut cancelled = EventScript::new("30000203");
+    let waiting = [
+        EventScript::new("30000202").confirm("SL-LEGACY-1", "EXECUTED"),
+        cancelled.cancel_sl("SLC-2", Some("SL-LEGACY-2")),
+        cancelled.confirm("SLC-2", "CANCELLED"),
+    ];
     let pipeline = PipelineConfig {
         offsets_group: None,
         park_timeout: Duration::from_secs(300),
         max_parked: order_lifecycle::ingest::pipeline::DEFAULT_MAX_PARKED,
         schema_ids: Vec::new(),
     };
-    let messages = common::inbound_messages("confirmations", 0, [(&confirmation, Encoding::Json)]);
+    let messages = common::inbound_messages(
+        "confirmations",
+        0,
+        waiting.iter().map(|e| (e, Encoding::Json)),
+    );
     let parked = process_batch(&db.store, &pipeline, &messages)
         .await
-        .expect("the confirmation's batch");
-    assert_eq!(parked.parked, 1, "the confirmation waits for its id");
+        .expect("the events' batch");
+    assert_eq!(parked.parked, 3, "each waits for its id");
 
     let (ok, out, err) = order_lifecycle(&db, &redis, &["import-legacy", "--batch-size", "1"]);
     assert!(ok, "import-legacy failed:\n{out}\n{err}");
     assert!(
-        out.contains("parked events released (they waited for an imported id): 1"),
+        out.contains("parked events released (they waited for an imported id): 3"),
         "{out}"
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM parked_events").await, 0);
     assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
-    let (order, id_type, status, _) = &db.rows().await["SL-LEGACY-1"];
+    let rows = db.rows().await;
+    let row = |id: &str| {
+        let (order, id_type, status, _) = &rows[id];
+        (order.clone(), id_type.clone(), status.clone())
+    };
+    let expected = |order: &str, id_type: &str, status: &str| {
+        (order.to_owned(), id_type.to_owned(), status.to_owned())
+    };
     assert_eq!(
-        (order.as_str(), id_type.as_str(), status.as_str()),
-        ("30000202", "stoploss_id", "executed"),
+        row("SL-LEGACY-1"),
+        expected("30000202", "stoploss_id", "executed"),
         "the execution is applied"
+    );
+    assert_eq!(
+        row("SLC-2"),
+        expected("30000203", "stoploss_cancel_id", "executed"),
+        "the cancel, then its confirmation"
     );
     common::assert_projections_match_log(&db, &redis).await;
     let (ok, out, _) = order_lifecycle(&db, &redis, &["verify"]);

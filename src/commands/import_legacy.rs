@@ -31,7 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use sqlx::MySqlPool;
@@ -44,20 +44,20 @@ use crate::domain::{
     Rejection, UserType, IMPORT_EVENT_ID_PREFIX,
 };
 use crate::ingest::pipeline::{
-    append_events, load_book, release_stranded, write_rows, PipelineConfig, RowsOf,
+    append_events, load_book, release_bound, write_rows, PipelineConfig, RowsOf,
 };
 use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Handoff};
-use crate::retry::{for_a_command, RetryPolicy, Retryable};
+use crate::retry::{for_a_command, RetryPolicy, Retryable, COMMAND_PATIENCE};
 use crate::shutdown::Shutdown;
 use crate::store::event_log;
 use crate::store::leadership::Leadership;
 use crate::store::lease::Lease;
 use crate::store::legacy::{self, LegacyRow};
 use crate::store::redis_projection::{RedisError, RedisProjection};
-use crate::store::{id_projection, parked, Store, StoreError};
+use crate::store::{id_projection, Store, StoreError};
 use crate::telemetry;
 use crate::wire;
 
@@ -190,6 +190,11 @@ pub enum ImportFailure {
     Redis(#[from] RedisError),
     #[error("projecting into Redis: {0}")]
     Rebuild(#[from] RebuildError),
+    /// Releasing the events parked for a committed page's ids failed (the
+    /// page stays committed; a rerun releases them, as it goes over the
+    /// same ids).
+    #[error("releasing the events parked for imported ids: {0}")]
+    ReleasingParked(#[source] StoreError),
     #[error("legacy table {table}: {problem}")]
     Table { table: String, problem: String },
     #[error("invalid setting: {0}")]
@@ -368,14 +373,6 @@ pub async fn import(
 /// The lease an import runs under (see [`import`]).
 const IMPORT_LEASE: &str = "order_lifecycle_import";
 
-/// How long a page that failed for a reason a retry may cure is applied
-/// again before the import stops with the error, as `replay` does with its
-/// batches: what `run`'s batches retry (a deadlock or a lock wait with
-/// another writer, a lost connection, a full disk, a revoked grant) and
-/// another writer's id bound meanwhile. Counted from the first retry; an
-/// attempt itself may wait out a lock (10 s).
-const PAGE_PATIENCE: Duration = Duration::from_secs(60);
-
 /// A page's events: shared with the task applying them, and kept until the
 /// page is committed, so that a page can be applied again.
 type PageEvents = Arc<Vec<(OrderEvent, IdType)>>;
@@ -487,14 +484,10 @@ async fn landed(
 /// Releases the events parked for ids a committed page bound: say a
 /// provider's confirmation for a legacy stop-loss, which a live `run`
 /// parked because the import had not reached its order yet. Nothing else
-/// would: `run` releases what its own batches bind, and looks again only
-/// at what was parked in the last minute (`StrandedWindow`), so it would be
-/// dead-lettered at its park timeout as `unknown_lifecycle_id`, its id
-/// bound: the very loss this service exists to prevent. Released as `run`
-/// releases stranded events (applied in the order they were parked, or
-/// dead-lettered if refused), from the oldest row waiting for one of the
-/// page's ids; a lookup by the parking lot's index costs a page a few
-/// milliseconds when nothing waits. Returns how many were released.
+/// would (see [`release_bound`]): it would be dead-lettered at its park
+/// timeout as `unknown_lifecycle_id`, its id bound, the very loss this
+/// service exists to prevent. A page with nothing waiting costs one look
+/// by the parking lot's index. Returns how many were released.
 async fn release_parked_for(
     store: &Store,
     config: &ImportConfig,
@@ -505,13 +498,6 @@ async fn release_parked_for(
         .flat_map(|(e, _)| e.issued_ids())
         .map(|(id, _)| id)
         .collect();
-    let first = for_a_command("import-legacy: parked events", PAGE_PATIENCE, || {
-        parked::first_awaiting(store.pool(), &ids)
-    })
-    .await?;
-    let Some(first) = first else {
-        return Ok(0);
-    };
     let pipeline = PipelineConfig {
         offsets_group: None,
         park_timeout: config.parking.park_timeout,
@@ -519,19 +505,12 @@ async fn release_parked_for(
         // Parked events are kept decoded: no message is decoded here.
         schema_ids: Vec::new(),
     };
-    let mut released = 0;
-    loop {
-        let round = for_a_command(
-            "import-legacy: releasing parked events",
-            PAGE_PATIENCE,
-            || release_stranded(store, &pipeline, first - 1),
-        )
-        .await?;
-        if round.unparked == 0 {
-            return Ok(released);
-        }
-        released += round.unparked as u64;
-    }
+    let released = for_a_command("import-legacy: releasing parked events", || {
+        release_bound(store, &pipeline, &ids)
+    })
+    .await
+    .map_err(ImportFailure::ReleasingParked)?;
+    Ok(released.unparked as u64)
 }
 
 /// Why a failed page is applied again (its error, for the log), or the
@@ -547,7 +526,9 @@ fn retried(failure: ImportFailure, config: &ImportConfig) -> Result<String, Impo
 }
 
 /// Applies a page's `events` again, alone (every page before it is
-/// committed), retrying transient failures for about [`PAGE_PATIENCE`].
+/// committed), retrying transient failures for about [`COMMAND_PATIENCE`]
+/// (a deadlock or a lock wait with another writer, a lost connection,
+/// another writer's id bound meanwhile).
 async fn apply_again(
     store: &Store,
     events: &PageEvents,
@@ -555,7 +536,7 @@ async fn apply_again(
     why: String,
 ) -> Result<ImportSummary, ImportFailure> {
     tracing::warn!(error = %why, "applying a page of the import again");
-    let applied = RetryPolicy::for_about(PAGE_PATIENCE)
+    let applied = RetryPolicy::for_about(COMMAND_PATIENCE)
         .run("import page", &mut Shutdown::never(), || {
             let (decided, _) = tokio::sync::oneshot::channel();
             let (committed, _) = tokio::sync::oneshot::channel();

@@ -6,13 +6,12 @@
 //! `redrive`. Redis follows through `run`'s follower, as for any batch.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use clap::Args;
 
 use crate::config::{DatabaseConfig, ParkingConfig, SchemaConfig};
 use crate::ingest::pipeline::{redrive, BatchOutcome, PipelineConfig, REDRIVE_BATCH};
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, COMMAND_PATIENCE};
 use crate::shutdown::Shutdown;
 use crate::store::dead_letters::{self, RedriveSelection};
 use crate::store::{Store, StoreError};
@@ -161,7 +160,7 @@ pub async fn redrive_all(
     let mut after = 0;
     let mut limit = REDRIVE_BATCH;
     loop {
-        let attempt = RetryPolicy::for_about(Duration::from_secs(60))
+        let attempt = RetryPolicy::for_about(COMMAND_PATIENCE)
             .run("redrive", &mut Shutdown::never(), || {
                 redrive(store, &pipeline, &selection, after, limit)
             })

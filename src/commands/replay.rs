@@ -36,7 +36,7 @@ use crate::kafka;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Resume};
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, COMMAND_PATIENCE};
 use crate::shutdown::Shutdown;
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::stray_keys::UnexplainedKeys;
@@ -443,7 +443,7 @@ async fn apply(
     // A one-off command: retried for about a minute, then the operator is
     // told (`run` waits for its database instead).
     let attempt = |messages| async move {
-        RetryPolicy::for_about(Duration::from_secs(60))
+        RetryPolicy::for_about(COMMAND_PATIENCE)
             .run("replay batch", &mut Shutdown::never(), || {
                 process_batch(store, pipeline, messages)
             })

@@ -206,21 +206,65 @@ pub async fn release_stranded(
                 let mut conn = store.pool().acquire().await?;
                 parked::stranded(&mut conn, after, STRANDED_ROUND).await?
             };
-            let mut merged = BatchOutcome::default();
-            for row in rows {
-                match release_stranded_rows(store, config, row.row_id - 1, 1).await {
-                    Ok(outcome) => merged.merge(outcome),
-                    Err(e) if e.is_refusal() => {
-                        tracing::error!(error = %e, row = row.row_id, "dead-lettering a parked event that cannot be applied");
-                        merged.merge(quarantine_parked(store, &row, &e).await?);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(merged)
+            release_one_at_a_time(store, config, rows).await
         }
         other => other,
     }
+}
+
+/// Applies the parked events waiting for `ids`, which another writer bound
+/// (an import's page), then those waiting for the ids they issue, as a
+/// batch releases what its own events issue ([`Release::Bound`]). Nothing
+/// else would release them: `run` releases what its own batches issue,
+/// and looks again only at the rows parked in the last minute
+/// ([`StrandedWindow`]).
+///
+/// A row the database or this version refuses is handled as in
+/// [`release_stranded`]: the rows are released one at a time, and the one
+/// refused is dead-lettered.
+///
+/// # Errors
+/// [`StoreError`]: transient, or the database refusing even the dead
+/// letter.
+pub async fn release_bound(
+    store: &Store,
+    config: &PipelineConfig,
+    ids: &[LifecycleId],
+) -> Result<BatchOutcome, StoreError> {
+    match run_batch(store, config, &[], Release::Bound(ids)).await {
+        Err(e) if e.is_refusal() => {
+            tracing::error!(error = %e, "a parked event was refused; releasing them one at a time");
+            let rows = {
+                let mut conn = store.pool().acquire().await?;
+                parked::awaiting(&mut conn, ids).await?
+            };
+            release_one_at_a_time(store, config, rows).await
+        }
+        other => other,
+    }
+}
+
+/// Releases `rows` (their awaited ids bound) one transaction each; a row
+/// refused is dead-lettered as `storage_rejected` and leaves the parking
+/// lot. A row another writer released meanwhile releases the next
+/// stranded one instead, which is as good.
+async fn release_one_at_a_time(
+    store: &Store,
+    config: &PipelineConfig,
+    rows: Vec<ParkedRow>,
+) -> Result<BatchOutcome, StoreError> {
+    let mut merged = BatchOutcome::default();
+    for row in rows {
+        match release_stranded_rows(store, config, row.row_id - 1, 1).await {
+            Ok(outcome) => merged.merge(outcome),
+            Err(e) if e.is_refusal() => {
+                tracing::error!(error = %e, row = row.row_id, "dead-lettering a parked event that cannot be applied");
+                merged.merge(quarantine_parked(store, &row, &e).await?);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(merged)
 }
 
 /// Stranded rows looked at in one round.
@@ -299,7 +343,7 @@ async fn run_batch(
     store: &Store,
     config: &PipelineConfig,
     messages: &[InboundMessage],
-    release: Release,
+    release: Release<'_>,
 ) -> Result<BatchOutcome, StoreError> {
     let tx = store.pool().begin().await?;
     run_batch_in(tx, config, messages, release, Turn::default())
@@ -359,7 +403,7 @@ async fn run_batch_in(
     mut tx: sqlx::Transaction<'static, MySql>,
     config: &PipelineConfig,
     messages: &[InboundMessage],
-    release: Release,
+    release: Release<'_>,
     turn: Turn<'_>,
 ) -> Result<Option<BatchOutcome>, StoreError> {
     let mut report = BatchOutcome {
@@ -388,7 +432,8 @@ async fn run_batch_in(
     id_projection::share_projection_lock(&mut tx).await?;
     let works = drop_seen(&mut tx, works, &mut report.duplicates).await?;
     let released_rows: Vec<(ParkedRow, OrderEvent)> = match release {
-        Release::IssuedByBatch => load_releasable(&mut tx, &works).await?,
+        Release::IssuedByBatch => load_releasable(&mut tx, issued_by(&works)).await?,
+        Release::Bound(ids) => load_releasable(&mut tx, ids.to_vec()).await?,
         Release::Stranded { after, limit } => parked::stranded(&mut tx, after, limit)
             .await?
             .into_iter()
@@ -786,18 +831,16 @@ pub async fn record_poison(
     Ok(report)
 }
 
-/// Parked rows waiting for an id the batch issues, and, transitively, for
-/// ids those parked events issue (a parked cancel issues its cancel id, for
-/// which a confirmation may be parked too).
+/// Parked rows waiting for one of `ids` (those the batch issues, or those
+/// another writer bound), and, transitively, for ids those parked events
+/// issue (a parked cancel issues its cancel id, for which a confirmation
+/// may be parked too).
 async fn load_releasable(
     conn: &mut MySqlConnection,
-    works: &[Work<'_>],
+    ids: Vec<LifecycleId>,
 ) -> Result<Vec<(ParkedRow, OrderEvent)>, StoreError> {
     let mut asked: HashSet<LifecycleId> = HashSet::new();
-    let mut next: Vec<LifecycleId> = works
-        .iter()
-        .flat_map(|w| w.event.issued_ids().into_iter().map(|(id, _)| id))
-        .collect();
+    let mut next = ids;
     let mut released = Vec::new();
     while !next.is_empty() {
         next.retain(|id| asked.insert(id.clone()));
@@ -811,6 +854,14 @@ async fn load_releasable(
     }
     released.sort_by_key(|(r, _)| r.row_id);
     Ok(released)
+}
+
+/// The ids `works` issue.
+fn issued_by(works: &[Work<'_>]) -> Vec<LifecycleId> {
+    works
+        .iter()
+        .flat_map(|w| w.event.issued_ids().into_iter().map(|(id, _)| id))
+        .collect()
 }
 
 /// A parked row with its event decoded (it was encoded by this service, so

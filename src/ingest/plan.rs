@@ -6,7 +6,7 @@
 //! loads before and writes after, and the tests below call it with no
 //! database.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::domain::{
     LifecycleBook, LifecycleId, OrderEvent, OrderId, Recorded, Rejection, Transition,
@@ -51,13 +51,17 @@ impl<'m> Work<'m> {
 
 /// Which parked events a batch looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Release {
+pub enum Release<'a> {
     /// Those waiting for ids the batch's own events issue: each is applied
     /// right after the event that issues its id.
     IssuedByBatch,
     /// Up to `limit` of those after row `after` whose awaited id is already
     /// bound: applied first (see `pipeline::release_stranded`).
     Stranded { after: i64, limit: u32 },
+    /// Those waiting for these ids, which another writer bound (an import's
+    /// page): applied first; then those waiting for ids they issue, each
+    /// right after its issuer (see `pipeline::release_bound`).
+    Bound(&'a [LifecycleId]),
 }
 
 /// Applied events as the log and the read model take them: the core that
@@ -103,27 +107,34 @@ pub struct BatchPlan<'m> {
 ///
 /// With [`Release::IssuedByBatch`], a released event waits inside the batch
 /// for the event that issues its id and is applied right after it; with
-/// [`Release::Stranded`] its id is bound already and it goes first. An event
+/// [`Release::Stranded`] its id is bound already and it goes first; with
+/// [`Release::Bound`], so do those waiting for the ids named, and the
+/// others wait for their issuer. An event
 /// naming an id nobody issued yet waits too: parked if new, left (or
 /// re-pointed) if it came from the parking lot.
 pub fn decide<'m>(
     book: &mut LifecycleBook,
     works: Vec<Work<'m>>,
     released: Vec<Work<'m>>,
-    release: Release,
+    release: Release<'_>,
 ) -> BatchPlan<'m> {
     let mut plan = BatchPlan::default();
     let mut waiting: HashMap<LifecycleId, VecDeque<Work<'m>>> = HashMap::new();
     let mut first: Vec<Work<'m>> = Vec::new();
+    let bound: HashSet<&LifecycleId> = match release {
+        Release::Bound(ids) => ids.iter().collect(),
+        Release::IssuedByBatch | Release::Stranded { .. } => HashSet::new(),
+    };
     for work in released {
+        let awaited = work.awaited.clone().unwrap_or_else(|| {
+            unreachable!("released work comes from a parked row, which names its id")
+        });
         match release {
-            Release::IssuedByBatch => {
-                let awaited = work.awaited.clone().unwrap_or_else(|| {
-                    unreachable!("released work comes from a parked row, which names its id")
-                });
+            Release::Stranded { .. } => first.push(work),
+            Release::Bound(_) if bound.contains(&awaited) => first.push(work),
+            Release::IssuedByBatch | Release::Bound(_) => {
                 waiting.entry(awaited).or_default().push_back(work);
             }
-            Release::Stranded { .. } => first.push(work),
         }
     }
     for work in first.into_iter().chain(works) {

@@ -86,7 +86,7 @@ pub enum RebuildError {
 #[derive(Debug)]
 pub struct RebuildLease {
     held: Lease,
-    /// When the lease's session was last asked (see `still_held`).
+    /// When the lease's session was last asked (see `check_if_due`).
     checked: Instant,
 }
 
@@ -122,18 +122,26 @@ impl RebuildLease {
         }
     }
 
-    /// Says whether the lease is still held, asking its session at most
-    /// every [`LEASE_CHECK_EVERY`] (unless `now`): a question also keeps the
-    /// session from idling past the server's `wait_timeout`, which would
-    /// end the lease in the middle of a long rebuild and let another one
-    /// fill the same shadow table.
+    /// [`RebuildLease::check_now`] once [`LEASE_CHECK_EVERY`] has passed
+    /// since the last check: asked that often, the lease's session also
+    /// never idles past the server's `wait_timeout`, which would end the
+    /// lease in the middle of a long rebuild and let another one fill the
+    /// same shadow table.
     ///
     /// # Errors
-    /// [`RebuildError::LeaseLost`] once it is not.
-    async fn still_held(&mut self, now: bool) -> Result<(), RebuildError> {
-        if !now && self.checked.elapsed() < LEASE_CHECK_EVERY {
+    /// [`RebuildError::LeaseLost`].
+    async fn check_if_due(&mut self) -> Result<(), RebuildError> {
+        if self.checked.elapsed() < LEASE_CHECK_EVERY {
             return Ok(());
         }
+        self.check_now().await
+    }
+
+    /// Asks the lease's session whether it still holds the lease.
+    ///
+    /// # Errors
+    /// [`RebuildError::LeaseLost`] when it does not.
+    async fn check_now(&mut self) -> Result<(), RebuildError> {
         self.checked = Instant::now();
         if self.held.is_held().await {
             Ok(())
@@ -171,7 +179,7 @@ pub async fn rebuild_mysql(
     let mut progress = Progress::new("rebuild mysql", "events", Some(head.max(0) as u64));
     let mut chunks = FoldedChunks::new(pool, head, MAX_ROWS_PER_STATEMENT);
     while let Some(chunk) = chunks.next_chunk().await? {
-        lease.still_held(false).await?;
+        lease.check_if_due().await?;
         summary.rows += write(&mut conn, SHADOW, &chunk).await?;
         summary.orders += chunk.len() as u64;
         progress.add(chunks.entries_read - summary.events);
@@ -189,7 +197,7 @@ pub async fn rebuild_mysql(
     id_projection::exclusive_projection_lock(&mut lock).await?;
     refold_recent(store, &mut conn, SHADOW, first_pass).await?;
     // The shadow is this rebuild's alone only while the lease is held.
-    if let Err(lost) = lease.still_held(true).await {
+    if let Err(lost) = lease.check_now().await {
         lock.rollback().await?;
         return Err(lost);
     }
@@ -249,7 +257,7 @@ pub async fn rebuild_redis(
 ) -> Result<RebuildSummary, RebuildError> {
     let started = Instant::now();
     let mut summary = RebuildSummary::default();
-    lease.still_held(true).await?;
+    lease.check_now().await?;
     redis_follower::reset(store, redis).await?;
     summary.events = catch_up_to_head(store, redis, "rebuild redis").await?;
     let stale = remove_stale_keys(store, redis, unexplained).await?;

@@ -129,12 +129,16 @@ pub enum StoreError {
     /// statements and marks it done after them; some of them may have run.
     /// Every command refuses the database until an operator finishes it.
     #[error(
-        "migration {version} (migrations/{version}_{description}.sql) was interrupted part-way: \
-         some of its statements may have run. Compare the file with the schema (SHOW CREATE \
-         TABLE), run the statements that did not, then mark it done: UPDATE _sqlx_migrations \
-         SET success = 1 WHERE version = {version} (README: \"A migration interrupted part-way\")"
+        "migration {version} ({file}) was interrupted part-way: some of its statements may have \
+         run. Compare the file with the schema (SHOW CREATE TABLE), run the statements that did \
+         not, then mark it done: UPDATE _sqlx_migrations SET success = 1 WHERE version = \
+         {version} (README: \"A migration interrupted part-way\")"
     )]
-    MigrationInterrupted { version: i64, description: String },
+    MigrationInterrupted {
+        version: i64,
+        /// Its file, or what to look for when this version has none.
+        file: String,
+    },
     /// The server refused this service's connection: TLS (a CA that does
     /// not match, a server without TLS under `ssl-mode=required`) or the
     /// login (1045, 1044, 1698). A configuration mistake: no retry helps.
@@ -381,8 +385,10 @@ impl Store {
     /// per database (a [`lease::Lease`]), is waited for.
     ///
     /// # Errors
-    /// [`StoreError::Migrate`] when a migration fails or was changed after
-    /// being applied; [`StoreError`] when the lease cannot be asked for.
+    /// [`StoreError::MigrationInterrupted`] when a migration was left
+    /// unfinished; [`StoreError::Migrate`] when a migration fails or was
+    /// changed after being applied; [`StoreError`] when the lease cannot be
+    /// asked for.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let lease = lease::Lease::acquire(
             self,
@@ -394,14 +400,16 @@ impl Store {
         lease.end().await;
         match migrated {
             Err(sqlx::migrate::MigrateError::Dirty(version)) => {
-                Err(StoreError::MigrationInterrupted {
-                    version,
-                    description: MIGRATOR
-                        .iter()
-                        .find(|m| m.version == version)
-                        .map(|m| m.description.replace(' ', "_"))
-                        .unwrap_or_default(),
-                })
+                let file = match MIGRATOR.iter().find(|m| m.version == version) {
+                    Some(m) => format!(
+                        "migrations/{version}_{}.sql",
+                        m.description.replace(' ', "_")
+                    ),
+                    None => "a migration this version does not have: see the release that \
+                             applied it"
+                        .to_owned(),
+                };
+                Err(StoreError::MigrationInterrupted { version, file })
             }
             migrated => Ok(migrated?),
         }

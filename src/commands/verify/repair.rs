@@ -1,7 +1,5 @@
 //! `verify --repair`: re-projects what the checks found wrong.
 
-use std::time::Duration;
-
 use super::checks::Findings;
 use super::{Repaired, VerifyError};
 use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
@@ -11,12 +9,6 @@ use crate::store::fold;
 use crate::store::redis_projection::RedisProjection;
 use crate::store::stray_keys::{remove_stray, UnexplainedKeys};
 use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
-
-/// How long a step of the repair (one transaction) is tried again after a
-/// transient failure before `verify` gives up (exit 2): beside a live
-/// `run`, a chunk can deadlock with a batch (InnoDB rolls one back) or wait
-/// out a lock. Each retry is logged with its cause.
-const STEP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Replaces the id rows of `orders` with the fold of their log, in one
 /// transaction that holds their rows (see [`repair`] for the order of its
@@ -56,11 +48,9 @@ pub(super) async fn repair(
     let pool = store.pool();
     let mut repaired = Repaired::default();
     if findings.parking_lot_drifted {
-        for_a_command(
-            "verify --repair: parking lot recount",
-            STEP_PATIENCE,
-            || crate::store::parked::recount(pool),
-        )
+        for_a_command("verify --repair: parking lot recount", || {
+            crate::store::parked::recount(pool)
+        })
         .await?;
         repaired.parking_lot_recounted = true;
     }
@@ -77,10 +67,7 @@ pub(super) async fn repair(
     let mut written = std::collections::HashSet::new();
     let keys = redis.keys();
     for chunk in orders.chunks(MAX_ROWS_PER_STATEMENT) {
-        let folded = for_a_command("verify --repair: orders", STEP_PATIENCE, || {
-            reproject(store, chunk)
-        })
-        .await?;
+        let folded = for_a_command("verify --repair: orders", || reproject(store, chunk)).await?;
         let rows: Vec<(&OrderId, &IdRecord)> =
             folded.iter().flat_map(OrderLifecycle::rows).collect();
         repaired.orders += chunk.len() as u64;
