@@ -164,11 +164,33 @@ pub struct AssignmentContext {
     status: Arc<ConsumerStatus>,
 }
 
-/// Partitions assigned and revoked since the last look.
+/// Partitions assigned and revoked since the last look: taken in as all
+/// the revokes, then all the assignments, which [`Changes::assign`] and
+/// [`Changes::revoke`] keep equivalent to the rebalances in their order.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Assigned and not revoked since.
     pub assigned: Vec<Partition>,
+    /// Revoked, whether assigned again since or not (their messages
+    /// received before are dropped either way).
     pub revoked: Vec<Partition>,
+}
+
+impl Changes {
+    /// A rebalance assigned `parts`.
+    fn assign(&mut self, parts: Vec<Partition>) {
+        self.assigned.extend(parts);
+    }
+
+    /// A rebalance revoked `parts`: an assignment of them not looked at
+    /// yet is void. Several rebalances can come between two looks (a
+    /// receive goes on waiting through them): assigned, revoked, and some
+    /// assigned again, taken in as revokes then assignments, used to leave
+    /// the loop waiting on partitions another instance then owned.
+    fn revoke(&mut self, parts: Vec<Partition>) {
+        self.assigned.retain(|p| !parts.contains(p));
+        self.revoked.extend(parts);
+    }
 }
 
 impl ClientContext for AssignmentContext {
@@ -237,7 +259,7 @@ impl ConsumerContext for AssignmentContext {
                 metrics::gauge!("order_lifecycle_assigned_partitions")
                     .increment(parts.len() as f64);
                 self.status.change(parts.len() as i64);
-                changes.assigned.extend(parts);
+                changes.assign(parts);
             }
             Rebalance::Revoke(tpl) => {
                 let parts = list(tpl);
@@ -245,7 +267,7 @@ impl ConsumerContext for AssignmentContext {
                 metrics::gauge!("order_lifecycle_assigned_partitions")
                     .decrement(parts.len() as f64);
                 self.status.change(-(parts.len() as i64));
-                changes.revoked.extend(parts);
+                changes.revoke(parts);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -439,6 +461,32 @@ fn seek(consumer: &StreamConsumer<AssignmentContext>, p: &Partition, offset: i64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn partitions(ps: &[i32]) -> Vec<Partition> {
+        ps.iter().map(|p| ("orders".to_owned(), *p)).collect()
+    }
+
+    /// Rebalances between two looks, taken in as revokes then assignments,
+    /// leave what the rebalances in their order left: partitions 0 to 5
+    /// assigned, all revoked, 0 to 2 assigned again leave 0 to 2 (and drop
+    /// what was received from all six); revoked, assigned, revoked again
+    /// leaves none.
+    #[test]
+    fn rebalances_between_two_looks_leave_what_they_left_in_order() {
+        let mut changes = Changes::default();
+        changes.assign(partitions(&[0, 1, 2, 3, 4, 5]));
+        changes.revoke(partitions(&[0, 1, 2, 3, 4, 5]));
+        changes.assign(partitions(&[0, 1, 2]));
+        assert_eq!(changes.assigned, partitions(&[0, 1, 2]));
+        assert_eq!(changes.revoked, partitions(&[0, 1, 2, 3, 4, 5]));
+
+        let mut changes = Changes::default();
+        changes.revoke(partitions(&[7]));
+        changes.assign(partitions(&[7]));
+        changes.revoke(partitions(&[7]));
+        assert!(changes.assigned.is_empty(), "{changes:?}");
+        assert_eq!(changes.revoked, partitions(&[7, 7]));
+    }
 
     /// One ERROR per trouble: librdkafka repeats "all brokers down" with
     /// changing counts; a broker up again ends it, and the next outage is
