@@ -50,7 +50,7 @@ use crate::ingest::plan::Applied;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Handoff};
-use crate::retry::{for_a_command, RetryPolicy, Retryable, COMMAND_PATIENCE};
+use crate::retry::{for_a_command, Retryable};
 use crate::shutdown::Shutdown;
 use crate::store::event_log;
 use crate::store::leadership::Leadership;
@@ -536,28 +536,27 @@ async fn apply_again(
     why: String,
 ) -> Result<ImportSummary, ImportFailure> {
     tracing::warn!(error = %why, "applying a page of the import again");
-    let applied = RetryPolicy::for_about(COMMAND_PATIENCE)
-        .run("import page", &mut Shutdown::never(), || {
-            let (decided, _) = tokio::sync::oneshot::channel();
-            let (committed, _) = tokio::sync::oneshot::channel();
-            let events = events.clone();
-            async move {
-                let store = store.clone();
-                apply(
-                    store,
-                    events,
-                    config.dry_run,
-                    config.show,
-                    None,
-                    decided,
-                    committed,
-                )
-                .await
-            }
-        })
-        .await?;
-    // Alone, a page neither stops for a page ahead nor meets a shutdown.
-    Ok(applied.flatten().unwrap_or_default())
+    let applied = for_a_command("import page", || {
+        let (decided, _) = tokio::sync::oneshot::channel();
+        let (committed, _) = tokio::sync::oneshot::channel();
+        let events = events.clone();
+        async move {
+            let store = store.clone();
+            apply(
+                store,
+                events,
+                config.dry_run,
+                config.show,
+                None,
+                decided,
+                committed,
+            )
+            .await
+        }
+    })
+    .await?;
+    // Alone, a page never stops for a page ahead.
+    Ok(applied.unwrap_or_default())
 }
 
 /// A store error as the store judges it; anything else (Redis, the legacy

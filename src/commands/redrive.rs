@@ -11,8 +11,7 @@ use clap::Args;
 
 use crate::config::{DatabaseConfig, ParkingConfig, SchemaConfig};
 use crate::ingest::pipeline::{redrive, BatchOutcome, PipelineConfig, REDRIVE_BATCH};
-use crate::retry::{RetryPolicy, COMMAND_PATIENCE};
-use crate::shutdown::Shutdown;
+use crate::retry::for_a_command;
 use crate::store::dead_letters::{self, RedriveSelection};
 use crate::store::{Store, StoreError};
 
@@ -160,17 +159,16 @@ pub async fn redrive_all(
     let mut after = 0;
     let mut limit = REDRIVE_BATCH;
     loop {
-        let attempt = RetryPolicy::for_about(COMMAND_PATIENCE)
-            .run("redrive", &mut Shutdown::never(), || {
-                redrive(store, &pipeline, &selection, after, limit)
-            })
-            .await;
+        let attempt = for_a_command("redrive", || {
+            redrive(store, &pipeline, &selection, after, limit)
+        })
+        .await;
         match attempt {
-            Ok(Some(Some((last, outcome)))) => {
+            Ok(Some((last, outcome))) => {
                 summary.add(&outcome);
                 after = last;
             }
-            Ok(_) => return Ok(summary),
+            Ok(None) => return Ok(summary),
             Err(e) if e.is_refusal() && limit > 1 => limit = 1,
             Err(e) if e.is_refusal() => {
                 // This one letter is refused: note it and go past it.

@@ -36,8 +36,7 @@ use crate::kafka;
 use crate::progress::{grouped, Progress};
 use crate::projection::rebuild::{self, RebuildError};
 use crate::projection::redis_follower::{self, Resume};
-use crate::retry::{RetryPolicy, COMMAND_PATIENCE};
-use crate::shutdown::Shutdown;
+use crate::retry::for_a_command;
 use crate::store::redis_projection::{RedisError, RedisProjection};
 use crate::store::stray_keys::UnexplainedKeys;
 use crate::store::{event_log, Store, StoreError};
@@ -443,11 +442,9 @@ async fn apply(
     // A one-off command: retried for about a minute, then the operator is
     // told (`run` waits for its database instead).
     let attempt = |messages| async move {
-        RetryPolicy::for_about(COMMAND_PATIENCE)
-            .run("replay batch", &mut Shutdown::never(), || {
-                process_batch(store, pipeline, messages)
-            })
+        for_a_command("replay batch", || process_batch(store, pipeline, messages))
             .await
+            .map(Some)
     };
     let Some(report) = process_isolating(store, pipeline, batch, attempt).await? else {
         return Ok(());
