@@ -6,9 +6,49 @@ use crate::domain::{IdRecord, LifecycleId, OrderId, OrderLifecycle};
 use crate::projection::{rebuild, redis_follower};
 use crate::retry::for_a_command;
 use crate::store::fold;
-use crate::store::redis_projection::RedisProjection;
+use crate::store::redis_projection::{ActiveIds, RedisProjection};
 use crate::store::stray_keys::{remove_stray, UnexplainedKeys};
 use crate::store::{id_projection, Store, StoreError, MAX_ROWS_PER_STATEMENT};
+
+/// Most times [`until_it_holds_still`] writes a chunk's hashes again.
+const REWRITES: usize = 10;
+
+/// Writes the active-id hashes of `orders` again from what MySQL holds now
+/// until that is what was last written, and returns it. A batch may change
+/// one of the orders after the chunk's fold (an order `run` keeps in memory
+/// is not read locked), and the follower may project it before the
+/// repair's write, which then undid it: the follower, past that entry,
+/// would not write it again. What MySQL holds once it stops changing is
+/// what the follower writes for anything committed later.
+async fn until_it_holds_still(
+    store: &Store,
+    redis: &RedisProjection,
+    orders: &[OrderId],
+    mut written: Vec<(OrderId, ActiveIds)>,
+) -> Result<Vec<(OrderId, ActiveIds)>, VerifyError> {
+    for _ in 0..REWRITES {
+        let mut now = id_projection::active_ids(store.pool(), orders).await?;
+        let now: Vec<(OrderId, ActiveIds)> = orders
+            .iter()
+            .map(|o| {
+                let mut ids = now.remove(o).unwrap_or_default();
+                ids.sort();
+                (o.clone(), ids)
+            })
+            .collect();
+        if now == written {
+            return Ok(written);
+        }
+        redis.put(&[], &now).await?;
+        written = now;
+    }
+    tracing::warn!(
+        orders = orders.len(),
+        "the repaired orders kept changing while their Redis hashes were written; the follower \
+         writes them with the entries that changed them"
+    );
+    Ok(written)
+}
 
 /// Replaces the id rows of `orders` with the fold of their log, in one
 /// transaction that holds their rows (see [`repair`] for the order of its
@@ -89,6 +129,7 @@ pub(super) async fn repair(
             })
             .collect();
         redis.put(&lookups, &hashes).await?;
+        let hashes = until_it_holds_still(store, redis, chunk, hashes).await?;
         written.extend(lookups.iter().map(|(id, _)| keys.lookup(id)));
         written.extend(
             hashes
