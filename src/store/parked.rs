@@ -84,26 +84,6 @@ pub async fn awaiting(
     Ok(rows)
 }
 
-/// The oldest parked row waiting for any of `ids` (`None`: none waits).
-///
-/// # Errors
-/// [`StoreError`] from the database.
-pub async fn first_awaiting(
-    pool: &sqlx::MySqlPool,
-    ids: &[LifecycleId],
-) -> Result<Option<i64>, StoreError> {
-    let mut first: Option<i64> = None;
-    for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut qb = QueryBuilder::<MySql>::new(
-            "SELECT MIN(id) FROM parked_events FORCE INDEX (idx_parked_events_awaited) WHERE ",
-        );
-        push_in(&mut qb, "awaited_id", chunk);
-        let min: Option<i64> = qb.build_query_scalar().fetch_one(pool).await?;
-        first = first.into_iter().chain(min).min();
-    }
-    Ok(first)
-}
-
 /// How many events wait for each of `ids` (ids with none absent).
 ///
 /// # Errors
