@@ -596,19 +596,15 @@ async fn dead_letters_recorded_before_a_crash_are_still_published() {
     env.cleanup().await;
 }
 
-/// A database restored from an older backup: its stored offsets are behind
-/// Kafka's committed ones, and the consumer re-reads from the database's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
-    let env = Env::with_partitions(1).await;
-    let mut s = EventScript::new("BK1");
+/// Sends an order's first four events and consumes them into `env`'s
+/// database; returns the "restored" database: a new one that knows offset
+/// 0 of each topic, nothing else, while Kafka's committed offset is 4.
+async fn consumed_then_restored(env: &Env, s: &mut EventScript) -> common::TestDb {
     let events = [s.place(), s.sl("SL1"), s.sl("SL2"), s.tp("TP1")];
     env.send(&events, Encoding::Protobuf).await;
     let consumer = env.start(env.run_config());
     env.wait_for_log(4, 0).await;
     consumer.stop().await;
-
-    // The "restored" database: knows offset 0 of each topic, nothing else.
     let restored = common::TestDb::new().await;
     for topic in [&env.topics.orders, &env.topics.confirmations] {
         sqlx::query("INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) VALUES (?, ?, 0, 0)")
@@ -618,11 +614,12 @@ async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
             .await
             .unwrap();
     }
-    let mut config = env.run_config();
-    config.database.url = restored.url.clone();
-    let consumer = env.start(config);
-    // Kafka's committed offset is 4; something must arrive for the gate to act.
-    env.send(&[s.sl("SL3")], Encoding::Protobuf).await;
+    restored
+}
+
+/// Waits for the restored database to hold the order's five events, the
+/// four it lacked re-read from its own offsets before the fifth.
+async fn assert_refilled(restored: &common::TestDb) {
     common::wait_until(
         "the restored database to be refilled",
         std::time::Duration::from_secs(60),
@@ -638,7 +635,93 @@ async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
     assert_eq!(rows.len(), 5);
     assert_eq!(rows["SL2"].2, "replaced");
     assert_eq!(rows["SL3"].2, "active");
+}
+
+/// A database restored from an older backup: its stored offsets are behind
+/// Kafka's committed ones, and the consumer re-reads from the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_behind_kafka_is_refilled_from_its_own_offsets() {
+    let env = Env::with_partitions(1).await;
+    let mut s = EventScript::new("BK1");
+    let restored = consumed_then_restored(&env, &mut s).await;
+    let mut config = env.run_config();
+    config.database.url = restored.url.clone();
+    let consumer = env.start(config);
+    // Kafka's committed offset is 4; something must arrive for the gate to act.
+    env.send(&[s.sl("SL3")], Encoding::Protobuf).await;
+    assert_refilled(&restored).await;
     consumer.stop().await;
+    restored.drop().await;
+    env.cleanup().await;
+}
+
+/// A restored database whose stored offsets cannot be read when the first
+/// message arrives (here the grant to read them is missing, as while the
+/// database comes back): the message waits for the read instead of being
+/// applied unchecked, ahead of the messages the database lacks (which the
+/// offset its batch stored would then have skipped for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_database_is_refilled_even_when_its_offsets_are_unreadable_at_first() {
+    let env = Env::with_partitions(1).await;
+    let mut s = EventScript::new("BU1");
+    let restored = consumed_then_restored(&env, &mut s).await;
+    // A user with every table's rights but reading `consumer_offsets`
+    // (table grants take effect on open sessions at their next statement).
+    let user = format!("olt_u{}", fastrand::u32(..));
+    let root = restored.store.pool().clone();
+    let grant = |sql: String| {
+        let root = root.clone();
+        async move { sqlx::query(&sql).execute(&root).await.unwrap() }
+    };
+    grant(format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{user}'"
+    ))
+    .await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = DATABASE()",
+    )
+    .fetch_all(&root)
+    .await
+    .unwrap();
+    for table in tables {
+        let rights = if table == "consumer_offsets" {
+            "INSERT, UPDATE, DELETE"
+        } else {
+            "ALL"
+        };
+        grant(format!(
+            "GRANT {rights} ON `{}`.`{table}` TO '{user}'@'%'",
+            restored.name
+        ))
+        .await;
+    }
+    let mut config = env.run_config();
+    config.database.url = order_lifecycle::config::SecretUrl::new(restored.url.expose().replacen(
+        "root@",
+        &format!("{user}:pw-{user}@"),
+        1,
+    ));
+    let consumer = env.start(config);
+    // Kafka's committed offset is 4; the message after it arrives while
+    // the stored offsets cannot be read.
+    env.send(&[s.sl("SL3")], Encoding::Protobuf).await;
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert_eq!(
+        restored
+            .count("SELECT COUNT(*) FROM lifecycle_events")
+            .await,
+        0,
+        "nothing is applied before the stored offset is read"
+    );
+    grant(format!(
+        "GRANT SELECT ON `{}`.`consumer_offsets` TO '{user}'@'%'",
+        restored.name
+    ))
+    .await;
+    assert_refilled(&restored).await;
+    consumer.stop().await;
+    grant(format!("DROP USER '{user}'@'%'")).await;
     restored.drop().await;
     env.cleanup().await;
 }

@@ -27,7 +27,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Offset, Statistics};
 
 use super::ordering::Partition;
-use crate::store::{offsets, Store};
+use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
+use crate::store::{offsets, Store, StoreError};
 use crate::wire::InboundMessage;
 
 /// What readiness needs to know about the consumer.
@@ -309,14 +311,17 @@ pub struct OffsetGate {
     /// After a seek back: drop messages at or after this offset, prefetched
     /// from the old position, until the re-read begins.
     barrier: HashMap<Partition, (i64, Instant)>,
+    /// Ends the wait for an unreadable stored offset.
+    shutdown: Shutdown,
 }
 
 impl OffsetGate {
     /// A gate for the consumer group whose offsets are stored.
-    pub fn new(group_id: &str, metadata: Arc<BaseConsumer>) -> OffsetGate {
+    pub fn new(group_id: &str, metadata: Arc<BaseConsumer>, shutdown: Shutdown) -> OffsetGate {
         OffsetGate {
             group_id: group_id.to_owned(),
             metadata,
+            shutdown,
             fresh: HashSet::new(),
             floor: HashMap::new(),
             barrier: HashMap::new(),
@@ -355,26 +360,40 @@ impl OffsetGate {
         changes
     }
 
-    /// Whether `m` belongs in the batch. When the stored offset cannot be
-    /// read (database down), the message is kept and the partition checked
-    /// again with its next message: keeping is always safe, since the log
-    /// ignores events it already has.
+    /// Whether `m` belongs in the batch.
+    ///
+    /// A fresh partition's first message waits until its stored offset can
+    /// be read (the database down, a grant revoked: retried until
+    /// shutdown). Taking it unchecked is not safe: in a database restored
+    /// from a backup, it would be applied before the messages the database
+    /// lacks, and the offset its batch stores would then skip them.
+    /// No batch is in flight while messages are admitted, so the wait
+    /// holds up nothing that could go on without the database.
+    ///
+    /// # Errors
+    /// [`StoreError`] when reading the stored offset fails for a reason
+    /// retrying cannot cure.
     pub async fn admit(
         &mut self,
         store: &Store,
         consumer: &StreamConsumer<AssignmentContext>,
         m: &InboundMessage,
-    ) -> bool {
+    ) -> Result<bool, StoreError> {
         let p: Partition = (m.topic.clone(), m.partition);
         if self.fresh.contains(&p) {
-            let stored = match offsets::load(store.pool(), &self.group_id, &m.topic, m.partition)
-                .await
-            {
-                Ok(stored) => stored,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read stored offsets; checking again later");
-                    return true;
-                }
+            if self.shutdown.is_requested() {
+                // Stopping: nothing more is taken (and nothing read).
+                return Ok(false);
+            }
+            let mut shutdown = self.shutdown.clone();
+            let group_id = &self.group_id;
+            let read = RetryPolicy::until_shutdown(Duration::ZERO)
+                .run("stored offset", &mut shutdown, || {
+                    offsets::load(store.pool(), group_id, &m.topic, m.partition)
+                })
+                .await?;
+            let Some(stored) = read else {
+                return Ok(false);
             };
             self.fresh.remove(&p);
             match stored {
@@ -400,7 +419,7 @@ impl OffsetGate {
                     {
                         tracing::warn!(error = %e, "cannot reset the stored offset; checking again with the next message");
                         self.fresh.insert(p);
-                        return true;
+                        return Ok(true);
                     }
                 }
                 Some(stored) if stored > m.offset => {
@@ -412,24 +431,24 @@ impl OffsetGate {
                     tracing::warn!(topic = %m.topic, partition = m.partition, kafka = m.offset, database = stored, "the database is behind Kafka's committed offset; re-reading from the database's offset");
                     self.barrier.insert(p.clone(), (m.offset, Instant::now()));
                     seek(consumer, &p, stored);
-                    return false;
+                    return Ok(false);
                 }
                 _ => {}
             }
         }
         if let Some(&floor) = self.floor.get(&p) {
             if m.offset < floor {
-                return false;
+                return Ok(false);
             }
             self.floor.remove(&p);
         }
         if let Some(&(stale_from, since)) = self.barrier.get(&p) {
             if m.offset >= stale_from && since.elapsed() < SEEK_BACK_PATIENCE {
-                return false;
+                return Ok(false);
             }
             self.barrier.remove(&p);
         }
-        true
+        Ok(true)
     }
 }
 

@@ -177,7 +177,7 @@ impl Ingest<'_> {
             .context("creating the metadata client")?,
         );
         self.check_copartitioning(&metadata).await;
-        let mut gate = OffsetGate::new(&self.config.group_id, metadata.clone());
+        let mut gate = OffsetGate::new(&self.config.group_id, metadata.clone(), shutdown.clone());
         let mut merger = Merger::new(self.config.max_partition_idle);
         let mut stranded = StrandedWindow::default();
         let mut stalls = StallWatch::new(STALL_AFTER);
@@ -210,7 +210,7 @@ impl Ingest<'_> {
                         &mut batch,
                         &metadata,
                     );
-                    if landed.await.is_break() {
+                    if landed.await?.is_break() {
                         return Ok(());
                     }
                 }
@@ -291,7 +291,7 @@ impl Ingest<'_> {
                     if let Some(end) = end {
                         let in_flight = !flights.is_empty();
                         let landed = self.landed(end?, in_flight, &mut gate, &mut merger, &mut batch, &metadata);
-                        if landed.await.is_break() {
+                        if landed.await?.is_break() {
                             return Ok(());
                         }
                     }
@@ -322,9 +322,9 @@ impl Ingest<'_> {
                 Some(Ok(m)) => {
                     backoff.reset();
                     self.admit(&mut gate, &mut merger, &mut batch, &metadata, m)
-                        .await;
+                        .await?;
                     self.take_waiting(&mut gate, &mut merger, &mut batch, &metadata)
-                        .await;
+                        .await?;
                     self.flow_control(&merger);
                 }
             }
@@ -342,11 +342,11 @@ impl Ingest<'_> {
         merger: &mut Merger,
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
-    ) -> ControlFlow<()> {
-        match handled {
+    ) -> Result<ControlFlow<()>, StoreError> {
+        Ok(match handled {
             Handled::Committed => {
                 if !in_flight {
-                    self.take_waiting(gate, merger, batch, metadata).await;
+                    self.take_waiting(gate, merger, batch, metadata).await?;
                     self.flow_control(merger);
                 }
                 ControlFlow::Continue(())
@@ -357,7 +357,7 @@ impl Ingest<'_> {
                 );
                 ControlFlow::Break(())
             }
-        }
+        })
     }
 
     /// Takes what the client already holds, without waiting and up to
@@ -369,12 +369,12 @@ impl Ingest<'_> {
         merger: &mut Merger,
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
-    ) {
+    ) -> Result<(), StoreError> {
         for _ in 0..self.config.input.batch_size * TAKE_PER_POLL {
             match self.consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
                     let m = kafka::inbound(&m);
-                    self.admit(gate, merger, batch, metadata, m).await;
+                    self.admit(gate, merger, batch, metadata, m).await?;
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka receive failed");
@@ -382,13 +382,14 @@ impl Ingest<'_> {
                 }
                 None => {
                     merger.set_more_waiting(false);
-                    return;
+                    return Ok(());
                 }
             }
         }
         // Past MERGE_BUFFER the merger stops waiting on the client: memory
         // stays bounded if one partition's messages never come.
         merger.set_more_waiting(merger.buffered() < MERGE_BUFFER);
+        Ok(())
     }
 
     /// Pauses fetching for partitions with [`PARTITION_BUFFER`] messages
@@ -434,11 +435,12 @@ impl Ingest<'_> {
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
         m: InboundMessage,
-    ) {
+    ) -> Result<(), StoreError> {
         self.rebalanced(gate, merger, batch, metadata).await;
-        if gate.admit(self.store, self.consumer, &m).await {
+        if gate.admit(self.store, self.consumer, &m).await? {
             merger.push(m);
         }
+        Ok(())
     }
 
     /// Takes in the rebalances since the last look: revoked partitions'
