@@ -651,6 +651,26 @@ async fn handed_batches_write_what_the_log_would_and_only_when_they_continue_red
             .unwrap(),
         Some(0)
     );
+    // A batch ending where Redis stands but with another event there (a
+    // database restored under this Redis wrote other entries at the same
+    // positions) is another history: neither it nor the batch continuing
+    // it is trusted, and the log is read instead.
+    let mut other_history = b[0].clone();
+    other_history.last_event_id = "restored-e6".into();
+    let continuing = redis_follower::HandedBatch {
+        positions: order_lifecycle::store::event_log::Positions { first: 7, last: 7 },
+        last_event_id: "restored-e7".into(),
+        lookups: Vec::new(),
+        orders: Vec::new(),
+    };
+    handoff.offer(vec![other_history, continuing]);
+    assert_eq!(
+        redis_follower::project_handed(&handed, &handoff, &log_id)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(handed.position().await.unwrap(), 6);
     // The keys and the record are exactly what reading the log gives.
     let read = read_redis.projection().await;
     assert_eq!(redis_follower::catch_up(&db.store, &read).await.unwrap(), 6);

@@ -162,8 +162,19 @@ pub async fn project_handed(
     let mut orders: Vec<(OrderId, ActiveIds)> = Vec::new();
     let mut slots: HashMap<OrderId, usize> = HashMap::new();
     for batch in batches {
-        if batch.positions.last <= position {
+        if batch.positions.last < position {
             continue; // already projected, from the log
+        }
+        if batch.positions.last == position {
+            // Already projected too, unless Redis holds another history at
+            // that position: a database restored from a backup under a live
+            // Redis numbers its new entries as the lost ones were. Trusting
+            // the batch after it would leave the lost entries' keys; the
+            // log's own check (`resume`) re-projects instead.
+            if batch.last_event_id != last_event_id {
+                return Ok(None);
+            }
+            continue;
         }
         if batch.positions.first != position + 1 {
             return Ok(None); // a gap: entries of another writer
