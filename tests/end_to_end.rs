@@ -667,16 +667,12 @@ async fn a_restored_database_is_refilled_even_when_its_offsets_are_unreadable_at
     let restored = consumed_then_restored(&env, &mut s).await;
     // A user with every table's rights but reading `consumer_offsets`
     // (table grants take effect on open sessions at their next statement).
-    let user = format!("olt_u{}", fastrand::u32(..));
+    let (user, url) = restored.create_user().await;
     let root = restored.store.pool().clone();
-    let grant = |sql: String| {
+    let as_root = |sql: String| {
         let root = root.clone();
         async move { sqlx::query(&sql).execute(&root).await.unwrap() }
     };
-    grant(format!(
-        "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{user}'"
-    ))
-    .await;
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
          WHERE TABLE_SCHEMA = DATABASE()",
@@ -690,23 +686,22 @@ async fn a_restored_database_is_refilled_even_when_its_offsets_are_unreadable_at
         } else {
             "ALL"
         };
-        grant(format!(
+        as_root(format!(
             "GRANT {rights} ON `{}`.`{table}` TO '{user}'@'%'",
             restored.name
         ))
         .await;
     }
-    let mut config = env.run_config();
-    config.database.url = order_lifecycle::config::SecretUrl::new(restored.url.expose().replacen(
-        "root@",
-        &format!("{user}:pw-{user}@"),
-        1,
-    ));
-    let consumer = env.start(config);
+    let consumer = env.spawn_binary(&["--database-url", url.expose()], "unreadable-offsets");
     // Kafka's committed offset is 4; the message after it arrives while
-    // the stored offsets cannot be read.
+    // the stored offsets cannot be read, and waits.
     env.send(&[s.sl("SL3")], Encoding::Protobuf).await;
-    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    wait_until(
+        "the first message to wait for its partition's stored offset",
+        std::time::Duration::from_secs(60),
+        || async { consumer.logged("stored offset: database unavailable or busy; retrying") },
+    )
+    .await;
     assert_eq!(
         restored
             .count("SELECT COUNT(*) FROM lifecycle_events")
@@ -714,14 +709,14 @@ async fn a_restored_database_is_refilled_even_when_its_offsets_are_unreadable_at
         0,
         "nothing is applied before the stored offset is read"
     );
-    grant(format!(
+    as_root(format!(
         "GRANT SELECT ON `{}`.`consumer_offsets` TO '{user}'@'%'",
         restored.name
     ))
     .await;
     assert_refilled(&restored).await;
-    consumer.stop().await;
-    grant(format!("DROP USER '{user}'@'%'")).await;
+    let (code, log) = consumer.terminate(std::time::Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{log}");
     restored.drop().await;
     env.cleanup().await;
 }

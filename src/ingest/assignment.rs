@@ -364,15 +364,15 @@ impl OffsetGate {
     ///
     /// A fresh partition's first message waits until its stored offset can
     /// be read (the database down, a grant revoked: retried until
-    /// shutdown). Taking it unchecked is not safe: in a database restored
-    /// from a backup, it would be applied before the messages the database
-    /// lacks, and the offset its batch stores would then skip them.
-    /// No batch is in flight while messages are admitted, so the wait
-    /// holds up nothing that could go on without the database.
+    /// shutdown, and then not taken). Taking it unchecked is not safe: in a
+    /// database restored from a backup, it would be applied before the
+    /// messages the database lacks, and the offset its batch stores would
+    /// then skip them. Callers must hold no batch in flight meanwhile (it
+    /// would wait with its locks held).
     ///
     /// # Errors
-    /// [`StoreError`] when reading the stored offset fails for a reason
-    /// retrying cannot cure.
+    /// [`StoreError`] when reading (or resetting) the stored offset fails
+    /// for a reason retrying cannot cure.
     pub async fn admit(
         &mut self,
         store: &Store,
@@ -381,16 +381,9 @@ impl OffsetGate {
     ) -> Result<bool, StoreError> {
         let p: Partition = (m.topic.clone(), m.partition);
         if self.fresh.contains(&p) {
-            if self.shutdown.is_requested() {
-                // Stopping: nothing more is taken (and nothing read).
-                return Ok(false);
-            }
-            let mut shutdown = self.shutdown.clone();
             let group_id = &self.group_id;
-            let read = RetryPolicy::until_shutdown(Duration::ZERO)
-                .run("stored offset", &mut shutdown, || {
-                    offsets::load(store.pool(), group_id, &m.topic, m.partition)
-                })
+            let read = self
+                .patiently(|| offsets::load(store.pool(), group_id, &m.topic, m.partition))
                 .await?;
             let Some(stored) = read else {
                 return Ok(false);
@@ -408,18 +401,14 @@ impl OffsetGate {
                     // And forgetting it: stored offsets only grow, so the
                     // old one would stay, and once the new partition grew
                     // past it a restart would skip to it.
-                    if let Err(e) = offsets::reset(
-                        store.pool(),
-                        &self.group_id,
-                        &m.topic,
-                        m.partition,
-                        m.offset,
-                    )
-                    .await
-                    {
-                        tracing::warn!(error = %e, "cannot reset the stored offset; checking again with the next message");
-                        self.fresh.insert(p);
-                        return Ok(true);
+                    let group_id = &self.group_id;
+                    let reset = self
+                        .patiently(|| {
+                            offsets::reset(store.pool(), group_id, &m.topic, m.partition, m.offset)
+                        })
+                        .await?;
+                    if reset.is_none() {
+                        return Ok(false);
                     }
                 }
                 Some(stored) if stored > m.offset => {
@@ -449,6 +438,23 @@ impl OffsetGate {
             self.barrier.remove(&p);
         }
         Ok(true)
+    }
+
+    /// Runs a step on the stored offsets until it succeeds, retrying what a
+    /// retry may cure; `None` once shutdown is asked for, even in the middle
+    /// of an attempt (one waiting for a connection of a pool whose database
+    /// is down can outlast `--shutdown-timeout`).
+    async fn patiently<T, F, Fut>(&self, step: F) -> Result<Option<T>, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let (mut stop, mut shutdown) = (self.shutdown.clone(), self.shutdown.clone());
+        tokio::select! {
+            biased;
+            () = stop.requested() => Ok(None),
+            done = RetryPolicy::until_shutdown(Duration::ZERO).run("stored offset", &mut shutdown, step) => done,
+        }
     }
 }
 

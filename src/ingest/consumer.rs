@@ -22,7 +22,11 @@
 //! - a batch the database refuses for another reason: processed again one
 //!   message at a time, and the message it refuses is dead-lettered as
 //!   `storage_rejected`, so that one message never blocks a partition;
-//! - the database refusing even that: fatal, `run` returns the error.
+//! - the database refusing even that: fatal, `run` returns the error;
+//! - a newly assigned partition's stored offset unreadable: its first
+//!   message waits (retried until shutdown; no batch is in flight while
+//!   messages are admitted), or, for a reason retrying cannot cure, `run`
+//!   returns the error.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -342,9 +346,11 @@ impl Ingest<'_> {
         merger: &mut Merger,
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
-    ) -> Result<ControlFlow<()>, StoreError> {
+    ) -> anyhow::Result<ControlFlow<()>> {
         Ok(match handled {
             Handled::Committed => {
+                // Admitting may wait for the database: only with no batch
+                // in flight (see `OffsetGate::admit`).
                 if !in_flight {
                     self.take_waiting(gate, merger, batch, metadata).await?;
                     self.flow_control(merger);
@@ -369,7 +375,7 @@ impl Ingest<'_> {
         merger: &mut Merger,
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
-    ) -> Result<(), StoreError> {
+    ) -> anyhow::Result<()> {
         for _ in 0..self.config.input.batch_size * TAKE_PER_POLL {
             match self.consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
@@ -435,9 +441,13 @@ impl Ingest<'_> {
         batch: &mut Vec<InboundMessage>,
         metadata: &Arc<BaseConsumer>,
         m: InboundMessage,
-    ) -> Result<(), StoreError> {
+    ) -> anyhow::Result<()> {
         self.rebalanced(gate, merger, batch, metadata).await;
-        if gate.admit(self.store, self.consumer, &m).await? {
+        let admitted = gate
+            .admit(self.store, self.consumer, &m)
+            .await
+            .with_context(|| format!("reading the stored offset of {}/{}", m.topic, m.partition))?;
+        if admitted {
             merger.push(m);
         }
         Ok(())

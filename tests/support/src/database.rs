@@ -84,6 +84,29 @@ impl TestDb {
             .execute(&root)
             .await
             .expect("drop test database");
+        sqlx::query(&format!("DROP USER IF EXISTS '{name}_u'@'%'"))
+            .execute(&root)
+            .await
+            .expect("drop the test database's user");
+    }
+
+    /// A server user of this database's own, with no rights yet (the test
+    /// grants what it needs as root); returns its name and the database's
+    /// URL as that user. It is dropped with the database, or, if the test
+    /// dies first, with the stale databases.
+    pub async fn create_user(&self) -> (String, SecretUrl) {
+        let user = format!("{}_u", self.name);
+        sqlx::query(&format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{user}'"
+        ))
+        .execute(self.store.pool())
+        .await
+        .expect("create the test database's user");
+        let url = self
+            .url
+            .expose()
+            .replacen("root@", &format!("{user}:pw-{user}@"), 1);
+        (user, SecretUrl::new(url))
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -196,6 +219,20 @@ async fn drop_stale_databases() {
                 .execute(&root)
                 .await;
         }
+    }
+    // Users of databases that are gone (their tests died before the end).
+    let users: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(User AS CHAR) FROM mysql.global_priv WHERE User LIKE 'olt\\_%\\_u' \
+         AND LEFT(User, LENGTH(User) - 2) NOT IN \
+         (SELECT schema_name FROM information_schema.schemata)",
+    )
+    .fetch_all(&root)
+    .await
+    .unwrap_or_default();
+    for user in users {
+        let _ = sqlx::query(&format!("DROP USER IF EXISTS '{user}'@'%'"))
+            .execute(&root)
+            .await;
     }
 }
 
