@@ -446,7 +446,9 @@ impl Ingest<'_> {
         let admitted = gate
             .admit(self.store, self.consumer, &m)
             .await
-            .with_context(|| format!("reading the stored offset of {}/{}", m.topic, m.partition))?;
+            .with_context(|| {
+                format!("checking the stored offset of {}/{}", m.topic, m.partition)
+            })?;
         if admitted {
             merger.push(m);
         }

@@ -170,7 +170,7 @@ pub async fn project_handed(
             // that position: a database restored from a backup under a live
             // Redis numbers its new entries as the lost ones were. Trusting
             // the batch after it would leave the lost entries' keys; the
-            // log's own check (`resume`) re-projects instead.
+            // log's own check (`resume_point`) re-projects instead.
             if batch.last_event_id != last_event_id {
                 return Ok(None);
             }

@@ -93,7 +93,9 @@ impl TestDb {
     /// A server user of this database's own, with no rights yet (the test
     /// grants what it needs as root); returns its name and the database's
     /// URL as that user. It is dropped with the database, or, if the test
-    /// dies first, with the stale databases.
+    /// dies first, with the stale databases (which is why a test that
+    /// also calls [`TestDb::recreate`], leaving a moment with no database,
+    /// must create the user after it).
     pub async fn create_user(&self) -> (String, SecretUrl) {
         let user = format!("{}_u", self.name);
         sqlx::query(&format!(
